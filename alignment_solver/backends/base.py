@@ -1,0 +1,47 @@
+"""What every backend implements, and the request it receives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..problem import AlignmentProblem
+from ..result import AlignmentResult
+
+
+@dataclass(frozen=True)
+class SolveRequest:
+    """Options common to every backend, already validated by :func:`~alignment_solver.solve`."""
+
+    time_limit: Optional[float]
+    seed: int
+    soft: bool
+    soft_penalty: float              # price per unit of band violation (also used in hard mode)
+    options: dict[str, Any] = field(default_factory=dict)  # backend-specific, validated
+
+
+class Backend:
+    """A solver backend.
+
+    Contract: ``solve`` returns an :class:`AlignmentResult` for *this* problem and never raises
+    for infeasibility or time limits (they are statuses).  In hard mode a result with a solution
+    satisfies every constraint; in soft mode it may miss the load band, by the least amount it
+    found.  ``unsupported_reason`` says in words why the backend cannot express a problem, or
+    returns None.  ``requires`` lists the modules probed (without importing) for availability.
+    """
+
+    name: str = ""
+    requires: tuple[str, ...] = ()
+    exact: bool = True
+    #: backend options: name -> (default, description); values are checked by ``check_option``.
+    options: dict[str, tuple[Any, str]] = {}
+
+    def unsupported_reason(self, problem: AlignmentProblem) -> Optional[str]:
+        return None
+
+    def check_option(self, name: str, value: Any) -> Any:
+        """Return the validated value, or raise ValueError describing what is allowed."""
+        return value
+
+    def solve(self, problem: AlignmentProblem, request: SolveRequest) -> AlignmentResult:
+        raise NotImplementedError

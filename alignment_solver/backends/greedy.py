@@ -1,0 +1,111 @@
+"""``greedy``: a fast heuristic baseline for any problem; never proves optimality.
+
+Three vectorised phases, each adding one (client, expert) pair per client per pass while it
+fits every upper limit (capacity, expert max load, budget): first the experts below their
+minimum load take their best-fitting free clients, then clients below their minimum take their
+best expert, then every client adds its best remaining expert while that raises the objective.
+The answer is FEASIBLE when it satisfies every hard constraint, else NO_SOLUTION_FOUND (in soft
+mode band misses are allowed and priced).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..problem import AlignmentProblem
+from ..result import AlignmentResult, SolveStatus
+from .base import Backend, SolveRequest
+
+
+class _State:
+    def __init__(self, p: AlignmentProblem) -> None:
+        self.G = np.where(p.allowed_matrix, p.objective_matrix, -np.inf)
+        self.w = np.ones(p.fitness.shape) if p.weight_matrix is None else np.asarray(p.weight_matrix)
+        self.u = None if p.usage_matrix is None else np.asarray(p.usage_matrix)
+        self.B = p.budget
+        self.k = p.capacity_array
+        self.lo = p.min_experts_array
+        self.L, self.U = p.min_load_array, p.max_load_array
+        self.x = np.zeros(p.fitness.shape, dtype=bool)
+        self.count = np.zeros(p.n_clients, dtype=np.int64)
+        self.load = np.zeros(p.n_experts)
+        self.used = np.zeros(p.n_clients)
+
+    def fits(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), E) mask of pairs that may be added now without breaking an upper limit."""
+        ok = ~self.x[rows] & np.isfinite(self.G[rows]) & (self.count[rows] < self.k[rows])[:, None]
+        ok &= self.load[None, :] + self.w[rows] <= self.U[None, :] + 1e-9
+        if self.u is not None:
+            ok &= self.used[rows, None] + self.u[rows] <= self.B[rows, None] + 1e-9
+        return ok
+
+    def add(self, rows: np.ndarray, cols: np.ndarray) -> int:
+        """Add pairs in the given order, skipping those that would overfill their expert."""
+        if not len(rows):
+            return 0
+        order = np.lexsort((np.arange(len(rows)), cols))
+        rows, cols = rows[order], cols[order]
+        w = self.w[rows, cols]
+        starts = np.flatnonzero(np.r_[True, cols[1:] != cols[:-1]])
+        group_start = np.repeat(starts, np.diff(np.r_[starts, len(cols)]))
+        csum = np.cumsum(w)
+        within = csum - (csum[group_start] - w[group_start])
+        keep = self.load[cols] + within <= self.U[cols] + 1e-9
+        rows, cols = rows[keep], cols[keep]
+        self.x[rows, cols] = True
+        np.add.at(self.count, rows, 1)
+        np.add.at(self.load, cols, self.w[rows, cols])
+        if self.u is not None:
+            np.add.at(self.used, rows, self.u[rows, cols])
+        return len(rows)
+
+
+class GreedyBackend(Backend):
+    name = "greedy"
+    exact = False
+
+    def solve(self, problem: AlignmentProblem, request: SolveRequest) -> AlignmentResult:
+        t0 = time.perf_counter()
+        s = _State(problem)
+        C, E = problem.fitness.shape
+        # Phase 1: experts below their minimum load take their best free clients (scarcest first).
+        reach = np.where(np.isfinite(s.G), s.w, 0).sum(axis=0)
+        for e in np.argsort(-(s.L / np.maximum(reach, 1e-12)), kind="stable"):
+            while s.load[e] < s.L[e] - 1e-9:
+                rows = np.flatnonzero(s.fits(np.arange(C))[:, e])
+                if not len(rows):
+                    break
+                rows = rows[np.argsort(-s.G[rows, e], kind="stable")]
+                need = np.searchsorted(np.cumsum(s.w[rows, e]), s.L[e] - s.load[e] - 1e-9) + 1
+                if not s.add(rows[:need], np.full(min(need, len(rows)), e)):
+                    break
+        # Phase 2 and 3: clients below their minimum, then any client while it gains.
+        for positive_only in (False, True):
+            while True:
+                rows = np.flatnonzero(s.count < (s.k if positive_only else s.lo))
+                if not len(rows):
+                    break
+                fit = s.fits(rows)
+                value = np.where(fit, s.G[rows], -np.inf)
+                if positive_only:
+                    value = np.where(value > 0, value, -np.inf)
+                best = value.argmax(axis=1)
+                ok = np.isfinite(value[np.arange(len(rows)), best])
+                if not ok.any():
+                    break
+                rows, best = rows[ok], best[ok]
+                order = np.argsort(-s.G[rows, best], kind="stable")
+                if not s.add(rows[order], best[order]):
+                    break
+        seconds = time.perf_counter() - t0
+        result = AlignmentResult(problem, SolveStatus.FEASIBLE, self.name, assignment=s.x, solve_seconds=seconds,
+                                 soft=request.soft, soft_penalty=request.soft_penalty if request.soft else None,
+                                 stats={"deterministic": True})
+        broken = [v for v in result.violations() if not (request.soft and "_load" in v)]
+        if broken:
+            return AlignmentResult(problem, SolveStatus.NO_SOLUTION_FOUND, self.name, solve_seconds=seconds,
+                                   explanation=f"the greedy heuristic broke {len(broken)} constraints, e.g. {broken[0]}",
+                                   stats={"deterministic": True})
+        return result

@@ -1,0 +1,54 @@
+"""Exceptions raised by alignment-solver.
+
+Every exception the package raises on purpose derives from :class:`AlignmentError`, and also
+from the builtin class a caller would naturally catch::
+
+    AlignmentError
+    ├── ProblemValidationError (ValueError)    bad problem data; names the field
+    ├── UnknownBackendError (ValueError)       backend name not registered; lists valid names
+    ├── BackendUnavailableError (ImportError)  backend registered but its package is missing
+    ├── UnsupportedProblemError (ValueError)   backend cannot express this problem
+    ├── InvalidOptionError (ValueError)        bad solve() option; names it and the allowed values
+    └── NoSolutionError (RuntimeError)         reading the solution of a result that has none
+
+Validation of :class:`~alignment_solver.AlignmentProblem` goes through pydantic, so bad problem
+data surfaces as :class:`pydantic.ValidationError` (also a ``ValueError``) whose text names the
+field, the rule and the value received.  Infeasibility and time limits are *statuses* on the
+result, never exceptions.
+"""
+
+from __future__ import annotations
+
+
+class AlignmentError(Exception):
+    """Base class of every error raised on purpose by alignment-solver."""
+
+
+class ProblemValidationError(AlignmentError, ValueError):
+    """Problem data breaks a rule; the message names the field, the rule and the value."""
+
+
+class UnknownBackendError(AlignmentError, ValueError):
+    """The backend name is not registered; the message lists the valid names."""
+
+
+class BackendUnavailableError(AlignmentError, ImportError):
+    """The backend is registered but the package it needs is not installed."""
+
+
+class UnsupportedProblemError(AlignmentError, ValueError):
+    """The backend cannot express this problem (e.g. ``flow`` with budget rows)."""
+
+
+class InvalidOptionError(AlignmentError, ValueError):
+    """An option of :func:`~alignment_solver.solve` is out of range or unknown."""
+
+
+class NoSolutionError(AlignmentError, RuntimeError):
+    """The result has no assignment (infeasible, or nothing found in time)."""
+
+
+def describe(value: object, limit: int = 80) -> str:
+    """Short printable form of a received value, for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,180 @@
+"""Count-load alignment as a min-cost circulation, and its optimality certificate.
+
+With count loads and no budget rows the constraint matrix is the incidence matrix of a
+bipartite graph (totally unimodular), so the integer program is the circulation::
+
+    S --[min_experts, capacity]--> client --[0, 1], cost -G--> expert --band--> T --[0, inf)--> S
+
+The band arc ``expert -> T`` is piecewise linear and convex: cost ``-P`` per unit below the lower
+bound ``L`` (a reward for covering it), 0 inside ``[L, U]``, ``+P`` per unit above ``U``.  With
+``P`` larger than any fitness change a unit of band violation can buy (``penalty_for``), the
+optimum misses the band by the least total amount, and by zero exactly when the hard problem is
+feasible; a smaller ``P`` is the soft mode.
+
+Optimality certificate (``certify``): every cycle of the residual graph passes through expert,
+source or sink nodes, so eliminating the client nodes leaves a graph on ``E + 2`` nodes whose arc
+``a -> b`` costs the cheapest residual path ``a -> client -> b``.  Bellman-Ford on it gives node
+potentials; a client's potential is the cheapest way into it.  If every residual arc of the FULL
+instance has reduced cost >= -tol under these potentials, the flow is optimal for the full
+instance (to within ``tol`` per node), even when it was solved on a subset of candidate arcs.
+Arcs with negative reduced cost are returned so the caller can add them and solve again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from alignment_solver.problem import AlignmentProblem
+
+
+def penalty_for(G: np.ndarray, allowed: np.ndarray) -> float:
+    """A band-violation price larger than the fitness any unit of violation can buy.
+
+    A simple residual cycle alternates clients with expert/source/sink nodes, so it holds at
+    most ``2 (E + 2)`` client-expert arcs, each worth at most ``max |G|``.
+    """
+    E = G.shape[1]
+    big = float(np.abs(G[allowed]).max()) if allowed.any() else 0.0
+    return 2.0 * (E + 2) * big + 1.0
+
+
+@dataclass
+class FlowNetwork:
+    """The circulation for one problem; arrays in client/expert index space."""
+
+    G: np.ndarray            # (C, E) objective coefficients, maximised
+    allowed: np.ndarray      # (C, E) bool
+    lo: np.ndarray           # (C,) min experts per client
+    k: np.ndarray            # (C,) capacity, clipped to the number of allowed experts
+    L: np.ndarray            # (E,) integer lower load bound
+    U: np.ndarray            # (E,) integer upper load bound (<= C)
+    penalty: float           # price per unit of band violation
+
+    @classmethod
+    def from_problem(cls, problem: AlignmentProblem, penalty: Optional[float] = None) -> "FlowNetwork":
+        if not problem.is_flow:
+            raise ValueError("the flow formulation needs count loads and no budget rows")
+        C = problem.n_clients
+        allowed = problem.allowed_matrix
+        G = problem.objective_matrix
+        k = np.minimum(problem.capacity_array, allowed.sum(axis=1))
+        L = np.ceil(problem.min_load_array - 1e-9).astype(np.int64)
+        U = np.minimum(np.floor(np.minimum(problem.max_load_array, C) + 1e-9), C).astype(np.int64)
+        P = penalty_for(G, allowed) if penalty is None else float(penalty)
+        return cls(G=G, allowed=allowed, lo=problem.min_experts_array.astype(np.int64), k=k.astype(np.int64),
+                   L=L, U=U, penalty=P)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.G.shape  # type: ignore[return-value]
+
+    # ---- the network ------------------------------------------------------------------------
+    def arcs(self, pairs: tuple[np.ndarray, np.ndarray]):
+        """Arc arrays of the circulation restricted to the candidate ``pairs`` (clients, experts).
+
+        Returns ``tails, heads, capacities, costs (float, minimised), supplies`` and the slice of
+        the client-expert arcs.  Nodes: clients ``0..C-1``, experts ``C..C+E-1``, S, T.
+        """
+        C, E = self.shape
+        ci, ei = pairs
+        S, T = C + E, C + E + 1
+        experts = np.arange(C, C + E)
+        big = int(self.k.sum()) + 1
+        tails = np.concatenate([np.full(C, S), ci, experts, experts, experts, [T]])
+        heads = np.concatenate([np.arange(C), ei + C, np.full(3 * E, T), [S]])
+        caps = np.concatenate([self.k - self.lo, np.ones(len(ci), np.int64), self.L,
+                               np.maximum(self.U - self.L, 0), np.full(E, big), [big]])
+        costs = np.concatenate([np.zeros(C), -self.G[ci, ei], np.full(E, -self.penalty), np.zeros(E),
+                                np.full(E, self.penalty), [0.0]])
+        supplies = np.zeros(C + E + 2, np.int64)
+        supplies[:C] = self.lo
+        supplies[S] = -int(self.lo.sum())
+        return tails, heads, caps.astype(np.int64), costs, supplies, slice(C, C + len(ci))
+
+    def assignment(self, pairs: tuple[np.ndarray, np.ndarray], flows: np.ndarray) -> np.ndarray:
+        x = np.zeros(self.shape, dtype=bool)
+        ci, ei = pairs
+        on = flows > 0
+        x[ci[on], ei[on]] = True
+        return x
+
+    # ---- certificate ------------------------------------------------------------------------
+    def potentials(self, x: np.ndarray, candidates: Optional[np.ndarray], tol: float) -> Optional[np.ndarray]:
+        """Node potentials ``d`` (experts, then S, T) of the residual graph of ``x`` restricted to
+        ``candidates`` (None: every allowed arc), or None if it has a cycle cheaper than ``-tol``."""
+        C, E = self.shape
+        G, P = self.G, self.penalty
+        N, iS, iT = E + 2, E, E + 1
+        f = x.sum(axis=1)
+        load = x.sum(axis=0)
+        cand = self.allowed if candidates is None else candidates
+        W = np.full((N, N), np.inf)
+        out_val = np.where(cand & ~x, G, -np.inf)          # value of taking (c, e') on a free arc
+        # e -> e': move a client from e to e' (x[c,e] = 1, x[c,e'] = 0): cost G[c,e] - G[c,e'].
+        e_of, c_of = np.nonzero(x.T)                         # sorted by expert
+        if len(c_of):
+            starts = np.flatnonzero(np.r_[True, e_of[1:] != e_of[:-1]])
+            seg_id = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(c_of)]))
+            mins = np.full((len(starts), E), np.inf)
+            chunk = max(1, 4_000_000 // E)
+            for a in range(0, len(c_of), chunk):
+                b = min(a + chunk, len(c_of))
+                vals = G[c_of[a:b], e_of[a:b]][:, None] - out_val[c_of[a:b]]
+                _segment_min(mins, seg_id[a:b], vals)
+            W[e_of[starts]] = np.concatenate([mins, np.full((len(starts), 2), np.inf)], axis=1)
+        # S -> e': a client with spare capacity takes e'.
+        spare = f < self.k
+        if spare.any():
+            W[iS, :E] = -out_val[spare].max(axis=0)
+        # e -> S: a client above its minimum drops e.
+        W[:E, iS] = np.where(x & (f > self.lo)[:, None], G, np.inf).min(axis=0)
+        # expert -> T band residuals (piecewise-linear convex arc); T <-> S circulation arc.
+        W[np.arange(E), iT] = np.where(load < self.L, -P, np.where(load < self.U, 0.0, P))
+        W[iT, np.arange(E)] = np.where(load > 0, np.where(load <= self.L, P, np.where(load <= self.U, 0.0, -P)),
+                                       np.inf)
+        W[iT, iS] = 0.0
+        if f.sum() > 0:
+            W[iS, iT] = 0.0
+        np.fill_diagonal(W, np.inf)
+        d = np.zeros(N)
+        for _ in range(N + 1):
+            relaxed = (d[:, None] + W).min(axis=0)
+            better = relaxed < d - tol
+            if not better.any():
+                return d
+            d = np.where(better, relaxed, d)
+        return None
+
+    def improving_arcs(self, x: np.ndarray, candidates: np.ndarray, d: np.ndarray, tol: float) -> np.ndarray:
+        """(C, E) mask of allowed arcs outside ``candidates`` whose reduced cost under the
+        potentials ``d`` (from ``potentials(x, candidates)``) is below ``-tol``.  Empty: ``x`` is
+        optimal for the full instance."""
+        E = self.shape[1]
+        spare = x.sum(axis=1) < self.k
+        held = np.where(x, d[None, :E] + self.G, np.inf).min(axis=1)
+        dc = np.minimum(np.where(spare, d[E], np.inf), held)   # cheapest way into each client
+        reduced = dc[:, None] - self.G - d[None, :E]
+        return self.allowed & ~candidates & (reduced < -tol)
+
+
+def _segment_min(out: np.ndarray, seg: np.ndarray, vals: np.ndarray) -> None:
+    """out[s] = min(out[s], min of vals rows in segment s); ``seg`` is sorted."""
+    starts = np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]])
+    red = np.minimum.reduceat(vals, starts, axis=0)
+    ids = seg[starts]
+    out[ids] = np.minimum(out[ids], red)
+
+
+def top_candidates(score: np.ndarray, allowed: np.ndarray, m: int) -> np.ndarray:
+    """(C, E) mask of each client's ``m`` best allowed experts by ``score``."""
+    C, E = score.shape
+    if m >= E:
+        return allowed.copy()
+    s = np.where(allowed, score, -np.inf)
+    top = np.argpartition(-s, m - 1, axis=1)[:, :m]
+    mask = np.zeros((C, E), dtype=bool)
+    np.put_along_axis(mask, top, True, axis=1)
+    return mask & allowed
