@@ -37,7 +37,10 @@ def penalty_for(G: np.ndarray, allowed: np.ndarray) -> float:
     most ``2 (E + 2)`` client-expert arcs, each worth at most ``max |G|``.
     """
     E = G.shape[1]
-    big = float(np.abs(G[allowed]).max()) if allowed.any() else 0.0
+    if _all(allowed):
+        big = float(np.abs(G).max())
+    else:
+        big = float(np.abs(G[allowed]).max()) if allowed.any() else 0.0
     return 2.0 * (E + 2) * big + 1.0
 
 
@@ -110,33 +113,39 @@ class FlowNetwork:
         N, iS, iT = E + 2, E, E + 1
         f = x.sum(axis=1)
         load = x.sum(axis=0)
-        cand = self.allowed if candidates is None else candidates
+        fc, fe = np.nonzero((self.allowed if candidates is None else candidates) & ~x)   # free arcs
+        hc, he = np.nonzero(x)                                                            # held arcs
         W = np.full((N, N), np.inf)
-        out_val = np.where(cand & ~x, G, -np.inf)          # value of taking (c, e') on a free arc
-        # e -> e': move a client from e to e' (x[c,e] = 1, x[c,e'] = 0): cost G[c,e] - G[c,e'].
-        e_of, c_of = np.nonzero(x.T)                         # sorted by expert
-        if len(c_of):
-            starts = np.flatnonzero(np.r_[True, e_of[1:] != e_of[:-1]])
-            seg_id = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(c_of)]))
-            mins = np.full((len(starts), E), np.inf)
-            chunk = max(1, 4_000_000 // E)
-            for a in range(0, len(c_of), chunk):
-                b = min(a + chunk, len(c_of))
-                vals = G[c_of[a:b], e_of[a:b]][:, None] - out_val[c_of[a:b]]
-                _segment_min(mins, seg_id[a:b], vals)
-            W[e_of[starts]] = np.concatenate([mins, np.full((len(starts), 2), np.inf)], axis=1)
-        # S -> e': a client with spare capacity takes e'.
+        if len(hc) and len(fc):
+            # e -> e': a client holding e moves to a free e'; cost G[c,e] - G[c,e'].
+            first = np.flatnonzero(np.r_[True, hc[1:] != hc[:-1]])
+            rank = np.arange(len(hc)) - np.repeat(first, np.diff(np.r_[first, len(hc)]))
+            slots = np.full((C, int(rank.max()) + 1), -1, dtype=np.int64)
+            slots[hc, rank] = he
+            flat = np.full(E * E, np.inf)
+            free_value = G[fc, fe]
+            for j in range(slots.shape[1]):
+                h = slots[fc, j]
+                ok = h >= 0
+                np.minimum.at(flat, h[ok] * E + fe[ok], G[fc[ok], h[ok]] - free_value[ok])
+            W[:E, :E] = flat.reshape(E, E)
+        # S -> e': a client with spare capacity takes a free e'.
         spare = f < self.k
-        if spare.any():
-            W[iS, :E] = -out_val[spare].max(axis=0)
+        row = np.full(E, np.inf)
+        on = spare[fc]
+        np.minimum.at(row, fe[on], -G[fc[on], fe[on]])
+        W[iS, :E] = row
         # e -> S: a client above its minimum drops e.
-        W[:E, iS] = np.where(x & (f > self.lo)[:, None], G, np.inf).min(axis=0)
+        col = np.full(E, np.inf)
+        on = (f > self.lo)[hc]
+        np.minimum.at(col, he[on], G[hc[on], he[on]])
+        W[:E, iS] = col
         # expert -> T band residuals (piecewise-linear convex arc); T <-> S circulation arc.
         W[np.arange(E), iT] = np.where(load < self.L, -P, np.where(load < self.U, 0.0, P))
         W[iT, np.arange(E)] = np.where(load > 0, np.where(load <= self.L, P, np.where(load <= self.U, 0.0, -P)),
                                        np.inf)
         W[iT, iS] = 0.0
-        if f.sum() > 0:
+        if len(hc):
             W[iS, iT] = 0.0
         np.fill_diagonal(W, np.inf)
         d = np.zeros(N)
@@ -152,20 +161,20 @@ class FlowNetwork:
         """(C, E) mask of allowed arcs outside ``candidates`` whose reduced cost under the
         potentials ``d`` (from ``potentials(x, candidates)``) is below ``-tol``.  Empty: ``x`` is
         optimal for the full instance."""
-        E = self.shape[1]
-        spare = x.sum(axis=1) < self.k
-        held = np.where(x, d[None, :E] + self.G, np.inf).min(axis=1)
-        dc = np.minimum(np.where(spare, d[E], np.inf), held)   # cheapest way into each client
-        reduced = dc[:, None] - self.G - d[None, :E]
-        return self.allowed & ~candidates & (reduced < -tol)
+        C, E = self.shape
+        hc, he = np.nonzero(x)
+        held = np.full(C, np.inf)
+        np.minimum.at(held, hc, d[he] + self.G[hc, he])
+        dc = np.minimum(np.where(x.sum(axis=1) < self.k, d[E], np.inf), held)   # cheapest way into c
+        # reduced cost dc - G - d_e' < -tol  <=>  G + d_e' > dc + tol
+        out = np.add(self.G, d[None, :E])
+        out = np.greater(out, (dc + tol)[:, None])
+        out &= ~candidates
+        return out if _all(self.allowed) else out & self.allowed
 
 
-def _segment_min(out: np.ndarray, seg: np.ndarray, vals: np.ndarray) -> None:
-    """out[s] = min(out[s], min of vals rows in segment s); ``seg`` is sorted."""
-    starts = np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]])
-    red = np.minimum.reduceat(vals, starts, axis=0)
-    ids = seg[starts]
-    out[ids] = np.minimum(out[ids], red)
+def _all(mask: np.ndarray) -> bool:
+    return bool(mask.all())
 
 
 def top_candidates(score: np.ndarray, allowed: np.ndarray, m: int) -> np.ndarray:
@@ -173,8 +182,8 @@ def top_candidates(score: np.ndarray, allowed: np.ndarray, m: int) -> np.ndarray
     C, E = score.shape
     if m >= E:
         return allowed.copy()
-    s = np.where(allowed, score, -np.inf)
-    top = np.argpartition(-s, m - 1, axis=1)[:, :m]
+    s = score if _all(allowed) else np.where(allowed, score, -np.inf)
+    top = np.argpartition(s, E - m, axis=1)[:, E - m:]
     mask = np.zeros((C, E), dtype=bool)
     np.put_along_axis(mask, top, True, axis=1)
     return mask & allowed

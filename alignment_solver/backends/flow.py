@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..formulations.flow import FlowNetwork, top_candidates
+from ..formulations.flow import FlowNetwork, penalty_for, top_candidates
 from ..problem import AlignmentProblem
 from ..result import AlignmentResult, SolveStatus
 from .base import Backend, SolveRequest
@@ -104,7 +104,7 @@ def _cost_scale(net: FlowNetwork) -> float:
     """Largest cost multiplier that keeps OR-Tools' internal cost scaling inside int64."""
     C, E = net.shape
     limit = float(2 ** 58 // (C + E + 3))
-    biggest = max(net.penalty, float(np.abs(net.G[net.allowed]).max()) if net.allowed.any() else 0.0, 1e-12)
+    biggest = max(net.penalty, (penalty_for(net.G, net.allowed) - 1.0) / (2 * (E + 2)), 1e-12)
     return limit / biggest
 
 

@@ -1,0 +1,129 @@
+"""Command line: ``alignment-solver solve|demo|backends``.
+
+Exit codes: 0 solved (optimal or feasible), 1 infeasible or no solution found, 2 invalid input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from pydantic import ValidationError
+
+from .backends import REGISTRY, available_backends
+from .errors import AlignmentError
+from .problem import AlignmentProblem
+from .solve import solve
+
+
+def _fail(message: str) -> int:
+    print(f"alignment-solver: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _one_line(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "problem"
+        return f"{where}: {err['msg']}"
+    return str(exc).splitlines()[0]
+
+
+def _load_problem(path: str) -> AlignmentProblem:
+    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    return AlignmentProblem.model_validate_json(text)
+
+
+def _print_loads(result) -> None:
+    p = result.problem
+    load = result.expert_load
+    print(f"{'expert':>10} {'load':>7} {'band':>13}")
+    for e in range(p.n_experts):
+        hi = p.max_load_array[e]
+        band = f"{p.min_load_array[e]:g}..{'inf' if not np.isfinite(hi) else f'{hi:g}'}"
+        print(f"{str(p.expert_label(e)):>10} {load[e]:>7g} {band:>13}")
+
+
+def _solve_cmd(args: argparse.Namespace) -> int:
+    try:
+        problem = _load_problem(args.problem)
+    except FileNotFoundError:
+        return _fail(f"problem file not found: {args.problem}")
+    except (ValidationError, ValueError) as exc:
+        return _fail(f"invalid problem in {args.problem}: {_one_line(exc)}")
+    try:
+        result = solve(problem, backend=args.backend, time_limit=args.time_limit, seed=args.seed, soft=args.soft,
+                       soft_penalty=args.soft_penalty)
+    except (AlignmentError, ValueError, TypeError) as exc:
+        return _fail(_one_line(exc))
+    print(result.summary())
+    if args.output:
+        Path(args.output).write_text(result.model_dump_json(indent=2))
+    if not result.has_solution:
+        print(f"alignment-solver: {result.status.value}: {result.explanation}", file=sys.stderr)
+        return 1
+    if args.loads:
+        _print_loads(result)
+    return 0
+
+
+def _demo_cmd(args: argparse.Namespace) -> int:
+    text = resources.files("alignment_solver").joinpath("examples/round.json").read_text()
+    problem = AlignmentProblem.model_validate_json(text)
+    print(f"example round: {problem.n_clients} clients x {problem.n_experts} experts, capacity 1..3, "
+          f"load band {problem.min_load_array.min():g}..{problem.max_load_array.max():g}")
+    result = solve(problem, seed=args.seed)
+    print(result.summary())
+    _print_loads(result)
+    for cid in (problem.client_label(c) for c in range(min(5, problem.n_clients))):
+        print(f"client {cid}: experts {result.experts_of(cid)}")
+    greedy = solve(problem, backend="greedy")
+    if greedy.has_solution:
+        print(f"greedy baseline: objective {greedy.objective:.4f} "
+              f"({100 * (greedy.objective - result.objective) / abs(result.objective):+.2f} % vs optimal)")
+    return 0
+
+
+def _backends_cmd(args: argparse.Namespace) -> int:
+    have = set(available_backends())
+    for name in REGISTRY:
+        print(f"{name:12} {'available' if name in have else 'missing (install the pulp extra)'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alignment-solver",
+                                     description="Client-expert alignment for federated Mixture-of-Experts training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("solve", help="solve a problem given as JSON (the AlignmentProblem JSON form)")
+    s.add_argument("problem", help="path to the problem JSON, or - for standard input")
+    s.add_argument("-o", "--output", help="write the result as JSON to this path")
+    s.add_argument("--backend", default="auto", choices=["auto", *REGISTRY],
+                   help="solver backend (default: auto = flow when the structure allows it, else cpsat)")
+    s.add_argument("--time-limit", type=float, default=None, metavar="S", help="time limit in seconds")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--soft", action="store_true", help="turn the expert load band into penalised slack")
+    s.add_argument("--soft-penalty", type=float, default=None, metavar="P",
+                   help="price per unit of band violation with --soft (default: violation minimised first)")
+    s.add_argument("--loads", action="store_true", help="print each expert's load and band")
+    s.set_defaults(func=_solve_cmd)
+    d = sub.add_parser("demo", help="solve the shipped example round and print the assignment summary")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d.set_defaults(func=_demo_cmd)
+    b = sub.add_parser("backends", help="list the backends and whether they are installed")
+    b.set_defaults(func=_backends_cmd)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
