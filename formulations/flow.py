@@ -9,25 +9,32 @@ The band arc ``expert -> T`` is piecewise linear and convex: cost ``-P`` per uni
 bound ``L`` (a reward for covering it), 0 inside ``[L, U]``, ``+P`` per unit above ``U``.  With
 ``P`` larger than any fitness change a unit of band violation can buy (``penalty_for``), the
 optimum misses the band by the least total amount, and by zero exactly when the hard problem is
-feasible; a smaller ``P`` is the soft mode.
+feasible; a smaller ``P`` is the soft mode.  ``base_load`` is load already placed on each expert
+by clients kept out of the network (fixed); the band arcs are shifted by it.
 
-Optimality certificate (``certify``): every cycle of the residual graph passes through expert,
-source or sink nodes, so eliminating the client nodes leaves a graph on ``E + 2`` nodes whose arc
-``a -> b`` costs the cheapest residual path ``a -> client -> b``.  Bellman-Ford on it gives node
-potentials; a client's potential is the cheapest way into it.  If every residual arc of the FULL
-instance has reduced cost >= -tol under these potentials, the flow is optimal for the full
-instance (to within ``tol`` per node), even when it was solved on a subset of candidate arcs.
-Arcs with negative reduced cost are returned so the caller can add them and solve again.
+Optimality certificate: every cycle of the residual graph passes through expert, source or sink
+nodes, so eliminating the client nodes leaves a graph on ``E + 2`` nodes whose arc ``a -> b``
+costs the cheapest residual path ``a -> client -> b`` (``potentials`` runs Bellman-Ford on it).
+A client's potential must lie between the largest bound set by its outgoing residual arcs and
+the smallest set by its incoming ones; ``check`` tests that for every client over every allowed
+arc of the FULL instance.  If it holds, the potentials are feasible for the whole residual graph,
+so it has no negative cycle and the flow is optimal (each arc within ``tol``), even though it was
+solved on candidate arcs with some clients fixed.  Otherwise ``check`` names the arcs and
+clients to add.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
 from alignment_solver.problem import AlignmentProblem
+
+
+def _all(mask: np.ndarray) -> bool:
+    return bool(mask.all())
 
 
 def penalty_for(G: np.ndarray, allowed: np.ndarray) -> float:
@@ -46,15 +53,20 @@ def penalty_for(G: np.ndarray, allowed: np.ndarray) -> float:
 
 @dataclass
 class FlowNetwork:
-    """The circulation for one problem; arrays in client/expert index space."""
+    """The circulation for one problem (or for a subset of its clients); index space arrays."""
 
     G: np.ndarray            # (C, E) objective coefficients, maximised
     allowed: np.ndarray      # (C, E) bool
     lo: np.ndarray           # (C,) min experts per client
     k: np.ndarray            # (C,) capacity, clipped to the number of allowed experts
     L: np.ndarray            # (E,) integer lower load bound
-    U: np.ndarray            # (E,) integer upper load bound (<= C)
+    U: np.ndarray            # (E,) integer upper load bound
     penalty: float           # price per unit of band violation
+    base_load: np.ndarray = field(default=None)  # (E,) load of clients outside this network
+
+    def __post_init__(self) -> None:
+        if self.base_load is None:
+            self.base_load = np.zeros(self.G.shape[1], dtype=np.int64)
 
     @classmethod
     def from_problem(cls, problem: AlignmentProblem, penalty: Optional[float] = None) -> "FlowNetwork":
@@ -65,10 +77,15 @@ class FlowNetwork:
         G = problem.objective_matrix
         k = np.minimum(problem.capacity_array, allowed.sum(axis=1))
         L = np.ceil(problem.min_load_array - 1e-9).astype(np.int64)
-        U = np.minimum(np.floor(np.minimum(problem.max_load_array, C) + 1e-9), C).astype(np.int64)
+        U = np.floor(np.minimum(problem.max_load_array, C) + 1e-9).astype(np.int64)
         P = penalty_for(G, allowed) if penalty is None else float(penalty)
         return cls(G=G, allowed=allowed, lo=problem.min_experts_array.astype(np.int64), k=k.astype(np.int64),
                    L=L, U=U, penalty=P)
+
+    def restrict(self, rows: np.ndarray, fixed_load: np.ndarray) -> "FlowNetwork":
+        """The network of the clients ``rows`` with ``fixed_load`` placed by the others."""
+        return FlowNetwork(G=self.G[rows], allowed=self.allowed[rows], lo=self.lo[rows], k=self.k[rows], L=self.L,
+                           U=self.U, penalty=self.penalty, base_load=self.base_load + fixed_load)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -78,24 +95,27 @@ class FlowNetwork:
     def arcs(self, pairs: tuple[np.ndarray, np.ndarray]):
         """Arc arrays of the circulation restricted to the candidate ``pairs`` (clients, experts).
 
-        Returns ``tails, heads, capacities, costs (float, minimised), supplies`` and the slice of
-        the client-expert arcs.  Nodes: clients ``0..C-1``, experts ``C..C+E-1``, S, T.
+        Returns ``tails, heads, capacities, costs (float, minimised), supplies``; the
+        client-expert arcs come right after the C source arcs.  Nodes: clients ``0..C-1``,
+        experts ``C..C+E-1``, then S and T.
         """
         C, E = self.shape
         ci, ei = pairs
         S, T = C + E, C + E + 1
         experts = np.arange(C, C + E)
         big = int(self.k.sum()) + 1
+        b = self.base_load
+        short = np.maximum(self.L - b, 0)
+        band = np.maximum(self.U - np.maximum(self.L, b), 0)
         tails = np.concatenate([np.full(C, S), ci, experts, experts, experts, [T]])
         heads = np.concatenate([np.arange(C), ei + C, np.full(3 * E, T), [S]])
-        caps = np.concatenate([self.k - self.lo, np.ones(len(ci), np.int64), self.L,
-                               np.maximum(self.U - self.L, 0), np.full(E, big), [big]])
+        caps = np.concatenate([self.k - self.lo, np.ones(len(ci), np.int64), short, band, np.full(E, big), [big]])
         costs = np.concatenate([np.zeros(C), -self.G[ci, ei], np.full(E, -self.penalty), np.zeros(E),
                                 np.full(E, self.penalty), [0.0]])
         supplies = np.zeros(C + E + 2, np.int64)
         supplies[:C] = self.lo
         supplies[S] = -int(self.lo.sum())
-        return tails, heads, caps.astype(np.int64), costs, supplies, slice(C, C + len(ci))
+        return tails, heads, caps.astype(np.int64), costs, supplies
 
     def assignment(self, pairs: tuple[np.ndarray, np.ndarray], flows: np.ndarray) -> np.ndarray:
         x = np.zeros(self.shape, dtype=bool)
@@ -112,7 +132,7 @@ class FlowNetwork:
         G, P = self.G, self.penalty
         N, iS, iT = E + 2, E, E + 1
         f = x.sum(axis=1)
-        load = x.sum(axis=0)
+        load = x.sum(axis=0) + self.base_load
         fc, fe = np.nonzero((self.allowed if candidates is None else candidates) & ~x)   # free arcs
         hc, he = np.nonzero(x)                                                            # held arcs
         W = np.full((N, N), np.inf)
@@ -130,9 +150,8 @@ class FlowNetwork:
                 np.minimum.at(flat, h[ok] * E + fe[ok], G[fc[ok], h[ok]] - free_value[ok])
             W[:E, :E] = flat.reshape(E, E)
         # S -> e': a client with spare capacity takes a free e'.
-        spare = f < self.k
         row = np.full(E, np.inf)
-        on = spare[fc]
+        on = (f < self.k)[fc]
         np.minimum.at(row, fe[on], -G[fc[on], fe[on]])
         W[iS, :E] = row
         # e -> S: a client above its minimum drops e.
@@ -145,7 +164,7 @@ class FlowNetwork:
         W[iT, np.arange(E)] = np.where(load > 0, np.where(load <= self.L, P, np.where(load <= self.U, 0.0, -P)),
                                        np.inf)
         W[iT, iS] = 0.0
-        if len(hc):
+        if load.sum() > 0:
             W[iS, iT] = 0.0
         np.fill_diagonal(W, np.inf)
         d = np.zeros(N)
@@ -157,24 +176,26 @@ class FlowNetwork:
             d = np.where(better, relaxed, d)
         return None
 
-    def improving_arcs(self, x: np.ndarray, candidates: np.ndarray, d: np.ndarray, tol: float) -> np.ndarray:
-        """(C, E) mask of allowed arcs outside ``candidates`` whose reduced cost under the
-        potentials ``d`` (from ``potentials(x, candidates)``) is below ``-tol``.  Empty: ``x`` is
-        optimal for the full instance."""
+    def check(self, x: np.ndarray, d: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
+        """Test the potentials ``d`` against every residual arc of the full instance at ``x``.
+
+        Returns ``(improving, bad_clients)``: the free allowed arcs ``(c, e')`` with reduced cost
+        below ``-2 tol``, and the clients with any such arc or an improving drop ``c -> S``.  Both
+        empty: ``x`` is optimal.
+        """
         C, E = self.shape
+        f = x.sum(axis=1)
         hc, he = np.nonzero(x)
         held = np.full(C, np.inf)
         np.minimum.at(held, hc, d[he] + self.G[hc, he])
-        dc = np.minimum(np.where(x.sum(axis=1) < self.k, d[E], np.inf), held)   # cheapest way into c
-        # reduced cost dc - G - d_e' < -tol  <=>  G + d_e' > dc + tol
-        out = np.add(self.G, d[None, :E])
-        out = np.greater(out, (dc + tol)[:, None])
-        out &= ~candidates
-        return out if _all(self.allowed) else out & self.allowed
-
-
-def _all(mask: np.ndarray) -> bool:
-    return bool(mask.all())
+        d_in = np.minimum(np.where(f < self.k, d[E], np.inf), held)      # cheapest way into each client
+        # arc c -> e' has reduced cost d_in - G - d_e' < -tol  <=>  G + d_e' > d_in + tol
+        improving = np.greater(np.add(self.G, d[None, :E]), (d_in + 2 * tol)[:, None])
+        improving &= ~x
+        if not _all(self.allowed):
+            improving &= self.allowed
+        bad = improving.any(axis=1) | ((f > self.lo) & (d[E] > d_in + 2 * tol))
+        return improving, bad
 
 
 def top_candidates(score: np.ndarray, allowed: np.ndarray, m: int) -> np.ndarray:

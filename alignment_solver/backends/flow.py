@@ -1,12 +1,17 @@
 """``flow``: exact solve of count-load problems with OR-Tools' min-cost flow.
 
-Polynomial and exact (the constraint matrix is totally unimodular).  Large instances are solved
-on each client's best ``candidates`` experts, ranked by fitness plus expert prices estimated
-from a sample of clients, then proven optimal for the FULL instance by the certificate in
-:mod:`alignment_solver.formulations.flow`; arcs that the certificate finds improving are added
-and the flow is solved again, until the proof holds.  Costs are scaled to int64 for OR-Tools;
-the reported ``bound`` accounts for that rounding (``stats["tolerance"]`` per node).
-Deterministic for a given seed (the sample); no worker threads.
+Polynomial and exact (the constraint matrix is totally unimodular).  Small instances are solved
+on every allowed arc.  Large ones (more than ``FULL_ARCS`` allowed arcs) use a working set:
+expert prices come from an exact solve on a sample of clients; each client keeps its
+``candidates`` best experts by fitness plus price; the clear-cut half of the clients is fixed
+to its top choices and only the rest enter the network.  The certificate in
+:mod:`alignment_solver.formulations.flow` then checks the answer against EVERY allowed arc of
+the full instance; clients it finds improvable are activated with their improving arcs and the
+network is solved again, until the proof holds (``stats["proven"]``).
+
+Costs are scaled to int64 for OR-Tools; the reported ``bound`` accounts for the rounding
+(``stats["tolerance"]`` per arc).  Deterministic for a given seed (the sample); single-threaded.
+``time_limit`` is checked between rounds (a round at 100,000 x 128 takes about a second).
 """
 
 from __future__ import annotations
@@ -16,19 +21,20 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..formulations.flow import FlowNetwork, penalty_for, top_candidates
+from ..formulations.flow import FlowNetwork, _all, penalty_for
 from ..problem import AlignmentProblem
 from ..result import AlignmentResult, SolveStatus
 from .base import Backend, SolveRequest
 
 FULL_ARCS = 200_000   # below this many allowed arcs, solve on all of them at once
+ACTIVE_SHARE = 0.5    # share of clients left in the network on large instances
 
 
 class FlowBackend(Backend):
     name = "flow"
     requires = ("ortools",)
     options = {
-        "candidates": (8, "experts per client in the first candidate set (0: all allowed arcs)"),
+        "candidates": (6, "experts per client in the first candidate set (0: all allowed arcs)"),
         "max_rounds": (30, "candidate-enlargement rounds before falling back to every arc"),
     }
 
@@ -52,36 +58,48 @@ class FlowBackend(Backend):
             return AlignmentResult(problem, SolveStatus.INFEASIBLE, self.name, solve_seconds=time.perf_counter() - t0)
         scale = _cost_scale(net)
         tol = 4.0 / scale
-        m = request.options.get("candidates", 8)
-        cand: Optional[np.ndarray] = None
-        if m and m < E and int(net.allowed.sum()) > FULL_ARCS:
-            cand = _initial_candidates(net, m, np.random.default_rng(request.seed), scale)
-        build = time.perf_counter() - t0
-        rounds, proven, x = 0, False, None
+        m = request.options.get("candidates", 6)
         max_rounds = request.options.get("max_rounds", 30)
+        large = bool(m) and m < E and int(net.allowed.sum()) > FULL_ARCS
+        rounds, proven, x = 0, False, None
+        if large:
+            cand, active, fixed_x = _working_set(net, m, np.random.default_rng(request.seed), scale)
+        else:
+            cand, active, fixed_x = net.allowed, np.ones(C, dtype=bool), np.zeros((C, E), dtype=bool)
+        build = time.perf_counter() - t0
         while True:
             rounds += 1
-            x = _solve_network(net, cand, scale)
-            if x is None:
+            rows = np.flatnonzero(active)
+            sub = net.restrict(rows, fixed_x.sum(axis=0)) if large else net
+            xs = _solve_network(sub, cand[rows] if large else None, scale)
+            if xs is None:
                 break
-            d = net.potentials(x, cand, tol)
-            if d is None:
-                break
-            if cand is None:
+            d = sub.potentials(xs, cand[rows] if large else None, tol)
+            x = fixed_x.copy()
+            x[rows] = xs
+            if d is not None and not large:
                 proven = True
+            if d is None or not large:
+                if large and not active.all():
+                    active[:] = True          # a fixed client was wrong in a way the check cannot name
+                    fixed_x[:] = False
+                    continue
                 break
-            improving = net.improving_arcs(x, cand, d, tol)
-            if not improving.any():
+            improving, bad = net.check(x, d, tol)
+            if not bad.any():
                 proven = True
                 break
             cand = cand | improving
+            newly = bad & ~active
+            active |= newly
+            fixed_x[newly] = False
             out_of_time = request.time_limit is not None and time.perf_counter() - t0 > request.time_limit
             if out_of_time:
                 break
             if rounds >= max_rounds:
-                cand = None
+                cand, active[:], fixed_x[:] = net.allowed, True, False
         seconds = time.perf_counter() - t0 - build
-        stats = {"rounds": rounds, "arcs": int(net.allowed.sum() if cand is None else cand.sum()),
+        stats = {"rounds": rounds, "arcs": int(cand.sum()), "active_clients": int(active.sum()),
                  "proven": proven, "tolerance": tol, "deterministic": True}
         if x is None:
             return AlignmentResult(problem, SolveStatus.NO_SOLUTION_FOUND, self.name, solve_seconds=seconds,
@@ -96,7 +114,7 @@ class FlowBackend(Backend):
                                  assignment=x, solve_seconds=seconds, build_seconds=build, soft=request.soft,
                                  soft_penalty=net.penalty if request.soft else None, stats=stats)
         if proven:
-            result.bound = result.objective + tol * (C + E + 2)
+            result.bound = result.objective + 2 * tol * (C + E + 2)
         return result
 
 
@@ -112,7 +130,7 @@ def _solve_network(net: FlowNetwork, cand: Optional[np.ndarray], scale: float) -
     from ortools.graph.python import min_cost_flow
 
     pairs = np.nonzero(net.allowed if cand is None else cand)
-    tails, heads, caps, costs, supplies, _ = net.arcs(pairs)
+    tails, heads, caps, costs, supplies = net.arcs(pairs)
     smcf = min_cost_flow.SimpleMinCostFlow()
     arcs = smcf.add_arcs_with_capacity_and_unit_cost(tails, heads, caps, np.rint(costs * scale).astype(np.int64))
     smcf.set_nodes_supplies(np.arange(len(supplies)), supplies)
@@ -122,22 +140,55 @@ def _solve_network(net: FlowNetwork, cand: Optional[np.ndarray], scale: float) -
     return net.assignment(pairs, smcf.flows(arcs[C:C + len(pairs[0])]))
 
 
-def _initial_candidates(net: FlowNetwork, m: int, rng: np.random.Generator, scale: float) -> np.ndarray:
-    """Each client's ``m`` best experts by fitness plus expert prices from a sampled solve."""
+def _working_set(net: FlowNetwork, m: int, rng: np.random.Generator, scale: float):
+    """Candidates, active clients and the fixed clients' assignment for a large instance.
+
+    Expert prices come from an exact solve on a sample of clients.  Each client's ``m`` best
+    experts by fitness plus price are its candidates.  A client whose ``capacity``-th best
+    expert beats the next one and the source price by a clear margin is fixed to its top
+    ``capacity`` experts (the ``1 - ACTIVE_SHARE`` most clear-cut clients); the rest stay
+    active.  The certificate later activates any fixed client that was wrong.
+    """
     C, E = net.shape
     n = min(C, max(2000, 20 * E))
     rows = np.sort(rng.choice(C, size=n, replace=False))
     frac = n / C
-    sub = FlowNetwork(G=net.G[rows], allowed=net.allowed[rows], lo=net.lo[rows], k=net.k[rows],
-                      L=np.floor(net.L * frac).astype(np.int64),
-                      U=np.ceil(net.U * frac).astype(np.int64), penalty=net.penalty)
-    prices = np.zeros(E)
-    xs = _solve_network(sub, None, scale)
+    sample = FlowNetwork(G=net.G[rows], allowed=net.allowed[rows], lo=net.lo[rows], k=net.k[rows],
+                         L=np.floor(net.L * frac).astype(np.int64), U=np.ceil(net.U * frac).astype(np.int64),
+                         penalty=net.penalty)
+    d0 = np.zeros(E + 2)
+    xs = _solve_network(sample, None, scale)
     if xs is not None:
-        d = sub.potentials(xs, None, 4.0 / scale)
+        d = sample.potentials(xs, None, 4.0 / scale)
         if d is not None:
-            prices = d[:E]
-    cand = top_candidates(net.G + prices[None, :], net.allowed, m)
+            d0 = d
+    score = np.add(net.G, d0[None, :E])
+    if not _all(net.allowed):
+        score[~net.allowed] = -np.inf
+    top = np.argpartition(score, E - m, axis=1)[:, E - m:]
+    vals = np.take_along_axis(score, top, axis=1)
+    cand = np.zeros((C, E), dtype=bool)
+    np.put_along_axis(cand, top, True, axis=1)
+    cand &= net.allowed
     needy = net.lo > m
     cand[needy] = net.allowed[needy]
-    return cand
+    active = np.ones(C, dtype=bool)
+    fixed_x = np.zeros((C, E), dtype=bool)
+    if int(net.k.max(initial=0)) + 1 > m:
+        return cand, active, fixed_x
+    order = np.argsort(-vals, axis=1, kind="stable")
+    top, vals = np.take_along_axis(top, order, axis=1), np.take_along_axis(vals, order, axis=1)
+    idx = np.arange(C)
+    k = net.k
+    kth = vals[idx, np.maximum(k - 1, 0)]
+    margin = np.minimum(kth - vals[idx, k], kth - d0[E])
+    eligible = (k >= 1) & ~needy & np.isfinite(kth)
+    if not eligible.any():
+        return cand, active, fixed_x
+    cut = max(float(np.quantile(margin[eligible], ACTIVE_SHARE)), 0.0)
+    fixed = eligible & (margin > cut)
+    take = np.arange(m)[None, :] < k[:, None]
+    sel = take & fixed[:, None]
+    fixed_x[np.repeat(idx, m)[sel.ravel()], top[sel]] = True
+    active = ~fixed
+    return cand, active, fixed_x

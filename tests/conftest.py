@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+from hypothesis import strategies as st
+
+from alignment_solver import AlignmentProblem, available_backends
+
+EXACT = [b for b in ("flow", "cpsat", "pulp_cbc", "pulp_highs") if b in available_backends()]
+GENERAL = [b for b in EXACT if b != "flow"]
+
+
+def backends_for(problem: AlignmentProblem) -> list[str]:
+    return EXACT if problem.is_flow else GENERAL
+
+
+@st.composite
+def small_problems(draw, max_clients: int = 4, max_experts: int = 3, general: bool = True):
+    """Tiny problems (C * E <= 12) over every feature: masks, switch penalties, weights, budgets."""
+    C = draw(st.integers(1, max_clients))
+    E = draw(st.integers(1, max_experts))
+    grid = st.integers(-20, 100).map(lambda v: v / 10)
+    fitness = np.array(draw(st.lists(grid, min_size=C * E, max_size=C * E))).reshape(C, E)
+    cap = np.array(draw(st.lists(st.integers(0, E), min_size=C, max_size=C)))
+    low = np.array([draw(st.integers(0, int(k))) for k in cap])
+    L = np.array(draw(st.lists(st.integers(0, C), min_size=E, max_size=E)))
+    U = L + np.array(draw(st.lists(st.integers(0, C), min_size=E, max_size=E)))
+    fields = dict(fitness=fitness, capacity=cap, min_experts=low, expert_min_load=L, expert_max_load=U)
+    if draw(st.booleans()):
+        fields["allowed"] = np.array(draw(st.lists(st.booleans(), min_size=C * E, max_size=C * E))).reshape(C, E)
+    if draw(st.booleans()):
+        fields["previous"] = np.array(draw(st.lists(st.booleans(), min_size=C * E, max_size=C * E))).reshape(C, E)
+        fields["switch_penalty"] = draw(grid.filter(lambda v: v >= 0))
+    if general and draw(st.booleans()):
+        fields["load_weight"] = np.array(draw(st.lists(st.integers(1, 3), min_size=C * E, max_size=C * E))).reshape(C, E)
+        fields["expert_min_load"] = L * 2
+        fields["expert_max_load"] = U * 2
+    if general and draw(st.booleans()):
+        fields["usage"] = np.array(draw(st.lists(st.integers(0, 4), min_size=E, max_size=E)), dtype=float)
+        fields["budget"] = np.array(draw(st.lists(st.integers(0, 8), min_size=C, max_size=C)), dtype=float)
+    return AlignmentProblem(**fields)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)

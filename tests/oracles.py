@@ -1,0 +1,126 @@
+"""Independent answers for small problems: brute-force enumeration and scipy's milp.
+
+Built from the problem's fields directly (not from the package's formulations), so a bug in a
+formulation cannot hide behind the same bug in its check.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Optional
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import lil_matrix
+
+from alignment_solver import AlignmentProblem
+
+
+def _dense(p: AlignmentProblem):
+    C, E = p.fitness.shape
+    G = np.asarray(p.fitness, float).copy()
+    if p.previous is not None:
+        G -= p.switch_penalty * ~np.asarray(p.previous)
+    w = np.ones((C, E)) if p.load_weight is None else np.broadcast_to(
+        np.asarray(p.load_weight, float)[:, None] if np.ndim(p.load_weight) == 1 else p.load_weight, (C, E))
+    cap = np.broadcast_to(p.capacity, (C,))
+    low = np.broadcast_to(p.min_experts, (C,))
+    L = np.broadcast_to(p.expert_min_load, (E,)).astype(float)
+    U = np.broadcast_to(np.inf if p.expert_max_load is None else p.expert_max_load, (E,)).astype(float)
+    allowed = np.ones((C, E), bool) if p.allowed is None else np.asarray(p.allowed)
+    usage = None if p.usage is None else np.broadcast_to(p.usage, (C, E))
+    return G, w, cap, low, L, U, allowed, usage
+
+
+def brute_force(p: AlignmentProblem, soft_penalty: Optional[float] = None) -> Optional[float]:
+    """Best objective over every 0-1 matrix (None if infeasible); C * E <= 16."""
+    C, E = p.fitness.shape
+    assert C * E <= 16
+    G, w, cap, low, L, U, allowed, usage = _dense(p)
+    rows = np.array(list(itertools.product([0, 1], repeat=E)), dtype=bool)       # every row pattern
+    best = None
+    for combo in itertools.product(range(len(rows)), repeat=C):
+        x = rows[list(combo)]
+        if (x & ~allowed).any():
+            continue
+        n = x.sum(1)
+        if (n > cap).any() or (n < low).any():
+            continue
+        if usage is not None and ((usage * x).sum(1) > np.asarray(p.budget) + 1e-9).any():
+            continue
+        load = (w * x).sum(0)
+        miss = np.maximum(L - load, 0).sum() + np.maximum(load - U, 0).sum()
+        if soft_penalty is None and miss > 1e-9:
+            continue
+        value = (G * x).sum() - (soft_penalty or 0.0) * miss
+        if best is None or value > best + 1e-12:
+            best = value
+    return best
+
+
+def scipy_milp(p: AlignmentProblem, time_limit: float = 60) -> Optional[float]:
+    """Optimal objective from scipy.optimize.milp (HiGHS inside scipy); None if infeasible."""
+    C, E = p.fitness.shape
+    G, w, cap, low, L, U, allowed, usage = _dense(p)
+    n = C * E
+    rows = C + E + (C if usage is not None else 0)
+    A = lil_matrix((rows, n))
+    lo = np.full(rows, -np.inf)
+    hi = np.full(rows, np.inf)
+    for c in range(C):
+        A[c, c * E:(c + 1) * E] = 1
+        lo[c], hi[c] = low[c], cap[c]
+    for e in range(E):
+        A[C + e, [c * E + e for c in range(C)]] = w[:, e]
+        lo[C + e], hi[C + e] = L[e], U[e]
+    if usage is not None:
+        for c in range(C):
+            A[C + E + c, c * E:(c + 1) * E] = usage[c]
+            hi[C + E + c] = p.budget[c]
+    res = milp(-G.ravel(), constraints=LinearConstraint(A.tocsr(), lo, hi), integrality=np.ones(n),
+               bounds=Bounds(np.zeros(n), allowed.ravel().astype(float)), options={"time_limit": time_limit})
+    if res.status == 2:
+        return None
+    assert res.status == 0, res.message
+    return -res.fun
+
+
+def networkx_flow(p: AlignmentProblem, scale: float = 1e6) -> Optional[float]:
+    """Count-load optimum as a min-cost circulation solved by networkx's network simplex.
+
+    Lower bounds are moved into node demands; costs are scaled to integers by ``scale``.
+    """
+    import networkx as nx
+
+    C, E = p.fitness.shape
+    G, _, cap, low, L, U, allowed, _ = _dense(p)
+    L = np.ceil(L - 1e-9).astype(int)
+    U = np.floor(np.minimum(U, C) + 1e-9).astype(int)
+    g = nx.DiGraph()
+    demand = {("c", c): 0 for c in range(C)} | {("e", e): 0 for e in range(E)} | {"S": 0, "T": 0}
+
+    def arc(u, v, lower, upper, cost):
+        if upper < lower:
+            raise ValueError("infeasible arc")
+        g.add_edge(u, v, capacity=int(upper - lower), weight=int(cost))
+        demand[u] += lower        # u must send `lower` more than it receives
+        demand[v] -= lower
+
+    try:
+        for c in range(C):
+            arc("S", ("c", c), int(low[c]), int(cap[c]), 0)
+            for e in range(E):
+                if allowed[c, e]:
+                    arc(("c", c), ("e", e), 0, 1, -round(G[c, e] * scale))
+        for e in range(E):
+            arc(("e", e), "T", int(L[e]), int(U[e]), 0)
+        arc("T", "S", 0, int(cap.sum()), 0)
+    except ValueError:
+        return None
+    for node, dem in demand.items():
+        g.add_node(node, demand=dem)
+    try:
+        flow = nx.min_cost_flow(g)
+    except nx.NetworkXUnfeasible:
+        return None
+    return sum(G[c, e] * flow[("c", c)].get(("e", e), 0) for c in range(C) for e in range(E))

@@ -1,0 +1,143 @@
+"""One suite for every installed backend: brute force, independent solvers, properties."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from scipy.optimize import linear_sum_assignment
+
+from alignment_solver import AlignmentProblem, NoSolutionError, SolveStatus, solve
+from alignment_solver.instances import random_problem
+
+from .conftest import EXACT, GENERAL, backends_for, small_problems
+from .oracles import brute_force, networkx_flow, scipy_milp
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def check_against(problem, expected, backend, **kw):
+    result = solve(problem, backend=backend, **kw)
+    if expected is None:
+        assert result.status is SolveStatus.INFEASIBLE, (backend, result.summary())
+        assert result.explanation
+        with pytest.raises(NoSolutionError):
+            result.assignment
+    else:
+        assert result.status is SolveStatus.OPTIMAL, (backend, result.summary())
+        assert result.objective == pytest.approx(expected, rel=1e-7, abs=1e-7), backend
+        if not kw.get("soft"):
+            assert result.violations() == []
+    return result
+
+
+@SETTINGS
+@given(small_problems())
+def test_tiny_problems_match_brute_force(problem):
+    expected = brute_force(problem)
+    for backend in backends_for(problem):
+        check_against(problem, expected, backend)
+
+
+@SETTINGS
+@given(small_problems(general=False))
+def test_tiny_soft_problems_match_brute_force(problem):
+    expected = brute_force(problem, soft_penalty=3.0)
+    for backend in backends_for(problem):
+        check_against(problem, expected, backend, soft=True, soft_penalty=3.0)
+
+
+@pytest.mark.parametrize("backend", EXACT)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_medium_count_problems_match_scipy_and_networkx(backend, seed):
+    problem = random_problem(40, 6, seed=seed)
+    expected = scipy_milp(problem)
+    assert networkx_flow(problem) == pytest.approx(expected, rel=1e-6)
+    check_against(problem, expected, backend)
+
+
+@pytest.mark.parametrize("backend", GENERAL)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_medium_budget_problems_match_scipy(backend, seed):
+    problem = random_problem(30, 5, seed=seed, budget=True)
+    check_against(problem, scipy_milp(problem), backend)
+
+
+@pytest.mark.parametrize("backend", GENERAL)
+def test_weighted_loads_match_scipy(backend, rng):
+    C, E = 25, 4
+    w = rng.integers(1, 4, size=(C, E)).astype(float)
+    problem = AlignmentProblem(fitness=rng.random((C, E)), capacity=2, min_experts=1, load_weight=w,
+                               expert_min_load=8, expert_max_load=20)
+    check_against(problem, scipy_milp(problem), backend)
+
+
+@pytest.mark.parametrize("backend", EXACT)
+def test_one_to_one_matches_linear_sum_assignment(backend, rng):
+    n = 12
+    fitness = rng.random((n, n))
+    rows, cols = linear_sum_assignment(fitness, maximize=True)
+    problem = AlignmentProblem(fitness=fitness, capacity=1, min_experts=1, expert_min_load=1, expert_max_load=1)
+    result = check_against(problem, fitness[rows, cols].sum(), backend)
+    assert np.array_equal(np.flatnonzero(result.assignment[rows].ravel()) % n, cols)
+
+
+def test_greedy_is_feasible_and_not_better_than_optimal():
+    problem = random_problem(300, 8, seed=3)
+    greedy = solve(problem, backend="greedy")
+    best = solve(problem, backend="flow")
+    assert greedy.status is SolveStatus.FEASIBLE and greedy.violations() == []
+    assert greedy.objective <= best.objective + 1e-9
+    assert greedy.bound is None and greedy.gap is None
+
+
+@pytest.mark.parametrize("backend", EXACT)
+def test_same_seed_same_assignment(backend):
+    problem = random_problem(60, 5, seed=9)
+    a, b = solve(problem, backend=backend, seed=4), solve(problem, backend=backend, seed=4)
+    assert np.array_equal(a.assignment, b.assignment)
+    assert a.stats["deterministic"]
+
+
+@pytest.mark.parametrize("backend", EXACT)
+def test_relabelling_permutes_the_answer(backend, rng):
+    problem = random_problem(30, 5, seed=11)
+    pc, pe = rng.permutation(30), rng.permutation(5)
+    permuted = AlignmentProblem(fitness=problem.fitness[pc][:, pe], capacity=problem.capacity_array[pc],
+                                min_experts=1, expert_min_load=problem.expert_min_load,
+                                expert_max_load=problem.expert_max_load)
+    a, b = solve(problem, backend=backend), solve(permuted, backend=backend)
+    assert b.objective == pytest.approx(a.objective, rel=1e-9)
+    assert np.array_equal(b.assignment, a.assignment[pc][:, pe])
+
+
+def test_large_flow_working_set_is_proven_and_matches_full_solve():
+    problem = random_problem(6000, 48, seed=5)          # 288k arcs: the candidate/working-set path
+    fast = solve(problem, backend="flow")
+    full = solve(problem, backend="flow", options={"candidates": 0})
+    assert fast.status is SolveStatus.OPTIMAL and fast.stats["proven"]
+    assert fast.stats["active_clients"] < 6000 or fast.stats["rounds"] > 1
+    assert fast.objective == pytest.approx(full.objective, rel=1e-9)
+    assert fast.violations() == []
+    assert fast.gap < 1e-9
+
+
+def test_auto_picks_flow_for_count_loads_and_cpsat_otherwise():
+    assert solve(random_problem(20, 3, seed=1)).backend == "flow"
+    assert solve(random_problem(20, 3, seed=1, budget=True)).backend == "cpsat"
+
+
+@pytest.mark.parametrize("backend", ["cpsat", "pulp_cbc", "pulp_highs"])
+def test_time_limit_is_honoured(backend):
+    import time
+
+    if backend not in GENERAL:
+        pytest.skip(f"{backend} not installed")
+    problem = random_problem(3000, 32, seed=2, budget=True)
+    started = time.perf_counter()
+    result = solve(problem, backend=backend, time_limit=3)
+    elapsed = time.perf_counter() - started
+    assert elapsed < 3 + 2.5, f"{backend} took {elapsed:.1f}s for a 3s limit"
+    assert result.status in (SolveStatus.OPTIMAL, SolveStatus.FEASIBLE, SolveStatus.NO_SOLUTION_FOUND)
+    if result.has_solution:
+        assert result.violations() == []
+    else:
+        assert "time limit" in result.explanation
