@@ -1,4 +1,9 @@
-"""``pulp_cbc``: the general 0-1 model through PuLP and its bundled CBC binary."""
+"""``pulp_cbc``: the general 0-1 model through PuLP and its bundled CBC binary.
+
+CBC runs with its preprocessing off: with it on (PuLP's default), CBC reported "Optimal" at 385
+for OR-Library GAP instance c0824_4 (minimisation) whose optimum is 384 (CP-SAT and HiGHS find
+384); with it off all 120 gap1-gap12 instances solve to their known optimum, each under 1 s.
+"""
 
 from __future__ import annotations
 
@@ -14,4 +19,5 @@ class PulpCbcBackend(PulpBackend):
     def make_solver(self, time_limit: Optional[float], seed: int) -> Any:
         import pulp
 
-        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, threads=1, options=[f"randomCbcSeed {seed + 1}"])
+        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, threads=1,
+                                 options=[f"randomCbcSeed {seed + 1}", "preprocess off"])

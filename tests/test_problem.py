@@ -1,0 +1,121 @@
+"""The problem model: conversion, validation messages, JSON round trip, the balanced helper."""
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from pydantic import ValidationError
+
+from alignment_solver import AlignmentProblem
+
+from .conftest import small_problems
+
+F = [[0.5, 0.2], [0.1, 0.9], [0.3, 0.3]]
+
+
+def problem(**kw):
+    fields = dict(fitness=F, capacity=1)
+    fields.update(kw)
+    return AlignmentProblem(**fields)
+
+
+@pytest.mark.parametrize("kw, field, words", [
+    (dict(fitness=[[0.1, float("nan")], [0, 0], [0, 0]]), "fitness", "finite"),
+    (dict(fitness=[[0.1, float("inf")], [0, 0], [0, 0]]), "fitness", "finite"),
+    (dict(fitness=[1.0, 2.0]), "fitness", "2-D"),
+    (dict(fitness=[[1, 2], [3]]), "fitness", "rectangular"),
+    (dict(fitness=[["a", "b"]]), "fitness", "numeric"),
+    (dict(fitness=np.zeros((0, 3))), "fitness", "C >= 1"),
+    (dict(capacity=-1), "capacity", ">= 0"),
+    (dict(capacity=1.5), "capacity", "integers"),
+    (dict(capacity=[1, 2]), "capacity", "shape (3,)"),
+    (dict(capacity=True), "capacity", "not booleans"),
+    (dict(min_experts=2), "min_experts", "<= capacity"),
+    (dict(expert_min_load=[5, 1], expert_max_load=[2, 2]), "expert_min_load", "<= expert_max_load"),
+    (dict(expert_min_load=-1), "expert_min_load", ">= 0"),
+    (dict(expert_max_load=[1, 2, 3]), "expert_max_load", "shape (2,)"),
+    (dict(load_weight=[-1, 1, 1]), "load_weight", ">= 0"),
+    (dict(usage=[1, 1]), "usage", "without budget"),
+    (dict(budget=[1, 1, 1]), "budget", "without usage"),
+    (dict(usage=[1, 1], budget=[1, 1]), "budget", "shape (3,)"),
+    (dict(allowed=[[1, 2], [0, 1], [1, 1]]), "allowed", "booleans"),
+    (dict(previous=np.ones((2, 2), bool)), "previous", "shape (3, 2)"),
+    (dict(switch_penalty=-0.5), "switch_penalty", ">= 0"),
+    (dict(switch_penalty="high"), "switch_penalty", "number"),
+    (dict(client_ids=["a", "b", "a"]), "client_ids", "'a' appears more than once"),
+    (dict(expert_ids=["x"]), "expert_ids", "2 labels"),
+    (dict(colour="red"), "colour", "Extra inputs"),
+])
+def test_bad_input_names_the_field(kw, field, words):
+    with pytest.raises(ValidationError) as info:
+        problem(**kw)
+    text = str(info.value)
+    assert field in text and words in text, text
+    assert isinstance(info.value, ValueError)
+
+
+def test_scalars_broadcast_and_arrays_are_read_only():
+    p = problem(capacity=2, min_experts=[0, 1, 1], expert_max_load=2)
+    assert p.capacity_array.tolist() == [2, 2, 2]
+    assert p.max_load_array.tolist() == [2.0, 2.0]
+    assert p.min_load_array.tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError):
+        p.fitness[0, 0] = 5.0
+    with pytest.raises(ValidationError):
+        p.capacity = 3
+
+
+def test_integral_floats_are_accepted_as_integers():
+    assert problem(capacity=[1.0, 2.0, 0.0]).capacity_array.tolist() == [1, 2, 0]
+
+
+def test_json_round_trip_keeps_every_field():
+    p = problem(capacity=[1, 2, 1], min_experts=1, expert_min_load=[0, 1], expert_max_load=[2, np.inf],
+                load_weight=[1, 2, 1], usage=[1.5, 2.0], budget=[2, 4, 2], allowed=[[1, 1], [1, 0], [1, 1]],
+                previous=[[0, 1], [1, 0], [0, 0]], switch_penalty=0.25, client_ids=["a", "b", "c"],
+                expert_ids=[10, 20])
+    text = p.model_dump_json()
+    json.loads(text.replace("Infinity", "1e999"))
+    q = AlignmentProblem.model_validate_json(text)
+    for name in AlignmentProblem.model_fields:
+        a, b = getattr(p, name), getattr(q, name)
+        assert np.array_equal(np.asarray(a), np.asarray(b)), name
+
+
+@settings(max_examples=30, deadline=None)
+@given(small_problems())
+def test_json_round_trip_property(p):
+    q = AlignmentProblem.model_validate_json(p.model_dump_json())
+    assert np.array_equal(q.objective_matrix, p.objective_matrix)
+    assert np.array_equal(q.capacity_array, p.capacity_array)
+    assert np.array_equal(q.max_load_array, p.max_load_array)
+
+
+def test_null_max_load_in_json_means_no_cap():
+    q = AlignmentProblem.model_validate_json('{"fitness": [[1, 2]], "capacity": 1, "expert_max_load": [null, 3]}')
+    assert q.max_load_array.tolist() == [np.inf, 3.0]
+
+
+def test_malformed_json_is_a_validation_error():
+    with pytest.raises(ValidationError):
+        AlignmentProblem.model_validate_json('{"fitness": [[1, 2]], "capacity": ')
+
+
+def test_balanced_builds_the_fair_band():
+    fitness = np.zeros((10, 4))
+    p = AlignmentProblem.balanced(fitness, capacity=2, tolerance=0.1)
+    # fair = 10 * 2 / 4 = 5 -> floor(4.5) .. ceil(5.5)
+    assert p.min_load_array.tolist() == [4] * 4 and p.max_load_array.tolist() == [6] * 4
+    weighted = AlignmentProblem.balanced(fitness, capacity=1, tolerance=0.5, load_weight=np.full(10, 2.0))
+    assert weighted.min_load_array[0] == pytest.approx(2.5) and weighted.max_load_array[0] == pytest.approx(7.5)
+    with pytest.raises(ValueError, match="tolerance"):
+        AlignmentProblem.balanced(fitness, capacity=1, tolerance=-1)
+
+
+def test_switch_penalty_changes_the_objective_matrix():
+    p = problem(previous=[[1, 0], [0, 0], [0, 1]], switch_penalty=0.5)
+    assert p.objective_matrix.tolist() == [[0.5, -0.3], [-0.4, 0.4], [-0.2, 0.3]]
+    assert p.is_flow
+    assert not problem(load_weight=[1, 2, 1]).is_flow
+    assert problem(load_weight=[1, 1, 1]).is_flow
