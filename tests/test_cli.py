@@ -1,0 +1,90 @@
+"""The command line, run as a user would: a subprocess with the installed console script."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from alignment_solver import AlignmentProblem
+from alignment_solver.instances import random_problem
+
+
+def run(*args, stdin=None):
+    exe = shutil.which("alignment-solver")
+    cmd = [exe, *args] if exe else [sys.executable, "-m", "alignment_solver.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, input=stdin, timeout=120)
+
+
+@pytest.fixture
+def problem_file(tmp_path):
+    path = tmp_path / "problem.json"
+    path.write_text(random_problem(50, 4, seed=1).model_dump_json())
+    return path
+
+
+def test_solve_writes_the_result(problem_file, tmp_path):
+    out = tmp_path / "result.json"
+    proc = run("solve", str(problem_file), "-o", str(out), "--loads")
+    assert proc.returncode == 0, proc.stderr
+    assert "status=optimal" in proc.stdout and "backend=flow" in proc.stdout and "load=" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["status"] == "optimal" and len(data["assignment"]) == 50
+
+
+def test_solve_with_backend_and_time_limit(problem_file):
+    proc = run("solve", str(problem_file), "--backend", "cpsat", "--time-limit", "10", "--seed", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "backend=cpsat" in proc.stdout
+
+
+def test_solve_from_stdin(problem_file):
+    proc = run("solve", "-", stdin=problem_file.read_text())
+    assert proc.returncode == 0 and "status=optimal" in proc.stdout
+
+
+def test_invalid_problem_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"fitness": [[1, 2], [3, 4]], "capacity": [1, -1]}))
+    proc = run("solve", str(bad))
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "capacity" in proc.stderr and ">= 0" in proc.stderr
+
+
+@pytest.mark.parametrize("text", ['{"fitness": [[1, 2]], "capacity": ', "not json at all"])
+def test_malformed_json_exits_2(tmp_path, text):
+    bad = tmp_path / "bad.json"
+    bad.write_text(text)
+    proc = run("solve", str(bad))
+    assert proc.returncode == 2 and "invalid problem" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_file_and_bad_backend(tmp_path, problem_file):
+    assert run("solve", str(tmp_path / "nope.json")).returncode == 2
+    proc = run("solve", str(problem_file), "--backend", "gurobi")
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
+    proc = run("solve", str(problem_file), "--backend", "flow", "--soft-penalty", "3")
+    assert proc.returncode == 2 and "soft_penalty" in proc.stderr
+
+
+def test_infeasible_exits_1_with_the_reason(tmp_path):
+    p = AlignmentProblem(fitness=np.ones((3, 2)), capacity=1, expert_min_load=[2, 2], expert_ids=["a", "b"])
+    path = tmp_path / "p.json"
+    path.write_text(p.model_dump_json())
+    proc = run("solve", str(path))
+    assert proc.returncode == 1
+    assert "status=infeasible" in proc.stdout and "need at least 4 client slots" in proc.stderr
+    soft = run("solve", str(path), "--soft")
+    assert soft.returncode == 0 and "band_miss=1" in soft.stdout
+
+
+def test_demo_and_backends_and_help():
+    demo = run("demo")
+    assert demo.returncode == 0 and "status=optimal" in demo.stdout and "greedy baseline" in demo.stdout
+    listing = run("backends")
+    assert listing.returncode == 0 and "flow" in listing.stdout and "available" in listing.stdout
+    helptext = run("solve", "--help").stdout
+    for flag in ("--output", "--backend", "--time-limit", "--seed", "--soft", "--soft-penalty", "--loads"):
+        assert flag in helptext
