@@ -11,6 +11,7 @@ mode band misses are allowed and priced).
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -20,7 +21,7 @@ from .base import Backend, SolveRequest
 
 
 class _State:
-    def __init__(self, p: AlignmentProblem) -> None:
+    def __init__(self, p: AlignmentProblem, start: Optional[np.ndarray] = None) -> None:
         self.G = np.where(p.allowed_matrix, p.objective_matrix, -np.inf)
         self.w = np.ones(p.fitness.shape) if p.weight_matrix is None else np.asarray(p.weight_matrix)
         self.u = None if p.usage_matrix is None else np.asarray(p.usage_matrix)
@@ -28,10 +29,10 @@ class _State:
         self.k = p.capacity_array
         self.lo = p.min_experts_array
         self.L, self.U = p.min_load_array, p.max_load_array
-        self.x = np.zeros(p.fitness.shape, dtype=bool)
-        self.count = np.zeros(p.n_clients, dtype=np.int64)
-        self.load = np.zeros(p.n_experts)
-        self.used = np.zeros(p.n_clients)
+        self.x = np.zeros(p.fitness.shape, dtype=bool) if start is None else np.array(start, dtype=bool)
+        self.count = self.x.sum(axis=1)
+        self.load = (self.w * self.x).sum(axis=0)
+        self.used = np.zeros(p.n_clients) if self.u is None else (self.u * self.x).sum(axis=1)
 
     def fits(self, rows: np.ndarray) -> np.ndarray:
         """(len(rows), E) mask of pairs that may be added now without breaking an upper limit."""
@@ -39,6 +40,14 @@ class _State:
         ok &= self.load[None, :] + self.w[rows] <= self.U[None, :] + 1e-9
         if self.u is not None:
             ok &= self.used[rows, None] + self.u[rows] <= self.B[rows, None] + 1e-9
+        return ok
+
+    def fits_expert(self, e: int) -> np.ndarray:
+        """(C,) mask of clients that may take expert ``e`` now."""
+        ok = ~self.x[:, e] & np.isfinite(self.G[:, e]) & (self.count < self.k)
+        ok &= self.load[e] + self.w[:, e] <= self.U[e] + 1e-9
+        if self.u is not None:
+            ok &= self.used + self.u[:, e] <= self.B + 1e-9
         return ok
 
     def add(self, rows: np.ndarray, cols: np.ndarray) -> int:
@@ -62,45 +71,49 @@ class _State:
         return len(rows)
 
 
+def complete(problem: AlignmentProblem, start: Optional[np.ndarray] = None) -> np.ndarray:
+    """Extend ``start`` (default: nothing assigned) greedily; never removes a pair."""
+    s = _State(problem, start)
+    # Phase 1: experts below their minimum load take their best free clients (scarcest first).
+    reach = np.where(np.isfinite(s.G), s.w, 0).sum(axis=0)
+    for e in np.argsort(-(s.L / np.maximum(reach, 1e-12)), kind="stable"):
+        while s.load[e] < s.L[e] - 1e-9:
+            rows = np.flatnonzero(s.fits_expert(e))
+            if not len(rows):
+                break
+            rows = rows[np.argsort(-s.G[rows, e], kind="stable")]
+            need = np.searchsorted(np.cumsum(s.w[rows, e]), s.L[e] - s.load[e] - 1e-9) + 1
+            if not s.add(rows[:need], np.full(min(need, len(rows)), e)):
+                break
+    # Phase 2 and 3: clients below their minimum, then any client while it gains.
+    for positive_only in (False, True):
+        while True:
+            rows = np.flatnonzero(s.count < (s.k if positive_only else s.lo))
+            if not len(rows):
+                break
+            value = np.where(s.fits(rows), s.G[rows], -np.inf)
+            if positive_only:
+                value = np.where(value > 0, value, -np.inf)
+            best = value.argmax(axis=1)
+            ok = np.isfinite(value[np.arange(len(rows)), best])
+            if not ok.any():
+                break
+            rows, best = rows[ok], best[ok]
+            order = np.argsort(-s.G[rows, best], kind="stable")
+            if not s.add(rows[order], best[order]):
+                break
+    return s.x
+
+
 class GreedyBackend(Backend):
     name = "greedy"
     exact = False
 
     def solve(self, problem: AlignmentProblem, request: SolveRequest) -> AlignmentResult:
         t0 = time.perf_counter()
-        s = _State(problem)
-        C, E = problem.fitness.shape
-        # Phase 1: experts below their minimum load take their best free clients (scarcest first).
-        reach = np.where(np.isfinite(s.G), s.w, 0).sum(axis=0)
-        for e in np.argsort(-(s.L / np.maximum(reach, 1e-12)), kind="stable"):
-            while s.load[e] < s.L[e] - 1e-9:
-                rows = np.flatnonzero(s.fits(np.arange(C))[:, e])
-                if not len(rows):
-                    break
-                rows = rows[np.argsort(-s.G[rows, e], kind="stable")]
-                need = np.searchsorted(np.cumsum(s.w[rows, e]), s.L[e] - s.load[e] - 1e-9) + 1
-                if not s.add(rows[:need], np.full(min(need, len(rows)), e)):
-                    break
-        # Phase 2 and 3: clients below their minimum, then any client while it gains.
-        for positive_only in (False, True):
-            while True:
-                rows = np.flatnonzero(s.count < (s.k if positive_only else s.lo))
-                if not len(rows):
-                    break
-                fit = s.fits(rows)
-                value = np.where(fit, s.G[rows], -np.inf)
-                if positive_only:
-                    value = np.where(value > 0, value, -np.inf)
-                best = value.argmax(axis=1)
-                ok = np.isfinite(value[np.arange(len(rows)), best])
-                if not ok.any():
-                    break
-                rows, best = rows[ok], best[ok]
-                order = np.argsort(-s.G[rows, best], kind="stable")
-                if not s.add(rows[order], best[order]):
-                    break
+        x = complete(problem)
         seconds = time.perf_counter() - t0
-        result = AlignmentResult(problem, SolveStatus.FEASIBLE, self.name, assignment=s.x, solve_seconds=seconds,
+        result = AlignmentResult(problem, SolveStatus.FEASIBLE, self.name, assignment=x, solve_seconds=seconds,
                                  soft=request.soft, soft_penalty=request.soft_penalty if request.soft else None,
                                  stats={"deterministic": True})
         broken = [v for v in result.violations() if not (request.soft and "_load" in v)]

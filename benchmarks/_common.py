@@ -1,0 +1,71 @@
+"""Helpers shared by the benchmark scripts: isolated runs with peak memory, progress, tables."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import platform
+import resource
+import sys
+import time
+from typing import Any, Callable, Optional
+
+
+def _target(conn: Any, fn: Callable[..., dict], args: tuple) -> None:
+    try:
+        out = fn(*args)
+    except Exception as exc:  # reported in the table, not hidden
+        out = {"error": f"{type(exc).__name__}: {exc}"}
+    out["peak_mb"] = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF,
+                                                                        resource.RUSAGE_CHILDREN)) / 1024
+    conn.send(out)
+
+
+def isolated(fn: Callable[..., dict], *args: Any, timeout: Optional[float] = None) -> dict:
+    """Run ``fn(*args)`` in a fresh process; adds its peak resident memory (``peak_mb``)."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_target, args=(child, fn, args))
+    proc.start()
+    child.close()
+    out = parent.recv() if parent.poll(timeout) else {"error": f"killed after {timeout:g} s"}
+    proc.kill()
+    proc.join()
+    return out
+
+
+class Progress:
+    """A one-line progress bar on stderr: ``[#####.....] 5/10 label (elapsed)``."""
+
+    def __init__(self, total: int, width: int = 30) -> None:
+        self.total, self.done, self.width, self.start = total, 0, width, time.perf_counter()
+
+    def step(self, label: str) -> None:
+        filled = int(self.width * self.done / max(self.total, 1))
+        bar = "#" * filled + "." * (self.width - filled)
+        sys.stderr.write(f"\r[{bar}] {self.done}/{self.total} {label[:60]:60s} {time.perf_counter() - self.start:6.0f}s")
+        sys.stderr.flush()
+        self.done += 1
+
+    def close(self) -> None:
+        self.step("done")
+        sys.stderr.write("\n")
+
+
+def markdown(headers: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.1f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    import ortools
+
+    return (f"{platform.machine()}, {mp.cpu_count()} cores, Python {platform.python_version()}, "
+            f"OR-Tools {ortools.__version__}")
