@@ -1,4 +1,4 @@
-"""Command line: ``alignment-solver solve|demo|backends``.
+"""Command line: ``alignment-solver solve|demo|backends|init|plan|observe``.
 
 Exit codes: 0 solved (optimal or feasible), 1 infeasible or no solution found, 2 invalid input.
 """
@@ -10,7 +10,7 @@ import json
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 from pydantic import ValidationError
@@ -96,6 +96,54 @@ def _backends_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_json(path: str) -> Any:
+    return json.loads(sys.stdin.read() if path == "-" else Path(path).read_text())
+
+
+def _write(text: str, output: Optional[str]) -> None:
+    if output:
+        Path(output).write_text(text)
+    else:
+        print(text)
+
+
+def _init_cmd(args: argparse.Namespace) -> int:
+    from .coordinator import AlignmentCoordinator, CoordinatorConfig
+
+    if Path(args.state).exists() and not args.force:
+        return _fail(f"state file {args.state} exists; pass --force to overwrite it")
+    try:
+        config = CoordinatorConfig.model_validate(_read_json(args.config)) if args.config else CoordinatorConfig()
+        AlignmentCoordinator(args.experts, config=config).save(args.state)
+    except (ValidationError, ValueError, OSError) as exc:
+        return _fail(_one_line(exc))
+    print(f"wrote {args.state}: {args.experts} experts")
+    return 0
+
+
+def _coordinator_cmd(args: argparse.Namespace) -> int:
+    from .coordinator import AlignmentCoordinator
+
+    try:
+        coord = AlignmentCoordinator.load(args.state)
+        payload = _read_json(args.input)
+        if args.command == "plan":
+            clients = payload["clients"] if isinstance(payload, dict) else payload
+            rnd = args.round if args.round is not None else coord.monitor.last_round + 1
+            out = coord.plan_round(rnd, clients, deadline=args.deadline)
+        else:
+            reports = payload["reports"] if isinstance(payload, dict) else payload
+            rnd = args.round if args.round is not None else (coord.pending or {}).get("round", -1)
+            out = coord.observe_round(rnd, reports)
+        coord.save(args.state)
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        return _fail(f"cannot read input: {type(exc).__name__}: {exc}")
+    except (AlignmentError, ValidationError, ValueError) as exc:
+        return _fail(_one_line(exc))
+    _write(out.model_dump_json(indent=2), args.output)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignment-solver",
                                      description="Client-expert alignment for federated Mixture-of-Experts training.")
@@ -117,12 +165,37 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo_cmd)
     b = sub.add_parser("backends", help="list the backends and whether they are installed")
     b.set_defaults(func=_backends_cmd)
+    i = sub.add_parser("init", help="create a coordinator state file")
+    i.add_argument("--state", required=True, help="path of the JSON state file to create")
+    i.add_argument("--experts", type=int, required=True, help="number of experts")
+    i.add_argument("--config", help="CoordinatorConfig as JSON (file path or - for stdin)")
+    i.add_argument("--force", action="store_true", help="overwrite an existing state file")
+    i.set_defaults(func=_init_cmd)
+    pl = sub.add_parser("plan", help="plan a round: read available clients, write the RoundPlan, save the state")
+    pl.add_argument("--state", required=True, help="coordinator state file (updated in place, atomically)")
+    pl.add_argument("--clients", dest="input", required=True,
+                    help="JSON list of client ids or ClientStatus objects (or {\"clients\": [...]}); - for stdin")
+    pl.add_argument("--round", type=int, help="round number (default: one after the last observed round)")
+    pl.add_argument("--deadline", type=float, help="round deadline in seconds")
+    pl.add_argument("-o", "--output", help="write the plan JSON here (default: stdout)")
+    pl.set_defaults(func=_coordinator_cmd)
+    ob = sub.add_parser("observe", help="observe a round: read ClientReports, write the RoundSummary, save")
+    ob.add_argument("--state", required=True, help="coordinator state file (updated in place, atomically)")
+    ob.add_argument("--reports", dest="input", required=True,
+                    help="JSON list of ClientReport objects (or {\"reports\": [...]}); - for stdin")
+    ob.add_argument("--round", type=int, help="round number (default: the open plan's round)")
+    ob.add_argument("-o", "--output", help="write the summary JSON here (default: stdout)")
+    ob.set_defaults(func=_coordinator_cmd)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:          # output piped into a reader that stopped early (e.g. head)
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -88,3 +88,31 @@ def test_demo_and_backends_and_help():
     helptext = run("solve", "--help").stdout
     for flag in ("--output", "--backend", "--time-limit", "--seed", "--soft", "--soft-penalty", "--loads"):
         assert flag in helptext
+
+
+def test_coordinator_through_files(tmp_path):
+    state = tmp_path / "state.json"
+    assert run("init", "--state", str(state), "--experts", "3").returncode == 0
+    assert run("init", "--state", str(state), "--experts", "3").returncode == 2          # refuses to overwrite
+    clients = tmp_path / "clients.json"
+    clients.write_text(json.dumps([{"client_id": "a", "max_experts": 2}, "b", "c"]))
+    plan_path = tmp_path / "plan.json"
+    proc = run("plan", "--state", str(state), "--clients", str(clients), "-o", str(plan_path))
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(plan_path.read_text())
+    assert plan["round"] == 0 and {c["client_id"] for c in plan["clients"]} == {"a", "b", "c"}
+    reports = [{"client_id": c["client_id"], "train_seconds": 2.0,
+                "experts": [{"expert": e, "samples": 5, "mean_loss": 0.4, "accuracy": 0.8} for e in c["experts"]]}
+               for c in plan["clients"]]
+    proc = run("observe", "--state", str(state), "--reports", "-", stdin=json.dumps(reports))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["round"] == 0 and sorted(summary["reported"]) == ["a", "b", "c"]
+    again = run("plan", "--state", str(state), "--clients", str(clients))
+    assert json.loads(again.stdout)["round"] == 1
+    bad = run("observe", "--state", str(state), "--reports", "-",
+              stdin=json.dumps([{"client_id": "zz", "experts": []}]))
+    assert bad.returncode == 2 and "'zz' was not planned" in bad.stderr
+    (tmp_path / "broken.json").write_text("{")
+    proc = run("plan", "--state", str(tmp_path / "broken.json"), "--clients", str(clients))
+    assert proc.returncode == 2 and "not valid JSON" in proc.stderr

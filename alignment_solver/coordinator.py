@@ -1,0 +1,322 @@
+"""The round coordinator: fitness scoring + load monitoring + capacity profiling -> one solve.
+
+A training loop or a federated-learning framework drives it with two calls per round::
+
+    plan = coord.plan_round(r, available_clients)      # who trains which experts
+    ...train...
+    summary = coord.observe_round(r, reports)           # learn from what happened
+
+``plan_round`` builds the :class:`AlignmentProblem` from the three components (fitness with
+exploration, capacity and budget from the profiler, the load band from the monitor, last
+round's holdings with ``switch_penalty``), solves it and remembers the plan.  ``observe_round``
+checks every report against that plan before changing anything (a bad report raises
+:class:`ReportError` and leaves the state as it was), then updates all three components;
+planned clients that sent nothing are dropouts.  ``save``/``load`` keep the whole state in one
+JSON file, written atomically.  The same history and seed give the same plans.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .capacity import CapacityConfig, CapacityProfiler
+from .errors import AlignmentError
+from .load_monitor import ExpertLoadMonitor, MonitorConfig, cv
+from .problem import AlignmentProblem
+from .rounds import ClientReport, ClientStatus, Label, PlannedClient, RoundPlan, RoundSummary
+from .scoring import FitnessScorer, ScorerConfig
+from .solve import solve
+
+STATE_VERSION = 1
+
+
+class ReportError(AlignmentError, ValueError):
+    """Reports that do not fit the round's plan; nothing was changed."""
+
+
+class StateError(AlignmentError, ValueError):
+    """A state file that cannot be restored (corrupt, or for another number of experts)."""
+
+
+class CoordinatorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scorer: ScorerConfig = ScorerConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    capacity: CapacityConfig = CapacityConfig()
+    tolerance: float = Field(0.1, ge=0, description="load band half-width around the fair share")
+    switch_penalty: float = Field(0.02, ge=0, description="fitness cost of sending a client a new expert")
+    min_experts: int = Field(1, ge=0, description="fewest experts a client with capacity trains")
+    soft: bool = Field(True, description="penalised load band, so a round can always go ahead")
+    backend: str = "auto"
+    time_limit: Optional[float] = Field(None, gt=0)
+    seed: int = Field(0, ge=0)
+    deadline: Optional[float] = Field(None, gt=0, description="default round deadline in seconds")
+    expert_memory: Optional[list[float]] = Field(None, description="(E,) memory of each expert: budget rows")
+
+    @field_validator("expert_memory")
+    @classmethod
+    def _v_memory(cls, v: Optional[list[float]]) -> Optional[list[float]]:
+        if v is not None and any(not np.isfinite(x) or x < 0 for x in v):
+            raise ValueError(f"expert_memory must hold finite numbers >= 0; got {v[:8]}")
+        return v
+
+
+class AlignmentCoordinator:
+    """Plans and observes rounds for ``num_experts`` experts (indices ``0..E-1``)."""
+
+    def __init__(self, num_experts: int, *, config: Optional[CoordinatorConfig] = None) -> None:
+        if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)) or num_experts < 1:
+            raise ValueError(f"num_experts must be an integer >= 1; got {num_experts!r}")
+        self.E = int(num_experts)
+        self.config = config or CoordinatorConfig()
+        if self.config.expert_memory is not None and len(self.config.expert_memory) != self.E:
+            raise ValueError(f"config.expert_memory must have {self.E} entries; got {len(self.config.expert_memory)}")
+        self.scorer = FitnessScorer(self.E, self.config.scorer)
+        self.monitor = ExpertLoadMonitor(self.E, self.config.monitor)
+        self.profiler = CapacityProfiler(self.config.capacity)
+        self.client_ids: list[Label] = []
+        self._rows: dict[Label, int] = {}
+        self.held = np.zeros((0, self.E), dtype=bool)
+        self.pending: Optional[dict[str, Any]] = None     # the last plan, until observed
+
+    # ---- clients ------------------------------------------------------------------------------
+    def _ensure(self, ids: Sequence[Label]) -> np.ndarray:
+        for cid in ids:
+            if cid not in self._rows:
+                self._rows[cid] = len(self.client_ids)
+                self.client_ids.append(cid)
+        n = len(self.client_ids)
+        self.scorer.grow(n)
+        self.profiler.grow(n)
+        if self.held.shape[0] < n:
+            self.held = np.vstack([self.held, np.zeros((n - self.held.shape[0], self.E), dtype=bool)])
+        return np.array([self._rows[c] for c in ids], dtype=np.int64)
+
+    def _routing(self, row: int, routing: Optional[list[float]], field: str) -> None:
+        if routing is None:
+            return
+        if len(routing) != self.E:
+            raise ReportError(f"{field} must have {self.E} entries (one per expert); got {len(routing)}")
+        self.scorer.set_prior(np.array([row]), np.array([routing], dtype=float))
+
+    # ---- planning -----------------------------------------------------------------------------
+    def plan_round(self, round: int, clients: Iterable[Union[Label, ClientStatus, dict]], *,
+                   deadline: Optional[float] = None) -> RoundPlan:
+        """Who trains which experts in round ``round``, among the ``clients`` available now."""
+        if isinstance(round, bool) or not isinstance(round, (int, np.integer)) or round < 0:
+            raise ValueError(f"round must be an integer >= 0; got {round!r}")
+        if deadline is not None and not (isinstance(deadline, (int, float)) and np.isfinite(deadline) and deadline > 0):
+            raise ValueError(f"deadline must be None or a number of seconds > 0; got {deadline!r}")
+        statuses = [c if isinstance(c, ClientStatus) else
+                    ClientStatus.model_validate(c) if isinstance(c, dict) else ClientStatus(client_id=c)
+                    for c in clients]
+        ids = [s.client_id for s in statuses]
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise ValueError(f"clients must be unique; {dup!r} appears more than once")
+        for s in statuses:
+            if s.routing is not None and len(s.routing) != self.E:
+                raise ValueError(f"routing of client {s.client_id!r} must have {self.E} entries; got {len(s.routing)}")
+        deadline = deadline if deadline is not None else self.config.deadline
+        rows = self._ensure(ids)
+        for s, row in zip(statuses, rows):
+            self.profiler.report(int(row), memory=s.memory, throughput=s.throughput, bandwidth=s.bandwidth,
+                                 samples=s.samples, max_experts=s.max_experts)
+            self._routing(int(row), s.routing, "routing")
+        if not ids:
+            plan = RoundPlan(round=round, clients=[], status="empty", deadline=deadline)
+            self.pending = {"round": round, "deadline": deadline, "experts": {}}
+            return plan
+        problem = self.build_problem(round, rows, deadline)
+        result = solve(problem, backend=self.config.backend, time_limit=self.config.time_limit,
+                       seed=self.config.seed + round, soft=self.config.soft)
+        x = result.assignment if result.has_solution else np.zeros(problem.fitness.shape, dtype=bool)
+        experts = [np.flatnonzero(r).tolist() for r in x]
+        plan = RoundPlan(
+            round=round, status=result.status.value, backend=result.backend, objective=result.objective,
+            gap=result.gap, solve_seconds=result.solve_seconds + result.build_seconds, deadline=deadline,
+            clients=[PlannedClient(client_id=c, experts=e, capacity=int(k))
+                     for c, e, k in zip(ids, experts, problem.capacity_array)],
+            expert_min_load=problem.min_load_array.tolist(), expert_max_load=problem.max_load_array.tolist(),
+            planned_load=x.sum(axis=0).astype(int).tolist(), planned_cv=cv(x.sum(axis=0)),
+            explanation=result.explanation)
+        plan._result = result
+        self.pending = {"round": round, "deadline": deadline, "experts": {str(r): e for r, e in zip(rows, experts)}}
+        return plan
+
+    def build_problem(self, round: int, rows: np.ndarray, deadline: Optional[float]) -> AlignmentProblem:
+        """The round's problem for the clients in ``rows`` (state is not changed)."""
+        cap = np.minimum(self.profiler.capacity(rows, deadline), self.E)
+        fitness = self.scorer.fitness(rows, round) + self.monitor.fitness_boost(float(cap.sum()))[None, :]
+        lower, upper = self.monitor.bounds(float(cap.sum()), self.config.tolerance)
+        low = np.minimum(self.config.min_experts, cap)
+        fields: dict[str, Any] = {}
+        if self.config.expert_memory is not None:
+            usage = np.asarray(self.config.expert_memory, dtype=float)
+            budget = self.profiler.budget(rows)
+            cheapest = np.sort(usage)
+            need = np.where(low > 0, np.cumsum(cheapest)[np.maximum(low - 1, 0)], 0.0)
+            low = np.where(need <= budget + 1e-9, low, 0)
+            fields.update(usage=usage, budget=budget)
+        return AlignmentProblem(fitness=fitness, capacity=cap, min_experts=low, expert_min_load=lower,
+                                expert_max_load=upper, previous=self.held[rows],
+                                switch_penalty=self.config.switch_penalty,
+                                client_ids=[self.client_ids[r] for r in rows], **fields)
+
+    # ---- observing ----------------------------------------------------------------------------
+    def _parse(self, round: int, reports: Iterable[Union[ClientReport, dict]]) -> list[tuple[int, ClientReport]]:
+        if self.pending is None or self.pending["round"] != round:
+            last = None if self.pending is None else self.pending["round"]
+            raise ReportError(f"round {round} has no open plan (open plan: {last}); plan it before observing")
+        parsed: list[tuple[int, ClientReport]] = []
+        seen: set[Label] = set()
+        problems = []
+        for i, rep in enumerate(reports):
+            try:
+                rep = rep if isinstance(rep, ClientReport) else ClientReport.model_validate(rep)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                where = ".".join(str(p) for p in err["loc"])
+                raise ReportError(f"reports[{i}].{where}: {err['msg']}") from None
+            cid = rep.client_id
+            row = self._rows.get(cid)
+            planned = None if row is None else self.pending["experts"].get(str(row))
+            if cid in seen:
+                problems.append(f"client_id {cid!r} reported more than once")
+            elif planned is None:
+                problems.append(f"client_id {cid!r} was not planned in round {round}")
+            else:
+                names = [e.expert for e in rep.experts]
+                if len(set(names)) != len(names):
+                    problems.append(f"client {cid!r} reported an expert more than once: {names}")
+                for e in names:
+                    if e >= self.E:
+                        problems.append(f"client {cid!r} reported expert {e}; experts are 0..{self.E - 1}")
+                    elif e not in planned:
+                        problems.append(f"client {cid!r} reported expert {e}, which it was not assigned "
+                                        f"(assigned: {planned})")
+                if rep.routing is not None and len(rep.routing) != self.E:
+                    problems.append(f"client {cid!r}: routing must have {self.E} entries; got {len(rep.routing)}")
+                parsed.append((row, rep))
+            seen.add(cid)
+        if problems:
+            raise ReportError("; ".join(problems[:10]) + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""))
+        return parsed
+
+    def observe_round(self, round: int, reports: Iterable[Union[ClientReport, dict]]) -> RoundSummary:
+        """Learn from the round's reports; every report is checked before anything changes."""
+        parsed = self._parse(round, reports)
+        plan = self.pending["experts"]
+        deadline = self.pending["deadline"]
+        clients = np.zeros(self.E)
+        samples = np.zeros(self.E)
+        upd_rows, upd_experts, losses, accs = [], [], [], []
+        unfinished, reported_rows = [], set()
+        down = up = 0
+        for row, rep in parsed:
+            reported_rows.add(row)
+            assigned = len(plan[str(row)])
+            self.profiler.observe(row, assigned=assigned, train_seconds=rep.train_seconds,
+                                  download_seconds=rep.download_seconds, finished=rep.finished, deadline=deadline)
+            self._routing(row, rep.routing, "routing")
+            down += rep.bytes_down
+            up += rep.bytes_up
+            if not rep.finished:
+                unfinished.append(rep.client_id)
+                continue
+            self.held[row] = False
+            for er in rep.experts:
+                self.held[row, er.expert] = True
+                clients[er.expert] += 1
+                samples[er.expert] += er.samples
+                upd_rows.append(row)
+                upd_experts.append(er.expert)
+                losses.append(er.mean_loss)
+                accs.append(er.accuracy)
+        dropouts = []
+        for key, experts in plan.items():
+            row = int(key)
+            if row not in reported_rows and experts:
+                self.profiler.dropout(row, len(experts))
+                dropouts.append(self.client_ids[row])
+        if upd_rows:
+            self.scorer.update(np.array(upd_rows), np.array(upd_experts), np.array(losses), np.array(accs))
+        self.monitor.record(round, clients, samples)
+        self.pending = None
+        stats = self.monitor.stats()
+        ratio = stats["max_min_round"]
+        return RoundSummary(round=round, reported=[rep.client_id for _, rep in parsed], dropouts=dropouts,
+                            unfinished=unfinished, expert_clients=clients.tolist(), expert_samples=samples.tolist(),
+                            cv_round=stats["cv_round"], cv_cumulative=stats["cv_cumulative"],
+                            max_min_round=ratio if np.isfinite(ratio) else None,
+                            rounds_since_trained=self.monitor.rounds_since_trained(round).astype(int).tolist(),
+                            mean_accuracy=float(np.mean(accs)) if accs else None, bytes_down=down, bytes_up=up)
+
+    # ---- persistence --------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        rows, experts = np.nonzero(self.held)
+        return {"version": STATE_VERSION, "num_experts": self.E, "config": self.config.model_dump(mode="json"),
+                "client_ids": self.client_ids, "held": [rows.tolist(), experts.tolist()],
+                "scorer": self.scorer.state(), "monitor": self.monitor.state(), "profiler": self.profiler.state(),
+                "pending": self.pending}
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Write the whole state as JSON; a crash mid-write leaves the previous file intact."""
+        path = Path(path)
+        text = json.dumps(self.state(), allow_nan=False)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], *, num_experts: Optional[int] = None) -> "AlignmentCoordinator":
+        try:
+            if state.get("version") != STATE_VERSION:
+                raise StateError(f"state version must be {STATE_VERSION}; got {state.get('version')!r}")
+            E = int(state["num_experts"])
+            if num_experts is not None and E != num_experts:
+                raise StateError(f"state is for {E} experts, not {num_experts}")
+            coord = cls(E, config=CoordinatorConfig.model_validate(state["config"]))
+            ids = list(state["client_ids"])
+            coord._ensure(ids)
+            n = len(ids)
+            rows, experts = state["held"]
+            coord.held[np.asarray(rows, dtype=np.int64), np.asarray(experts, dtype=np.int64)] = True
+            coord.scorer.restore(state["scorer"], n)
+            coord.monitor.restore(state["monitor"])
+            coord.profiler.restore(state["profiler"], n)
+            coord.pending = state["pending"]
+            return coord
+        except StateError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, ValidationError) as exc:
+            raise StateError(f"state is corrupt: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+
+    @classmethod
+    def load(cls, path: Union[str, Path], *, num_experts: Optional[int] = None) -> "AlignmentCoordinator":
+        """Restore a coordinator saved with :meth:`save`; raises StateError naming what is wrong."""
+        try:
+            state = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise StateError(f"state file {path} is not valid JSON: {exc}") from None
+        if not isinstance(state, dict):
+            raise StateError(f"state file {path} must hold a JSON object")
+        return cls.from_state(state, num_experts=num_experts)
+
+
+__all__ = ["AlignmentCoordinator", "CoordinatorConfig", "ReportError", "StateError"]

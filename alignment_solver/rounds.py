@@ -1,0 +1,141 @@
+"""Framework-neutral messages of a training round, as pydantic models with JSON forms.
+
+``ClientStatus`` (a client available now, with an optional fresh self-report) goes into
+``AlignmentCoordinator.plan_round``, which returns a ``RoundPlan``; each client's
+``ClientReport`` (with one ``ExpertReport`` per expert it trained) goes into ``observe_round``,
+which returns a ``RoundSummary``.  Experts are indices ``0..E-1``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+
+Label = Union[int, str]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _finite(name: str, value: Optional[float]) -> Optional[float]:
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite; got {value}")
+    return value
+
+
+class ClientStatus(_Model):
+    """A client available for this round, and what it says about itself (all optional)."""
+
+    client_id: Label
+    memory: Optional[float] = Field(None, ge=0, description="memory it can give to experts (budget units)")
+    throughput: Optional[float] = Field(None, gt=0, description="training samples per second")
+    bandwidth: Optional[float] = Field(None, gt=0, description="download bytes per second")
+    samples: Optional[int] = Field(None, ge=0, description="local training samples per expert pass")
+    max_experts: Optional[int] = Field(None, ge=0, description="most experts it will train")
+    routing: Optional[list[float]] = Field(None, description="samples the gate routes to each expert")
+
+    @field_validator("memory", "throughput", "bandwidth")
+    @classmethod
+    def _v_finite(cls, v: Optional[float], info) -> Optional[float]:
+        return _finite(info.field_name, v)
+
+    @field_validator("routing")
+    @classmethod
+    def _v_routing(cls, v: Optional[list[float]]) -> Optional[list[float]]:
+        if v is not None and any(not math.isfinite(x) or x < 0 for x in v):
+            raise ValueError(f"routing must hold finite counts >= 0; got {v[:8]}")
+        return v
+
+
+class ExpertReport(_Model):
+    """Feedback of one trained (client, expert) pair."""
+
+    expert: int = Field(ge=0)
+    samples: int = Field(0, ge=0, description="samples routed to this expert")
+    mean_loss: float = Field(ge=0, description="mean training loss on those samples")
+    accuracy: float = Field(ge=0, le=1, description="accuracy on those samples")
+
+    @field_validator("mean_loss")
+    @classmethod
+    def _v_loss(cls, v: float) -> float:
+        return _finite("mean_loss", v)
+
+
+class ClientReport(_Model):
+    """What one planned client sends back after the round."""
+
+    client_id: Label
+    finished: bool = True
+    train_seconds: float = Field(0.0, ge=0)
+    download_seconds: float = Field(0.0, ge=0)
+    bytes_down: int = Field(0, ge=0)
+    bytes_up: int = Field(0, ge=0)
+    routing: Optional[list[float]] = None
+    experts: list[ExpertReport] = Field(default_factory=list)
+
+    @field_validator("train_seconds", "download_seconds")
+    @classmethod
+    def _v_seconds(cls, v: float, info) -> float:
+        return _finite(info.field_name, v)
+
+    @field_validator("routing")
+    @classmethod
+    def _v_routing(cls, v: Optional[list[float]]) -> Optional[list[float]]:
+        return ClientStatus._v_routing(v)
+
+
+class PlannedClient(_Model):
+    client_id: Label
+    experts: list[int]
+    capacity: int
+
+
+class RoundPlan(_Model):
+    """Each available client's experts for the round, and the figures the plan used."""
+
+    round: int
+    clients: list[PlannedClient]
+    status: str
+    backend: Optional[str] = None
+    objective: Optional[float] = None
+    gap: Optional[float] = None
+    solve_seconds: float = 0.0
+    deadline: Optional[float] = None
+    expert_min_load: list[float] = Field(default_factory=list)
+    expert_max_load: list[float] = Field(default_factory=list)
+    planned_load: list[int] = Field(default_factory=list)
+    planned_cv: float = 0.0
+    explanation: Optional[str] = None
+    _result: object = PrivateAttr(default=None)
+
+    @property
+    def result(self):
+        """The :class:`AlignmentResult` behind the plan (not part of the JSON form)."""
+        return self._result
+
+    def experts_of(self, client_id: Label) -> list[int]:
+        for planned in self.clients:
+            if planned.client_id == client_id:
+                return planned.experts
+        raise KeyError(f"client_id {client_id!r} is not in the plan of round {self.round}")
+
+
+class RoundSummary(_Model):
+    """What the coordinator learnt from a round's reports."""
+
+    round: int
+    reported: list[Label]
+    dropouts: list[Label]
+    unfinished: list[Label]
+    expert_clients: list[float]
+    expert_samples: list[float]
+    cv_round: float
+    cv_cumulative: float
+    max_min_round: Optional[float]
+    rounds_since_trained: list[int]
+    mean_accuracy: Optional[float] = None
+    bytes_down: int = 0
+    bytes_up: int = 0

@@ -1,0 +1,223 @@
+"""The round coordinator: plans, reports, faults, persistence, and a closed loop with known truth."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from alignment_solver import SolveStatus
+from alignment_solver.coordinator import AlignmentCoordinator, CoordinatorConfig, ReportError, StateError
+from alignment_solver.result import AlignmentResult
+from alignment_solver.rounds import RoundPlan, RoundSummary
+
+
+def reports_for(plan, accuracy, rng=None, finished=True, seconds=1.0):
+    out = []
+    for pc in plan.clients:
+        out.append({"client_id": pc.client_id, "finished": finished, "train_seconds": seconds,
+                    "experts": [{"expert": e, "samples": 10, "mean_loss": float(1 - accuracy[pc.client_id, e]),
+                                 "accuracy": float(accuracy[pc.client_id, e])} for e in pc.experts]})
+    return out
+
+
+def run_rounds(coord, clients, accuracy, rounds, start=0):
+    for r in range(start, start + rounds):
+        plan = coord.plan_round(r, clients)
+        coord.observe_round(r, reports_for(plan, accuracy))
+    return coord
+
+
+@pytest.fixture
+def accuracy():
+    return np.random.default_rng(7).random((60, 4))
+
+
+def test_plan_respects_the_problem_it_built(accuracy):
+    coord = run_rounds(AlignmentCoordinator(4), list(range(20)), accuracy, 3)
+    plan = coord.plan_round(3, list(range(20)))
+    result = plan.result
+    assert isinstance(result, AlignmentResult) and result.status is SolveStatus.OPTIMAL
+    assert [v for v in result.violations() if "_load" not in v] == []
+    for pc in plan.clients:
+        assert len(pc.experts) <= pc.capacity
+        assert pc.experts == result.experts_of(pc.client_id)
+    assert RoundPlan.model_validate_json(plan.model_dump_json()).clients == plan.clients
+
+
+def snapshot(coord):
+    return json.dumps(coord.state(), sort_keys=True)
+
+
+@pytest.mark.parametrize("mutate, words", [
+    (lambda r: r.append({"client_id": 999, "experts": []}), "999 was not planned"),
+    (lambda r: r.append(dict(r[0])), "reported more than once"),
+    (lambda r: r[0]["experts"].append({"expert": 3 if 3 not in [e["expert"] for e in r[0]["experts"]] else 2,
+                                       "mean_loss": 0.1, "accuracy": 0.5}), "which it was not assigned"),
+    (lambda r: r[0]["experts"].append({"expert": 17, "mean_loss": 0.1, "accuracy": 0.5}), "experts are 0..3"),
+    (lambda r: r[0]["experts"][0].update(mean_loss=float("nan")), "mean_loss"),
+    (lambda r: r[0]["experts"][0].update(mean_loss=-1.0), "mean_loss"),
+    (lambda r: r[0]["experts"][0].update(accuracy=1.5), "accuracy"),
+    (lambda r: r[0].update(train_seconds=-3.0), "train_seconds"),
+    (lambda r: r[0].update(routing=[1, 2]), "routing must have 4 entries"),
+    (lambda r: r[0].update(colour="red"), "colour"),
+])
+def test_bad_reports_are_rejected_and_change_nothing(accuracy, mutate, words):
+    coord = run_rounds(AlignmentCoordinator(4), list(range(8)), accuracy, 2)
+    plan = coord.plan_round(2, list(range(8)))
+    reports = reports_for(plan, accuracy)
+    mutate(reports)
+    before = snapshot(coord)
+    with pytest.raises(ReportError, match=words):
+        coord.observe_round(2, reports)
+    assert snapshot(coord) == before
+    coord.observe_round(2, reports_for(plan, accuracy))           # the round can still be observed
+
+
+def test_observe_needs_an_open_plan(accuracy):
+    coord = AlignmentCoordinator(4)
+    with pytest.raises(ReportError, match="no open plan"):
+        coord.observe_round(0, [])
+    coord.plan_round(0, [1, 2])
+    with pytest.raises(ReportError, match="round 1 has no open plan"):
+        coord.observe_round(1, [])
+
+
+def test_half_the_clients_drop_out(accuracy):
+    coord = run_rounds(AlignmentCoordinator(4), list(range(10)), accuracy, 2)
+    plan = coord.plan_round(2, list(range(10)))
+    kept = [r for r in reports_for(plan, accuracy) if r["client_id"] % 2 == 0]
+    n_before = coord.scorer.N.copy()
+    summary = coord.observe_round(2, kept)
+    assert sorted(summary.dropouts) == [c for c in range(10) if c % 2 and plan.experts_of(c)]
+    assert summary.reported == [r["client_id"] for r in kept]
+    changed = np.flatnonzero((coord.scorer.N != n_before).any(axis=1))
+    assert set(changed.tolist()) == {c for c in range(0, 10, 2) if plan.experts_of(c)}
+    assert sum(summary.expert_clients) == sum(len(plan.experts_of(c)) for c in range(0, 10, 2))
+    for c in summary.dropouts:
+        assert coord.profiler.limit[c] >= 1 and coord.profiler.streak[c] == 0
+
+
+def test_unfinished_clients_do_not_update_fitness(accuracy):
+    coord = AlignmentCoordinator(4)
+    plan = coord.plan_round(0, [0, 1, 2])
+    reports = reports_for(plan, accuracy)
+    reports[1]["finished"] = False
+    summary = coord.observe_round(0, reports)
+    assert summary.unfinished == [1] and coord.scorer.N[1].sum() == 0
+
+
+def test_clients_arriving_in_round_50(accuracy):
+    coord = run_rounds(AlignmentCoordinator(4), list(range(10)), accuracy, 50)
+    plan = coord.plan_round(50, list(range(15)))
+    assert [pc.capacity for pc in plan.clients[10:]] == [1] * 5      # safe default for the newcomers
+    assert all(plan.experts_of(c) for c in range(10, 15))
+    summary = coord.observe_round(50, reports_for(plan, accuracy))
+    assert len(summary.reported) == 15
+
+
+def test_routing_histogram_is_the_cold_start_prior():
+    coord = AlignmentCoordinator(3, config=CoordinatorConfig(scorer={"exploration": 0}, switch_penalty=0))
+    plan = coord.plan_round(0, [{"client_id": "a", "routing": [0, 10, 0]}, {"client_id": "b", "routing": [10, 0, 0]},
+                                {"client_id": "c", "routing": [0, 0, 10]}])
+    assert (plan.experts_of("a"), plan.experts_of("b"), plan.experts_of("c")) == ([1], [0], [2])
+
+
+def test_save_load_plans_exactly_the_same(tmp_path, accuracy):
+    coord = run_rounds(AlignmentCoordinator(4), list(range(12)), accuracy, 6)
+    coord.save(tmp_path / "state.json")
+    again = AlignmentCoordinator.load(tmp_path / "state.json", num_experts=4)
+    assert snapshot(again) == snapshot(coord)
+    a = coord.plan_round(6, list(range(14)))
+    b = again.plan_round(6, list(range(14)))
+    assert a.model_dump(exclude={"solve_seconds"}) == b.model_dump(exclude={"solve_seconds"})
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.tuples(st.sets(st.integers(0, 14), min_size=1), st.floats(0, 1)), min_size=1, max_size=5))
+def test_state_round_trips_exactly(history):
+    coord = AlignmentCoordinator(3)
+    acc = np.random.default_rng(1).random((15, 3))
+    for r, (clients, drop) in enumerate(history):
+        plan = coord.plan_round(r, sorted(clients))
+        reps = [rep for rep in reports_for(plan, acc) if (rep["client_id"] * 0.37) % 1 >= drop]
+        coord.observe_round(r, reps)
+    restored = AlignmentCoordinator.from_state(json.loads(json.dumps(coord.state())))
+    assert snapshot(restored) == snapshot(coord)
+
+
+def test_same_history_same_plans(accuracy):
+    a = run_rounds(AlignmentCoordinator(4, config=CoordinatorConfig(seed=3)), list(range(30)), accuracy, 5)
+    b = run_rounds(AlignmentCoordinator(4, config=CoordinatorConfig(seed=3)), list(range(30)), accuracy, 5)
+    assert snapshot(a) == snapshot(b)
+
+
+def test_corrupt_or_foreign_state_files(tmp_path, accuracy):
+    coord = run_rounds(AlignmentCoordinator(4), list(range(5)), accuracy, 1)
+    path = tmp_path / "s.json"
+    coord.save(path)
+    with pytest.raises(StateError, match="4 experts, not 8"):
+        AlignmentCoordinator.load(path, num_experts=8)
+    path.write_text(path.read_text()[:100])
+    with pytest.raises(StateError, match="not valid JSON"):
+        AlignmentCoordinator.load(path)
+    state = coord.state()
+    state["scorer"]["Q"] = state["scorer"]["Q"][:2]
+    with pytest.raises(StateError, match="corrupt"):
+        AlignmentCoordinator.from_state(state)
+    del state["monitor"]
+    with pytest.raises(StateError, match="corrupt"):
+        AlignmentCoordinator.from_state(state)
+
+
+def test_a_crash_during_save_keeps_the_previous_file(tmp_path, accuracy, monkeypatch):
+    coord = run_rounds(AlignmentCoordinator(4), list(range(5)), accuracy, 1)
+    path = tmp_path / "s.json"
+    coord.save(path)
+    before = path.read_text()
+    run_rounds(coord, list(range(5)), accuracy, 1, start=1)
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        coord.save(path)
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["s.json"]
+
+
+def test_bad_plan_arguments():
+    coord = AlignmentCoordinator(3)
+    with pytest.raises(ValueError, match="round"):
+        coord.plan_round(-1, [1])
+    with pytest.raises(ValueError, match="unique"):
+        coord.plan_round(0, [1, 1])
+    with pytest.raises(ValueError, match="deadline"):
+        coord.plan_round(0, [1], deadline=-5)
+    with pytest.raises(ValueError, match="num_experts"):
+        AlignmentCoordinator(0)
+
+
+def test_closed_loop_learns_the_true_affinities_and_keeps_the_band():
+    """Synthetic clients whose best two experts are known; the scorer must find them."""
+    rng = np.random.default_rng(0)
+    C, E, tol = 120, 6, 0.1
+    truth = np.full((C, E), 0.3)
+    best = np.array([rng.choice(E, size=2, replace=False) for _ in range(C)])
+    truth[np.arange(C)[:, None], best] = 0.9
+    coord = AlignmentCoordinator(E, config=CoordinatorConfig(tolerance=tol, scorer={"exploration": 0.1}))
+    cvs = []
+    for r in range(30):
+        plan = coord.plan_round(r, [{"client_id": c, "max_experts": 2} for c in range(C)])
+        cvs.append(plan.planned_cv)
+        noisy = np.clip(truth + rng.normal(0, 0.05, truth.shape), 0, 1)
+        coord.observe_round(r, reports_for(plan, noisy))
+    top2 = np.argsort(-coord.scorer.Q, axis=1)[:, :2]
+    hits = np.mean([set(top2[c]) == set(best[c]) for c in range(C)])
+    assert hits >= 0.9, hits
+    assert max(cvs[3:]) <= tol + 1e-9, cvs
+    summary_cv = coord.monitor.stats()["cv_cumulative"]
+    assert summary_cv <= tol
