@@ -237,6 +237,12 @@ class AlignmentProblem(BaseModel):
         fields.update(expert_min_load=max(lo, 0), expert_max_load=hi)
         return cls(fitness=base.fitness, capacity=base.capacity, **fields)
 
+    def model_copy(self, *, update: Optional[dict[str, Any]] = None, deep: bool = False) -> "AlignmentProblem":
+        """A new, re-validated problem with ``update`` applied (derived arrays recomputed)."""
+        fields = {name: getattr(self, name) for name in type(self).model_fields}
+        fields.update(update or {})
+        return type(self)(**fields)
+
     # ---- derived, read-only views -----------------------------------------------------------
     @property
     def n_clients(self) -> int:

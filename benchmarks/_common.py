@@ -56,6 +56,8 @@ def markdown(headers: list[str], rows: list[list[Any]]) -> str:
         if v is None:
             return "-"
         if isinstance(v, float):
+            if v != 0 and abs(v) < 1e-3:
+                return f"{v:.1e}"
             return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.1f}"
         return str(v)
 

@@ -119,3 +119,12 @@ def test_switch_penalty_changes_the_objective_matrix():
     assert p.is_flow
     assert not problem(load_weight=[1, 2, 1]).is_flow
     assert problem(load_weight=[1, 1, 1]).is_flow
+
+
+def test_model_copy_revalidates_and_recomputes():
+    p = problem(capacity=2, expert_min_load=0)
+    assert p.min_load_array.tolist() == [0, 0]
+    q = p.model_copy(update={"expert_min_load": 2})
+    assert q.min_load_array.tolist() == [2, 2] and p.min_load_array.tolist() == [0, 0]
+    with pytest.raises(ValidationError, match="min_experts"):
+        p.model_copy(update={"min_experts": 3})
