@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from .capacity import CapacityConfig, CapacityProfiler
 from .errors import AlignmentError
@@ -35,6 +35,7 @@ from .scoring import FitnessScorer, ScorerConfig
 from .solve import solve
 
 STATE_VERSION = 1
+_REPORTS = TypeAdapter(list[ClientReport])
 
 
 class ReportError(AlignmentError, ValueError):
@@ -139,7 +140,8 @@ class AlignmentCoordinator:
         result = solve(problem, backend=self.config.backend, time_limit=self.config.time_limit,
                        seed=self.config.seed + round, soft=self.config.soft)
         x = result.assignment if result.has_solution else np.zeros(problem.fitness.shape, dtype=bool)
-        experts = [np.flatnonzero(r).tolist() for r in x]
+        held_rows, held_experts = np.nonzero(x)
+        experts = [e.tolist() for e in np.split(held_experts, np.searchsorted(held_rows, np.arange(1, len(ids))))]
         plan = RoundPlan(
             round=round, status=result.status.value, backend=result.backend, objective=result.objective,
             gap=result.gap, solve_seconds=result.solve_seconds + result.build_seconds, deadline=deadline,
@@ -179,13 +181,13 @@ class AlignmentCoordinator:
         parsed: list[tuple[int, ClientReport]] = []
         seen: set[Label] = set()
         problems = []
-        for i, rep in enumerate(reports):
-            try:
-                rep = rep if isinstance(rep, ClientReport) else ClientReport.model_validate(rep)
-            except ValidationError as exc:
-                err = exc.errors()[0]
-                where = ".".join(str(p) for p in err["loc"])
-                raise ReportError(f"reports[{i}].{where}: {err['msg']}") from None
+        try:
+            checked = _REPORTS.validate_python(list(reports))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+            raise ReportError(f"reports{where}: {err['msg']}") from None
+        for rep in checked:
             cid = rep.client_id
             row = self._rows.get(cid)
             planned = None if row is None else self.pending["experts"].get(str(row))

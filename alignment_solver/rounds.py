@@ -20,27 +20,16 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _finite(name: str, value: Optional[float]) -> Optional[float]:
-    if value is not None and not math.isfinite(value):
-        raise ValueError(f"{name} must be finite; got {value}")
-    return value
-
-
 class ClientStatus(_Model):
     """A client available for this round, and what it says about itself (all optional)."""
 
     client_id: Label
-    memory: Optional[float] = Field(None, ge=0, description="memory it can give to experts (budget units)")
-    throughput: Optional[float] = Field(None, gt=0, description="training samples per second")
-    bandwidth: Optional[float] = Field(None, gt=0, description="download bytes per second")
+    memory: Optional[float] = Field(None, ge=0, allow_inf_nan=False, description="memory for experts (budget units)")
+    throughput: Optional[float] = Field(None, gt=0, allow_inf_nan=False, description="training samples per second")
+    bandwidth: Optional[float] = Field(None, gt=0, allow_inf_nan=False, description="download bytes per second")
     samples: Optional[int] = Field(None, ge=0, description="local training samples per expert pass")
     max_experts: Optional[int] = Field(None, ge=0, description="most experts it will train")
     routing: Optional[list[float]] = Field(None, description="samples the gate routes to each expert")
-
-    @field_validator("memory", "throughput", "bandwidth")
-    @classmethod
-    def _v_finite(cls, v: Optional[float], info) -> Optional[float]:
-        return _finite(info.field_name, v)
 
     @field_validator("routing")
     @classmethod
@@ -55,13 +44,8 @@ class ExpertReport(_Model):
 
     expert: int = Field(ge=0)
     samples: int = Field(0, ge=0, description="samples routed to this expert")
-    mean_loss: float = Field(ge=0, description="mean training loss on those samples")
+    mean_loss: float = Field(ge=0, allow_inf_nan=False, description="mean training loss on those samples")
     accuracy: float = Field(ge=0, le=1, description="accuracy on those samples")
-
-    @field_validator("mean_loss")
-    @classmethod
-    def _v_loss(cls, v: float) -> float:
-        return _finite("mean_loss", v)
 
 
 class ClientReport(_Model):
@@ -69,17 +53,12 @@ class ClientReport(_Model):
 
     client_id: Label
     finished: bool = True
-    train_seconds: float = Field(0.0, ge=0)
-    download_seconds: float = Field(0.0, ge=0)
+    train_seconds: float = Field(0.0, ge=0, allow_inf_nan=False)
+    download_seconds: float = Field(0.0, ge=0, allow_inf_nan=False)
     bytes_down: int = Field(0, ge=0)
     bytes_up: int = Field(0, ge=0)
     routing: Optional[list[float]] = None
     experts: list[ExpertReport] = Field(default_factory=list)
-
-    @field_validator("train_seconds", "download_seconds")
-    @classmethod
-    def _v_seconds(cls, v: float, info) -> float:
-        return _finite(info.field_name, v)
 
     @field_validator("routing")
     @classmethod
