@@ -9,11 +9,11 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[pulp,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[pulp,train,dev]'
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/alignment-solver demo
+	$(BIN)/alignment-solver simulate
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

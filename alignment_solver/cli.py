@@ -1,4 +1,4 @@
-"""Command line: ``alignment-solver solve|demo|backends|init|plan|observe``.
+"""Command line: ``alignment-solver solve|demo|backends|simulate|init|plan|observe``.
 
 Exit codes: 0 solved (optimal or feasible), 1 infeasible or no solution found, 2 invalid input.
 """
@@ -144,6 +144,37 @@ def _coordinator_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate_cmd(args: argparse.Namespace) -> int:
+    from .training.simulate import SimConfig, simulate, table
+
+    try:
+        base = {}
+        if args.config:
+            text = Path(args.config).read_text()
+            if args.config.endswith((".yaml", ".yml")):
+                import yaml
+
+                base = yaml.safe_load(text) or {}
+            else:
+                base = json.loads(text)
+        overrides = {k: v for k, v in vars(args).items() if k in SimConfig.model_fields and v is not None}
+        cfg = SimConfig.model_validate({**base, **overrides})
+        if cfg.dataset == "npz":
+            from .training.data import load_npz
+            import numpy as _np
+
+            load_npz(cfg.npz_path, _np.random.default_rng(0))
+    except FileNotFoundError as exc:
+        return _fail(f"file not found: {exc.filename}")
+    except (ValidationError, ValueError, json.JSONDecodeError) as exc:
+        return _fail(_one_line(exc))
+    out = simulate(cfg)
+    print(table(cfg, out["summary"]))
+    print(f"wrote {out['folder']}/ (metrics.csv, summary.json, {', '.join(Path(p).name for p in out['plots'])}) "
+          f"in {out['seconds']:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignment-solver",
                                      description="Client-expert alignment for federated Mixture-of-Experts training.")
@@ -165,6 +196,31 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo_cmd)
     b = sub.add_parser("backends", help="list the backends and whether they are installed")
     b.set_defaults(func=_backends_cmd)
+    sm = sub.add_parser("simulate", help="federated MoE training: compare alignment strategies end to end")
+    sm.add_argument("--config", help="SimConfig as a JSON or YAML file; flags override it")
+    sm.add_argument("--dataset", choices=["digits", "synthetic", "npz"], help="default digits (bundled)")
+    sm.add_argument("--npz-path", dest="npz_path", help="a .npz with arrays x (N, D) and y (N,) for --dataset npz")
+    sm.add_argument("--partition", choices=["iid", "dirichlet", "classes", "domains"], help="default dirichlet")
+    sm.add_argument("--alpha", type=float, help="Dirichlet concentration (default 0.3)")
+    sm.add_argument("--classes-per-client", dest="classes_per_client", type=int, help="for --partition classes")
+    sm.add_argument("--clients", type=int, help="number of clients (default 50)")
+    sm.add_argument("--experts", type=int, help="number of experts (default 8)")
+    sm.add_argument("--top-k", dest="top_k", type=int, help="experts per sample in the routing (default 2)")
+    sm.add_argument("--hidden", type=int, help="expert MLP hidden units; 0 = softmax regression (default)")
+    sm.add_argument("--min-capacity", dest="min_capacity", type=int, help="fewest experts a client can hold (1)")
+    sm.add_argument("--max-capacity", dest="max_capacity", type=int, help="most experts a client can hold (3)")
+    sm.add_argument("--participation", type=float, help="share of clients available per round (1.0)")
+    sm.add_argument("--dropout", type=float, help="chance a planned client sends nothing (0.0)")
+    sm.add_argument("--rounds", type=int, help="training rounds (default 30)")
+    sm.add_argument("--local-epochs", dest="local_epochs", type=int, help="local epochs per round (2)")
+    sm.add_argument("--lr", type=float, help="local learning rate (0.5)")
+    sm.add_argument("--tolerance", type=float, help="load band half-width (0.1)")
+    sm.add_argument("--target-accuracy", dest="target_accuracy", type=float, help="for rounds-to-target (0.9)")
+    sm.add_argument("--strategies", nargs="+", help="among random greedy round_robin aligned aligned_budget")
+    sm.add_argument("--seed", type=int, help="random seed (default 0)")
+    sm.add_argument("--output", help="output folder (default runs)")
+    sm.add_argument("--name", help="run name (default derived from the settings)")
+    sm.set_defaults(func=_simulate_cmd)
     i = sub.add_parser("init", help="create a coordinator state file")
     i.add_argument("--state", required=True, help="path of the JSON state file to create")
     i.add_argument("--experts", type=int, required=True, help="number of experts")

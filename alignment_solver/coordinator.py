@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
@@ -30,6 +31,7 @@ from .capacity import CapacityConfig, CapacityProfiler
 from .errors import AlignmentError
 from .load_monitor import ExpertLoadMonitor, MonitorConfig, cv
 from .problem import AlignmentProblem
+from .result import AlignmentResult, SolveStatus
 from .rounds import ClientReport, ClientStatus, Label, PlannedClient, RoundPlan, RoundSummary
 from .scoring import FitnessScorer, ScorerConfig
 from .solve import solve
@@ -110,8 +112,13 @@ class AlignmentCoordinator:
 
     # ---- planning -----------------------------------------------------------------------------
     def plan_round(self, round: int, clients: Iterable[Union[Label, ClientStatus, dict]], *,
-                   deadline: Optional[float] = None) -> RoundPlan:
-        """Who trains which experts in round ``round``, among the ``clients`` available now."""
+                   deadline: Optional[float] = None,
+                   assign: Optional[Callable[[AlignmentProblem], np.ndarray]] = None) -> RoundPlan:
+        """Who trains which experts in round ``round``, among the ``clients`` available now.
+
+        ``assign`` replaces the solve with another rule (a baseline strategy): it receives the
+        round's problem and returns a (C, E) bool assignment, reported as FEASIBLE.
+        """
         if isinstance(round, bool) or not isinstance(round, (int, np.integer)) or round < 0:
             raise ValueError(f"round must be an integer >= 0; got {round!r}")
         if deadline is not None and not (isinstance(deadline, (int, float)) and np.isfinite(deadline) and deadline > 0):
@@ -137,8 +144,16 @@ class AlignmentCoordinator:
             self.pending = {"round": round, "deadline": deadline, "experts": {}}
             return plan
         problem = self.build_problem(round, rows, deadline)
-        result = solve(problem, backend=self.config.backend, time_limit=self.config.time_limit,
-                       seed=self.config.seed + round, soft=self.config.soft)
+        if assign is None:
+            result = solve(problem, backend=self.config.backend, time_limit=self.config.time_limit,
+                           seed=self.config.seed + round, soft=self.config.soft)
+        else:
+            started = time.perf_counter()
+            x = np.asarray(assign(problem), dtype=bool)
+            if x.shape != problem.fitness.shape:
+                raise ValueError(f"assign must return a {problem.fitness.shape} bool array; got shape {x.shape}")
+            result = AlignmentResult(problem, SolveStatus.FEASIBLE, getattr(assign, "__name__", "custom"),
+                                     assignment=x, solve_seconds=time.perf_counter() - started)
         x = result.assignment if result.has_solution else np.zeros(problem.fitness.shape, dtype=bool)
         held_rows, held_experts = np.nonzero(x)
         experts = [e.tolist() for e in np.split(held_experts, np.searchsorted(held_rows, np.arange(1, len(ids))))]

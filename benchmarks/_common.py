@@ -1,13 +1,13 @@
-"""Helpers shared by the benchmark scripts: isolated runs with peak memory, progress, tables."""
+"""Helpers shared by the benchmark scripts: isolated runs with peak memory, tables."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import platform
 import resource
-import sys
-import time
 from typing import Any, Callable, Optional
+
+from alignment_solver.progress import Progress  # noqa: F401  (re-exported for the scripts)
 
 
 def _target(conn: Any, fn: Callable[..., dict], args: tuple) -> None:
@@ -31,24 +31,6 @@ def isolated(fn: Callable[..., dict], *args: Any, timeout: Optional[float] = Non
     proc.kill()
     proc.join()
     return out
-
-
-class Progress:
-    """A one-line progress bar on stderr: ``[#####.....] 5/10 label (elapsed)``."""
-
-    def __init__(self, total: int, width: int = 30) -> None:
-        self.total, self.done, self.width, self.start = total, 0, width, time.perf_counter()
-
-    def step(self, label: str) -> None:
-        filled = int(self.width * self.done / max(self.total, 1))
-        bar = "#" * filled + "." * (self.width - filled)
-        sys.stderr.write(f"\r[{bar}] {self.done}/{self.total} {label[:60]:60s} {time.perf_counter() - self.start:6.0f}s")
-        sys.stderr.flush()
-        self.done += 1
-
-    def close(self) -> None:
-        self.step("done")
-        sys.stderr.write("\n")
 
 
 def markdown(headers: list[str], rows: list[list[Any]]) -> str:

@@ -1,0 +1,127 @@
+"""A small mixture-of-experts classifier in numpy, with hand-written gradients.
+
+Gate: ``logits = x Wg + bg`` over E experts.  Routing: per sample, the ``top_k`` largest logits
+among the experts the caller allows (the others are masked); mixture weights ``w`` are the
+softmax of the logits restricted to that set.  Experts: softmax regression (``hidden=0``) or a
+one-hidden-layer ReLU MLP.  Prediction ``p = sum_j w_j softmax(f_j(x))``; loss ``-log p_y``.
+
+Gradients (``r_j = w_j q_jy / p_y`` is expert j's responsibility for the true class)::
+
+    dL/dlogit_j = w_j - r_j            (selected experts; 0 elsewhere)
+    dL/dz_jc    = r_j (q_jc - [c = y])  (expert j's output logits)
+
+Parameters live in a dict of arrays: ``gate.W``, ``gate.b`` and ``expert{j}.W1`` ... so a
+client can receive and send only some experts.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+Params = dict[str, np.ndarray]
+
+
+def expert_keys(j: int, hidden: int) -> list[str]:
+    return [f"expert{j}.W1", f"expert{j}.b1", f"expert{j}.W2", f"expert{j}.b2"] if hidden else \
+        [f"expert{j}.W", f"expert{j}.b"]
+
+
+def init_params(dim: int, classes: int, experts: int, hidden: int, rng: np.random.Generator) -> Params:
+    p: Params = {"gate.W": rng.normal(0, 0.01, (dim, experts)), "gate.b": np.zeros(experts)}
+    for j in range(experts):
+        if hidden:
+            p[f"expert{j}.W1"] = rng.normal(0, np.sqrt(2.0 / dim), (dim, hidden))
+            p[f"expert{j}.b1"] = np.zeros(hidden)
+            p[f"expert{j}.W2"] = rng.normal(0, np.sqrt(1.0 / hidden), (hidden, classes))
+            p[f"expert{j}.b2"] = np.zeros(classes)
+        else:
+            p[f"expert{j}.W"] = rng.normal(0, 0.01, (dim, classes))
+            p[f"expert{j}.b"] = np.zeros(classes)
+    return p
+
+
+def _softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
+    z = z - z.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+class MoE:
+    """Forward pass, loss and gradients for the parameter dict layout above."""
+
+    def __init__(self, experts: int, hidden: int = 0, top_k: int = 2) -> None:
+        self.E, self.hidden, self.top_k = experts, hidden, top_k
+
+    def route(self, p: Params, x: np.ndarray, allowed: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+        """Gate logits and the (N, E) bool mask of each sample's selected experts."""
+        logits = x @ p["gate.W"] + p["gate.b"]
+        masked = logits if allowed is None else np.where(allowed[None, :], logits, -np.inf)
+        k = min(self.top_k, self.E if allowed is None else int(allowed.sum()))
+        top = np.argpartition(-masked, k - 1, axis=1)[:, :k]
+        sel = np.zeros(logits.shape, dtype=bool)
+        np.put_along_axis(sel, top, True, axis=1)
+        return logits, sel
+
+    def _expert(self, p: Params, j: int, x: np.ndarray):
+        if self.hidden:
+            pre = x @ p[f"expert{j}.W1"] + p[f"expert{j}.b1"]
+            h = np.maximum(pre, 0.0)
+            return h @ p[f"expert{j}.W2"] + p[f"expert{j}.b2"], h
+        return x @ p[f"expert{j}.W"] + p[f"expert{j}.b"], None
+
+    def forward(self, p: Params, x: np.ndarray, allowed: Optional[np.ndarray] = None):
+        logits, sel = self.route(p, x, allowed)
+        w = _softmax(np.where(sel, logits, -np.inf), axis=1)
+        experts = np.flatnonzero(sel.any(axis=0))
+        q = np.zeros((x.shape[0], self.E, self._classes(p)))
+        cache = {}
+        for j in experts:
+            z, h = self._expert(p, j, x)
+            q[:, j] = _softmax(z, axis=1)
+            cache[j] = h
+        probs = np.einsum("ne,nec->nc", w, q)
+        return probs, w, q, sel, cache
+
+    def _classes(self, p: Params) -> int:
+        key = "expert0.W2" if self.hidden else "expert0.W"
+        return p[key].shape[1]
+
+    def predict(self, p: Params, x: np.ndarray, allowed: Optional[np.ndarray] = None) -> np.ndarray:
+        return self.forward(p, x, allowed)[0].argmax(axis=1)
+
+    def loss_and_grad(self, p: Params, x: np.ndarray, y: np.ndarray, allowed: Optional[np.ndarray] = None,
+                      train: Optional[set[str]] = None):
+        """Mean loss and gradients of the parameters in ``train`` (None: all)."""
+        n = x.shape[0]
+        probs, w, q, sel, cache = self.forward(p, x, allowed)
+        py = np.maximum(probs[np.arange(n), y], 1e-300)
+        loss = float(-np.log(py).mean())
+        qy = q[np.arange(n), :, y]                              # (N, E)
+        r = w * qy / py[:, None]
+        grads: Params = {}
+        want = (lambda k: True) if train is None else (lambda k: k in train)
+        dlogits = np.where(sel, w - r, 0.0) / n
+        if want("gate.W"):
+            grads["gate.W"] = x.T @ dlogits
+        if want("gate.b"):
+            grads["gate.b"] = dlogits.sum(axis=0)
+        for j in cache:
+            keys = expert_keys(j, self.hidden)
+            if not any(want(k) for k in keys):
+                continue
+            dz = r[:, j, None] * q[:, j]
+            dz[np.arange(n), y] -= r[:, j]
+            dz /= n
+            if self.hidden:
+                h = cache[j]
+                grads[keys[2]] = h.T @ dz
+                grads[keys[3]] = dz.sum(axis=0)
+                dh = (dz @ p[keys[2]].T) * (h > 0)
+                grads[keys[0]] = x.T @ dh
+                grads[keys[1]] = dh.sum(axis=0)
+            else:
+                grads[keys[0]] = x.T @ dz
+                grads[keys[1]] = dz.sum(axis=0)
+        return loss, grads, (probs, w, q, sel)

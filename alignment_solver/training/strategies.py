@@ -1,0 +1,57 @@
+"""Alignment strategies compared by the training loop, all planned through the coordinator.
+
+Each baseline is an ``assign(problem) -> (C, E) bool`` rule handed to
+``AlignmentCoordinator.plan_round``; the aligned strategies let the coordinator solve.
+
+- ``random``: each client its ``capacity`` experts uniformly at random.
+- ``greedy``: each client its top-``capacity`` experts by fitness (the FedMoE-style baseline).
+- ``round_robin``: experts dealt out in turn across clients (load only, fitness ignored).
+- ``aligned``: the exact flow solve with the load band.
+- ``aligned_budget``: the same with per-client memory budgets (budget rows, CP-SAT).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..problem import AlignmentProblem
+
+STRATEGIES = ("random", "greedy", "round_robin", "aligned", "aligned_budget")
+
+Assign = Callable[[AlignmentProblem], np.ndarray]
+
+
+def make_assign(name: str, rng: np.random.Generator) -> Optional[Assign]:
+    """The rule for strategy ``name`` (None: the coordinator's own solve)."""
+    if name not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {list(STRATEGIES)}; got {name!r}")
+    if name in ("aligned", "aligned_budget"):
+        return None
+    pointer = [0]
+
+    def random(problem: AlignmentProblem) -> np.ndarray:
+        score = np.where(problem.allowed_matrix, rng.random(problem.fitness.shape), -np.inf)
+        return _top(score, problem.capacity_array)
+
+    def greedy(problem: AlignmentProblem) -> np.ndarray:
+        return _top(np.where(problem.allowed_matrix, problem.fitness, -np.inf), problem.capacity_array)
+
+    def round_robin(problem: AlignmentProblem) -> np.ndarray:
+        C, E = problem.fitness.shape
+        x = np.zeros((C, E), dtype=bool)
+        for c, k in enumerate(problem.capacity_array):
+            for _ in range(min(int(k), E)):
+                x[c, pointer[0] % E] = True
+                pointer[0] += 1
+        return x
+
+    return {"random": random, "greedy": greedy, "round_robin": round_robin}[name]
+
+
+def _top(score: np.ndarray, capacity: np.ndarray) -> np.ndarray:
+    order = np.argsort(-score, axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(score.shape[1])[None, :], axis=1)
+    return (ranks < capacity[:, None]) & np.isfinite(score)

@@ -1,0 +1,127 @@
+"""The numpy MoE, the data, and the end-to-end training loop."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from alignment_solver.training.data import load_digits, load_npz, make_synthetic, partition
+from alignment_solver.training.model import MoE, init_params
+from alignment_solver.training.simulate import SimConfig, World, simulate
+
+
+@pytest.mark.parametrize("hidden", [0, 6])
+def test_gradients_match_finite_differences(hidden):
+    rng = np.random.default_rng(0)
+    model = MoE(4, hidden=hidden, top_k=2)
+    p = init_params(5, 3, 4, hidden, rng)
+    for k in p:
+        p[k] = p[k] + rng.normal(0, 0.3, p[k].shape)
+    x, y = rng.normal(size=(9, 5)), rng.integers(0, 3, 9)
+    allowed = np.array([True, True, False, True])
+    _, grads, _ = model.loss_and_grad(p, x, y, allowed)
+    assert "expert2.W" not in grads and "expert2.W1" not in grads       # masked expert gets nothing
+    for key, g in grads.items():
+        num = np.zeros_like(p[key])
+        for idx in np.ndindex(p[key].shape):
+            old = p[key][idx]
+            p[key][idx] = old + 1e-6
+            up = model.loss_and_grad(p, x, y, allowed)[0]
+            p[key][idx] = old - 1e-6
+            down = model.loss_and_grad(p, x, y, allowed)[0]
+            p[key][idx] = old
+            num[idx] = (up - down) / 2e-6
+        assert np.allclose(num, g, atol=1e-7), key
+
+
+def test_routing_respects_the_mask_and_top_k():
+    rng = np.random.default_rng(1)
+    model = MoE(5, top_k=2)
+    p = init_params(4, 3, 5, 0, rng)
+    _, sel = model.route(p, rng.normal(size=(20, 4)), np.array([1, 0, 1, 1, 0], bool))
+    assert sel.sum(axis=1).tolist() == [2] * 20 and not sel[:, [1, 4]].any()
+
+
+def test_partitions_cover_and_skew():
+    rng = np.random.default_rng(0)
+    data = load_digits(rng)
+    for how in ("iid", "dirichlet", "classes"):
+        parts = partition(data, 20, how, rng, alpha=0.3, classes_per_client=2)
+        assert len(parts) == 20 and all(len(p) >= 2 for p in parts)
+    two = partition(data, 20, "classes", rng, classes_per_client=2)
+    assert max(len(np.unique(data.y_train[p])) for p in two) <= 2
+    synth = make_synthetic(2000, rng, domains=3)
+    doms = partition(synth, 10, "domains", rng)
+    assert max(len(np.unique(synth.domain_train[p])) for p in doms) <= 2
+
+
+def test_npz_loader_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "no_y.npz", x=np.zeros((20, 3)))
+    with pytest.raises(ValueError, match=r"missing \['y'\]"):
+        load_npz(tmp_path / "no_y.npz", rng)
+    np.savez(tmp_path / "short.npz", x=np.zeros((20, 3)), y=np.zeros(19))
+    with pytest.raises(ValueError, match="same N"):
+        load_npz(tmp_path / "short.npz", rng)
+    np.savez(tmp_path / "ok.npz", x=rng.normal(size=(40, 3)), y=rng.integers(0, 2, 40))
+    assert load_npz(tmp_path / "ok.npz", rng).classes == 2
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"clients": 0}, "clients"), ({"max_capacity": 9}, "must be <= experts"), ({"alpha": 0}, "alpha"),
+    ({"strategies": ["best"]}, "strategies"), ({"dataset": "mnist"}, "dataset"), ({"dataset": "npz"}, "npz_path"),
+    ({"rounds": -1}, "rounds"), ({"strategies": []}, "strategies"),
+])
+def test_bad_config_is_refused_before_training(fields, words):
+    with pytest.raises(ValidationError, match=words):
+        SimConfig(**fields)
+
+
+def tiny(**kw):
+    base = dict(clients=12, experts=4, rounds=6, max_capacity=2, strategies=["random", "greedy", "round_robin",
+                                                                             "aligned", "aligned_budget"])
+    base.update(kw)
+    return SimConfig(**base)
+
+
+def test_every_strategy_learns_and_respects_capacities():
+    cfg = tiny()
+    out = simulate(cfg, write=False, show_progress=False)
+    world = World(cfg)
+    for s in cfg.strategies:
+        mine = [r for r in out["rows"] if r["strategy"] == s]
+        assert mine[-1]["accuracy"] > 0.5, (s, mine[-1]["accuracy"])       # chance is 0.1
+        assert all(sum(r["load"]) <= world.capacity.sum() for r in mine)
+    aligned = [r for r in out["rows"] if r["strategy"] == "aligned"]
+    assert max(r["planned_cv"] for r in aligned[2:]) <= 0.35                 # 12 clients: band is coarse
+
+
+def test_aligned_keeps_the_load_band_and_same_seed_same_metrics(tmp_path):
+    cfg = SimConfig(clients=40, experts=4, rounds=5, strategies=["aligned"], output=str(tmp_path))
+    a = simulate(cfg, show_progress=False)
+    b = simulate(cfg, show_progress=False)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "solve_ms"} for r in rows]  # noqa: E731
+    assert strip(a["rows"]) == strip(b["rows"])
+    assert max(r["planned_cv"] for r in a["rows"][1:]) <= cfg.tolerance + 0.05
+    folder = tmp_path / cfg.run_name
+    assert {p.name for p in folder.iterdir()} == {"metrics.csv", "summary.json", "accuracy.png", "load_heatmap.png"}
+    assert json.loads((folder / "summary.json").read_text())["summary"]["aligned"]["final_accuracy"] > 0.5
+
+
+def test_simulate_cli_rejects_bad_flags_before_training(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "alignment_solver.cli", "simulate", *args],
+                              capture_output=True, text=True, timeout=300)
+
+    bad = run("--clients", "0")
+    assert bad.returncode == 2 and "clients" in bad.stderr and "Traceback" not in bad.stderr
+    np.savez(tmp_path / "bad.npz", x=np.zeros((20, 2)))
+    bad = run("--dataset", "npz", "--npz-path", str(tmp_path / "bad.npz"))
+    assert bad.returncode == 2 and "missing ['y']" in bad.stderr
+    (tmp_path / "cfg.yaml").write_text("clients: 8\nexperts: 3\nrounds: 2\nmax_capacity: 2\n")
+    ok = run("--config", str(tmp_path / "cfg.yaml"), "--output", str(tmp_path), "--name", "t")
+    assert ok.returncode == 0, ok.stderr
+    assert "aligned" in ok.stdout and (tmp_path / "t" / "metrics.csv").exists()
