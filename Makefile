@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[pulp,train,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[pulp,train,flower,dev]'
 	touch $(STAMP)
 
 run: $(STAMP)

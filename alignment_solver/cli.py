@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--local-epochs", dest="local_epochs", type=int, help="local epochs per round (2)")
     sm.add_argument("--lr", type=float, help="local learning rate (0.5)")
     sm.add_argument("--tolerance", type=float, help="load band half-width (0.1)")
+    sm.add_argument("--solver-time-limit", dest="solver_time_limit", type=float,
+                    help="per-round solve time limit in seconds (default none: solve to optimality)")
     sm.add_argument("--target-accuracy", dest="target_accuracy", type=float, help="for rounds-to-target (0.9)")
     sm.add_argument("--strategies", nargs="+", help="among random greedy round_robin aligned aligned_budget")
     sm.add_argument("--seed", type=int, help="random seed (default 0)")

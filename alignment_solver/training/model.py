@@ -85,7 +85,8 @@ class MoE:
         return probs, w, q, sel, cache
 
     def _classes(self, p: Params) -> int:
-        key = "expert0.W2" if self.hidden else "expert0.W"
+        suffix = ".W2" if self.hidden else ".W"
+        key = next(k for k in p if k.startswith("expert") and k.endswith(suffix))
         return p[key].shape[1]
 
     def predict(self, p: Params, x: np.ndarray, allowed: Optional[np.ndarray] = None) -> np.ndarray:

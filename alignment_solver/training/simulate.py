@@ -56,6 +56,7 @@ class SimConfig(BaseModel):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.5, gt=0)
     tolerance: float = Field(0.1, ge=0)
+    solver_time_limit: Optional[float] = Field(None, gt=0, description="per-round solve limit (CP-SAT for budgets)")
     target_accuracy: float = Field(0.9, gt=0, le=1)
     strategies: list[Strategy] = Field(default_factory=lambda: ["greedy", "aligned"], min_length=1)
     seed: int = Field(0, ge=0)
@@ -157,7 +158,7 @@ def run_strategy(cfg: SimConfig, world: World, strategy: str, progress: Optional
     params = init_params(data.dim, data.classes, cfg.experts, cfg.hidden, np.random.default_rng(cfg.seed))
     budgeted = strategy == "aligned_budget"
     coord = AlignmentCoordinator(cfg.experts, config=CoordinatorConfig(
-        tolerance=cfg.tolerance, seed=cfg.seed, capacity={"max_capacity": cfg.max_capacity,
+        tolerance=cfg.tolerance, seed=cfg.seed, time_limit=cfg.solver_time_limit, capacity={"max_capacity": cfg.max_capacity,
                                                           "default_capacity": cfg.min_capacity},
         expert_memory=world.expert_memory.tolist() if budgeted else None))
     assign = make_assign(strategy, rng)

@@ -1,0 +1,1 @@
+"""Plug-ins for federated-learning frameworks (``flower``: needs the ``flower`` extra)."""

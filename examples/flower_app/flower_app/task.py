@@ -1,0 +1,49 @@
+"""Data for the example: scikit-learn's bundled digits, split over the nodes (Dirichlet 0.5)."""
+
+from functools import lru_cache
+
+import numpy as np
+
+from alignment_solver.training.data import load_digits, partition
+
+
+@lru_cache(maxsize=1)
+def _digits(seed: int):
+    rng = np.random.default_rng(seed)
+    return load_digits(rng), rng
+
+
+@lru_cache(maxsize=64)
+def node_data(partition_id: int, num_partitions: int, seed: int = 0):
+    """(x_train, y_train, x_val, y_val) of one node; every node computes the same split."""
+    data, _ = _digits(seed)
+    parts = partition(data, num_partitions, "dirichlet", np.random.default_rng(seed + 1), alpha=0.5)
+    idx = np.random.default_rng(seed + 2 + partition_id).permutation(parts[partition_id])
+    cut = max(1, int(0.8 * len(idx)))
+    tr, va = idx[:cut], idx[cut:] if cut < len(idx) else idx[:1]
+    return data.x_train[tr], data.y_train[tr], data.x_train[va], data.y_train[va]
+
+
+def test_data(seed: int = 0):
+    data, _ = _digits(seed)
+    return data.x_test, data.y_test, data.dim, data.classes
+
+
+DEFAULTS = {"num-server-rounds": 3, "num-experts": 4, "tolerance": 0.2, "round-timeout": 60.0, "min-nodes": 2,
+            "train-delay": 0.0, "state-path": "", "history-path": "", "seed": 0}
+
+
+def settings(context) -> dict:
+    """Run config over the defaults (``run_simulation`` passes an empty run config).
+
+    ``FLOWER_APP_HISTORY`` / ``FLOWER_APP_ROUNDS`` in the environment fill in the history path and
+    the number of rounds when the run config does not set them.
+    """
+    import os
+
+    out = {**DEFAULTS, **dict(context.run_config)}
+    if not out["history-path"]:
+        out["history-path"] = os.environ.get("FLOWER_APP_HISTORY", "")
+    if "num-server-rounds" not in context.run_config and os.environ.get("FLOWER_APP_ROUNDS"):
+        out["num-server-rounds"] = int(os.environ["FLOWER_APP_ROUNDS"])
+    return out
