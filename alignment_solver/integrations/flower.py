@@ -78,12 +78,13 @@ class AlignedStrategy(Strategy):
       ``fraction_evaluate`` of them); ``accuracy`` and ``loss`` averaged by ``num-examples``.
 
     ``history`` keeps, per round, the plan, what each node said it trained and the aggregate
-    metrics; ``write_history(path)`` saves it as JSON.
+    metrics; it is written as JSON to ``history_path`` (if given) after every step.
     """
 
     def __init__(self, *, num_experts: int, config: Optional[CoordinatorConfig] = None,
                  state_path: Optional[str] = None, fraction_evaluate: float = 1.0, min_nodes: int = 1,
                  train_config: Optional[dict[str, Any]] = None, deadline: Optional[float] = None,
+                 history_path: Optional[str] = None,
                  expert_of: Callable[[str], Optional[int]] = expert_of) -> None:
         if state_path and Path(state_path).exists():
             self.coordinator = AlignmentCoordinator.load(state_path, num_experts=num_experts)
@@ -96,6 +97,7 @@ class AlignedStrategy(Strategy):
         self.train_config = dict(train_config or {})
         self.deadline = deadline
         self.expert_of = expert_of
+        self.history_path = history_path
         self.reports: dict[int, dict[str, Any]] = {}        # node id -> last capacity report
         self.current: dict[str, np.ndarray] = {}
         self.history: dict[int, dict[str, Any]] = {}
@@ -184,13 +186,17 @@ class AlignedStrategy(Strategy):
         new = dict(self.current)
         for k, total in sums.items():
             new[k] = total / weights[k]
-        changed = sorted({j for k in sums if (j := self.expert_of(k)) is not None})
+        trained = sorted({j for k in sums if (j := self.expert_of(k)) is not None})
+        changed = sorted({j for k in new if (j := self.expert_of(k)) is not None
+                          and not np.array_equal(new[k], self.current[k])})
         entry = self.history.setdefault(server_round, {})
-        entry.update(received=received, dropouts=summary.dropouts, trained_experts=changed,
+        entry.update(received=received, dropouts=summary.dropouts, trained_experts=trained, changed_experts=changed,
                      load=summary.expert_clients, load_cv=cv(np.array(summary.expert_clients)),
                      mean_accuracy=summary.mean_accuracy)
         if self.state_path:
             self.coordinator.save(self.state_path)
+        if self.history_path:
+            self.write_history(self.history_path)
         if not sums:
             return None, None
         self.current = new
@@ -224,11 +230,16 @@ class AlignedStrategy(Strategy):
             return None
         out = {"accuracy": acc / total, "loss": loss / total}
         self.history.setdefault(server_round, {})["evaluate"] = out
+        if self.history_path:
+            self.write_history(self.history_path)
         return MetricRecord(out)
 
     def write_history(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({str(k): v for k, v in sorted(self.history.items())}, indent=1,
+        """Save ``history`` as JSON (atomically: a reader never sees half a file)."""
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(json.dumps({str(k): v for k, v in sorted(self.history.items())}, indent=1,
                                          default=float))
+        tmp.replace(path)
 
 
 # ---- client side ------------------------------------------------------------------------------

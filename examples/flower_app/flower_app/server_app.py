@@ -21,18 +21,16 @@ def main(grid: Grid, context: Context) -> None:
     initial = init_params(dim, classes, experts, 0, np.random.default_rng(seed))
     strategy = AlignedStrategy(
         num_experts=experts, config=CoordinatorConfig(tolerance=float(cfg["tolerance"]), seed=seed),
-        state_path=str(cfg["state-path"]) or None, min_nodes=int(cfg["min-nodes"]))
-    central = {}
+        state_path=str(cfg["state-path"]) or None, min_nodes=int(cfg["min-nodes"]),
+        history_path=str(cfg["history-path"]) or None)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         acc = float((model.predict(to_numpy(arrays), x_test) == y_test).mean())
-        central[server_round] = acc
+        strategy.history.setdefault(server_round, {})["central_accuracy"] = acc
         return MetricRecord({"accuracy": acc})
 
     strategy.start(grid=grid, initial_arrays=to_record(initial), num_rounds=int(cfg["num-server-rounds"]),
                    timeout=float(cfg["round-timeout"]), evaluate_fn=evaluate)
-    for r, acc in central.items():
-        strategy.history.setdefault(r, {})["central_accuracy"] = acc
     strategy.history.setdefault(0, {})["initial_keys"] = sorted(initial)
     if cfg["history-path"]:
         strategy.write_history(str(cfg["history-path"]))
