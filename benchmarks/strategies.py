@@ -89,8 +89,10 @@ def main() -> None:
     parser.add_argument("--synthetic-seeds", type=int, default=2)
     parser.add_argument("--synthetic-rounds", type=int, default=20)
     parser.add_argument("--budget-limit", type=float, default=2.0)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "strategies.md"))
+    parser.add_argument("--out", help="default: benchmarks/results/strategies[_digits|_synthetic].md")
     args = parser.parse_args()
+    suffix = f"_{args.only}" if args.only else ""
+    args.out = args.out or str(Path(__file__).parent / "results" / f"strategies{suffix}.md")
     suites = []
     if args.only in (None, "digits"):
         suites.append(("digits", dict(dataset="digits", clients=50, experts=8, rounds=30), args.seeds))
