@@ -47,8 +47,10 @@ class LinearModel:
     soft_penalty: Optional[float]
 
     @classmethod
-    def from_problem(cls, problem: AlignmentProblem, soft_penalty: Optional[float] = None) -> "LinearModel":
-        ci, ei = np.nonzero(problem.allowed_matrix)
+    def from_problem(cls, problem: AlignmentProblem, soft_penalty: Optional[float] = None,
+                     mask: Optional[np.ndarray] = None) -> "LinearModel":
+        """The model over the allowed pairs (only those in ``mask``, if given: a restriction)."""
+        ci, ei = np.nonzero(problem.allowed_matrix if mask is None else problem.allowed_matrix & mask)
         w = problem.weight_matrix
         usage = problem.usage_matrix
         return cls(C=problem.n_clients, E=problem.n_experts, ci=ci, ei=ei,

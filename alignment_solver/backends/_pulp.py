@@ -51,18 +51,33 @@ def build_pulp(lm: LinearModel):
     return prob, x
 
 
-def _child(conn: Any, lm: LinearModel, make_solver: Callable[[Optional[float], int], Any],
+def _child(conn: Any, lm: LinearModel, make_solvers: Callable[[Optional[float], int], list],
            time_limit: Optional[float], seed: int, dual_bound: Callable[[Any], Optional[float]]) -> None:
+    """Build and solve in this (forked) process; each solver setting is tried until one runs."""
+    import pulp
+
     os.setpgrp()
-    t0 = time.perf_counter()
-    prob, x = build_pulp(lm)
-    build = time.perf_counter() - t0
-    remaining = None if time_limit is None else max(time_limit - build, 1.0)
-    prob.solve(make_solver(remaining, seed))
-    values = np.array([v.varValue or 0.0 for v in x])
-    conn.send({"status": prob.status, "sol_status": prob.sol_status, "values": values, "build": build,
-               "solve": time.perf_counter() - t0 - build, "bound": dual_bound(prob)})
-    conn.close()
+    try:
+        t0 = time.perf_counter()
+        prob, x = build_pulp(lm)
+        build = time.perf_counter() - t0
+        remaining = None if time_limit is None else max(time_limit - build, 1.0)
+        failures = []
+        for solver in make_solvers(remaining, seed):
+            try:
+                prob.solve(solver)
+                break
+            except pulp.PulpSolverError as exc:
+                failures.append(str(exc).splitlines()[0])
+        else:
+            raise RuntimeError("every solver setting failed: " + "; ".join(failures))
+        values = np.array([v.varValue or 0.0 for v in x])
+        conn.send({"status": prob.status, "sol_status": prob.sol_status, "values": values, "build": build,
+                   "solve": time.perf_counter() - t0 - build, "bound": dual_bound(prob), "retries": len(failures)})
+    except Exception as exc:  # reported to the parent as NO_SOLUTION_FOUND with the reason
+        conn.send({"error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        conn.close()
 
 
 class PulpBackend(Backend):
@@ -70,7 +85,8 @@ class PulpBackend(Backend):
 
     requires: tuple[str, ...] = ("pulp",)
 
-    def make_solver(self, time_limit: Optional[float], seed: int) -> Any:
+    def make_solvers(self, time_limit: Optional[float], seed: int) -> list:
+        """Solver settings to try in order (a later one only if an earlier one fails to run)."""
         raise NotImplementedError
 
     @staticmethod
@@ -82,12 +98,15 @@ class PulpBackend(Backend):
         ctx = mp.get_context("fork")
         parent, child = ctx.Pipe(duplex=False)
         t0 = time.perf_counter()
-        proc = ctx.Process(target=_child, args=(child, lm, self.make_solver, request.time_limit, request.seed,
+        proc = ctx.Process(target=_child, args=(child, lm, self.make_solvers, request.time_limit, request.seed,
                                                 self.dual_bound), daemon=True)
         proc.start()
         child.close()
         deadline = None if request.time_limit is None else request.time_limit + GRACE
-        reply = parent.recv() if parent.poll(deadline) else None
+        try:
+            reply = parent.recv() if parent.poll(deadline) else None
+        except EOFError:
+            reply = {"error": "the solver process ended without an answer"}
         elapsed = time.perf_counter() - t0
         if reply is None:
             try:
@@ -96,13 +115,16 @@ class PulpBackend(Backend):
                 pass
         proc.join()
         stats: dict[str, Any] = {"deterministic": True}
+        if reply is not None and "error" in reply:
+            return AlignmentResult(problem, SolveStatus.NO_SOLUTION_FOUND, self.name, solve_seconds=elapsed,
+                                   explanation=f"{self.name} failed: {reply['error']}", stats=stats)
         if reply is None:
             why = (f"stopped at the time limit of {request.time_limit:g} s (the solver did not stop by itself)"
                    if request.time_limit is not None else f"the solver process ended without an answer "
                                                           f"(exit code {proc.exitcode})")
             return AlignmentResult(problem, SolveStatus.NO_SOLUTION_FOUND, self.name, solve_seconds=elapsed,
                                    explanation=why, stats=stats)
-        stats.update(pulp_status=reply["status"], pulp_sol_status=reply["sol_status"])
+        stats.update(pulp_status=reply["status"], pulp_sol_status=reply["sol_status"], retries=reply["retries"])
         near_limit = request.time_limit is not None and reply["build"] + reply["solve"] >= 0.9 * request.time_limit
         sol = reply["sol_status"]
         if sol == 1:

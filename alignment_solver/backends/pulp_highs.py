@@ -11,10 +11,10 @@ class PulpHighsBackend(PulpBackend):
     name = "pulp_highs"
     requires = ("pulp", "highspy")
 
-    def make_solver(self, time_limit: Optional[float], seed: int) -> Any:
+    def make_solvers(self, time_limit: Optional[float], seed: int) -> list:
         import pulp
 
-        return pulp.HiGHS(msg=False, timeLimit=time_limit, random_seed=seed, threads=1)
+        return [pulp.HiGHS(msg=False, timeLimit=time_limit, random_seed=seed, threads=1)]
 
     @staticmethod
     def dual_bound(prob: Any) -> Optional[float]:
