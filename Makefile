@@ -16,10 +16,11 @@ run: $(STAMP)
 	$(BIN)/alignment-solver simulate
 
 test: $(STAMP)
+	$(BIN)/ruff check alignment_solver formulations benchmarks tests examples
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check alignment_solver formulations benchmarks tests
+	$(BIN)/ruff check alignment_solver formulations benchmarks tests examples
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/solver_scaling.py

@@ -20,7 +20,7 @@ def check_against(problem, expected, backend, **kw):
         assert result.status is SolveStatus.INFEASIBLE, (backend, result.summary())
         assert result.explanation
         with pytest.raises(NoSolutionError):
-            result.assignment
+            _ = result.assignment
     else:
         assert result.status is SolveStatus.OPTIMAL, (backend, result.summary())
         assert result.objective == pytest.approx(expected, rel=1e-7, abs=1e-7), backend

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from alignment_solver import SolveStatus
 from alignment_solver.coordinator import AlignmentCoordinator, CoordinatorConfig, ReportError, StateError
 from alignment_solver.result import AlignmentResult
-from alignment_solver.rounds import RoundPlan, RoundSummary
+from alignment_solver.rounds import RoundPlan
 
 
 def reports_for(plan, accuracy, rng=None, finished=True, seconds=1.0):
