@@ -7,7 +7,7 @@
 
 from .backends import available_backends
 from .errors import (AlignmentError, BackendUnavailableError, InvalidOptionError, NoSolutionError,
-                     ProblemValidationError, UnknownBackendError, UnsupportedProblemError)
+                     UnknownBackendError, UnsupportedProblemError)
 from .problem import AlignmentProblem
 from .result import AlignmentResult, SolveStatus
 from .solve import solve
@@ -17,5 +17,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AlignmentProblem", "AlignmentResult", "SolveStatus", "solve", "available_backends",
     "AlignmentError", "BackendUnavailableError", "InvalidOptionError", "NoSolutionError",
-    "ProblemValidationError", "UnknownBackendError", "UnsupportedProblemError",
+    "UnknownBackendError", "UnsupportedProblemError",
 ]

@@ -4,12 +4,13 @@ Every exception the package raises on purpose derives from :class:`AlignmentErro
 from the builtin class a caller would naturally catch::
 
     AlignmentError
-    ├── ProblemValidationError (ValueError)    bad problem data; names the field
     ├── UnknownBackendError (ValueError)       backend name not registered; lists valid names
     ├── BackendUnavailableError (ImportError)  backend registered but its package is missing
     ├── UnsupportedProblemError (ValueError)   backend cannot express this problem
     ├── InvalidOptionError (ValueError)        bad solve() option; names it and the allowed values
-    └── NoSolutionError (RuntimeError)         reading the solution of a result that has none
+    ├── NoSolutionError (RuntimeError)         reading the solution of a result that has none
+    ├── coordinator.ReportError (ValueError)   round reports that do not fit the plan; nothing changed
+    └── coordinator.StateError (ValueError)    a state file that is corrupt or for other experts
 
 Validation of :class:`~alignment_solver.AlignmentProblem` goes through pydantic, so bad problem
 data surfaces as :class:`pydantic.ValidationError` (also a ``ValueError``) whose text names the
@@ -22,10 +23,6 @@ from __future__ import annotations
 
 class AlignmentError(Exception):
     """Base class of every error raised on purpose by alignment-solver."""
-
-
-class ProblemValidationError(AlignmentError, ValueError):
-    """Problem data breaks a rule; the message names the field, the rule and the value."""
 
 
 class UnknownBackendError(AlignmentError, ValueError):

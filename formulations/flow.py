@@ -196,15 +196,3 @@ class FlowNetwork:
             improving &= self.allowed
         bad = improving.any(axis=1) | ((f > self.lo) & (d[E] > d_in + 2 * tol))
         return improving, bad
-
-
-def top_candidates(score: np.ndarray, allowed: np.ndarray, m: int) -> np.ndarray:
-    """(C, E) mask of each client's ``m`` best allowed experts by ``score``."""
-    C, E = score.shape
-    if m >= E:
-        return allowed.copy()
-    s = score if _all(allowed) else np.where(allowed, score, -np.inf)
-    top = np.argpartition(s, E - m, axis=1)[:, E - m:]
-    mask = np.zeros((C, E), dtype=bool)
-    np.put_along_axis(mask, top, True, axis=1)
-    return mask & allowed

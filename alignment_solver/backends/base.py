@@ -32,7 +32,6 @@ class Backend:
 
     name: str = ""
     requires: tuple[str, ...] = ()
-    exact: bool = True
     #: backend options: name -> (default, description); values are checked by ``check_option``.
     options: dict[str, tuple[Any, str]] = {}
 

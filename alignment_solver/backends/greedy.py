@@ -107,7 +107,6 @@ def complete(problem: AlignmentProblem, start: Optional[np.ndarray] = None) -> n
 
 class GreedyBackend(Backend):
     name = "greedy"
-    exact = False
 
     def solve(self, problem: AlignmentProblem, request: SolveRequest) -> AlignmentResult:
         t0 = time.perf_counter()
