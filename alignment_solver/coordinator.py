@@ -22,7 +22,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Literal, Optional, Sequence, Union
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
@@ -62,6 +62,8 @@ class CoordinatorConfig(BaseModel):
     time_limit: Optional[float] = Field(None, gt=0)
     seed: int = Field(0, ge=0)
     deadline: Optional[float] = Field(None, gt=0, description="default round deadline in seconds")
+    fallback: Literal["greedy", "none"] = Field(
+        "greedy", description="when the solve finds nothing (e.g. its time limit), plan with the greedy backend")
     expert_memory: Optional[list[float]] = Field(None, description="(E,) memory of each expert: budget rows")
 
     @field_validator("expert_memory")
@@ -147,6 +149,11 @@ class AlignmentCoordinator:
         if assign is None:
             result = solve(problem, backend=self.config.backend, time_limit=self.config.time_limit,
                            seed=self.config.seed + round, soft=self.config.soft)
+            if not result.has_solution and self.config.fallback == "greedy":
+                first = result
+                result = solve(problem, backend="greedy", seed=self.config.seed + round, soft=self.config.soft)
+                result.explanation = (f"{first.backend}: {first.status.value} ({first.explanation}); "
+                                      f"planned with the greedy fallback")
         else:
             started = time.perf_counter()
             x = np.asarray(assign(problem), dtype=bool)

@@ -98,7 +98,7 @@ def main() -> None:
         suites.append(("digits", dict(dataset="digits", clients=50, experts=8, rounds=30), args.seeds))
     if args.only in (None, "synthetic"):
         suites.append(("synthetic", dict(dataset="synthetic", clients=1000, experts=32, rounds=args.synthetic_rounds,
-                                         synthetic_samples=40000, target_accuracy=0.6,
+                                         synthetic_samples=40000, target_accuracy=0.4,
                                          solver_time_limit=args.budget_limit), args.synthetic_seeds))
     bar = Progress(sum(len(PARTITIONS) * n for _, _, n in suites))
     parts = []

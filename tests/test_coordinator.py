@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from alignment_solver import SolveStatus
+from alignment_solver.backends.base import Backend
 from alignment_solver.coordinator import AlignmentCoordinator, CoordinatorConfig, ReportError, StateError
 from alignment_solver.result import AlignmentResult
 from alignment_solver.rounds import RoundPlan
@@ -221,3 +222,26 @@ def test_closed_loop_learns_the_true_affinities_and_keeps_the_band():
     assert max(cvs[3:]) <= tol + 1e-9, cvs
     summary_cv = coord.monitor.stats()["cv_cumulative"]
     assert summary_cv <= tol
+
+
+class NothingBackend(Backend):
+    """A fake backend that never finds anything (as a solver out of time would)."""
+
+    name = "nothing"
+
+    def solve(self, problem, request):
+        return AlignmentResult(problem, SolveStatus.NO_SOLUTION_FOUND, self.name, explanation="out of time")
+
+
+def test_a_round_goes_ahead_when_the_solver_finds_nothing(accuracy, monkeypatch):
+    import alignment_solver.backends as registry
+
+    monkeypatch.setitem(registry.REGISTRY, "nothing", ("tests.test_coordinator", "NothingBackend", ()))
+    config = CoordinatorConfig(backend="nothing", expert_memory=[1.0, 2.0, 1.0, 2.0],
+                               capacity={"default_capacity": 2, "max_capacity": 2})
+    clients = [{"client_id": c, "memory": 3.0} for c in range(40)]
+    plan = AlignmentCoordinator(4, config=config).plan_round(0, clients)
+    assert plan.backend == "greedy" and "nothing: no_solution_found (out of time)" in plan.explanation
+    assert sum(plan.planned_load) > 0 and [v for v in plan.result.violations() if "_load" not in v] == []
+    off = AlignmentCoordinator(4, config=config.model_copy(update={"fallback": "none"}))
+    assert sum(off.plan_round(0, clients).planned_load) == 0
