@@ -25,14 +25,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Optional, Sequence, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from .capacity import CapacityConfig, CapacityProfiler
 from .errors import AlignmentError
 from .load_monitor import ExpertLoadMonitor, MonitorConfig, cv
 from .problem import AlignmentProblem
 from .result import AlignmentResult, SolveStatus
-from .rounds import ClientReport, ClientStatus, Label, PlannedClient, RoundPlan, RoundSummary
+from .rounds import ClientReport, ClientStatus, Label, NonNegative, PlannedClient, RoundPlan, RoundSummary
 from .scoring import FitnessScorer, ScorerConfig
 from .solve import solve
 
@@ -64,14 +64,7 @@ class CoordinatorConfig(BaseModel):
     deadline: Optional[float] = Field(None, gt=0, description="default round deadline in seconds")
     fallback: Literal["greedy", "none"] = Field(
         "greedy", description="when the solve finds nothing (e.g. its time limit), plan with the greedy backend")
-    expert_memory: Optional[list[float]] = Field(None, description="(E,) memory of each expert: budget rows")
-
-    @field_validator("expert_memory")
-    @classmethod
-    def _v_memory(cls, v: Optional[list[float]]) -> Optional[list[float]]:
-        if v is not None and any(not np.isfinite(x) or x < 0 for x in v):
-            raise ValueError(f"expert_memory must hold finite numbers >= 0; got {v[:8]}")
-        return v
+    expert_memory: Optional[list[NonNegative]] = Field(None, description="(E,) memory of each expert: budget rows")
 
 
 class AlignmentCoordinator:

@@ -8,12 +8,12 @@ which returns a ``RoundSummary``.  Experts are indices ``0..E-1``.
 
 from __future__ import annotations
 
-import math
-from typing import Optional, Union
+from typing import Annotated, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 Label = Union[int, str]
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
 class _Model(BaseModel):
@@ -29,14 +29,7 @@ class ClientStatus(_Model):
     bandwidth: Optional[float] = Field(None, gt=0, allow_inf_nan=False, description="download bytes per second")
     samples: Optional[int] = Field(None, ge=0, description="local training samples per expert pass")
     max_experts: Optional[int] = Field(None, ge=0, description="most experts it will train")
-    routing: Optional[list[float]] = Field(None, description="samples the gate routes to each expert")
-
-    @field_validator("routing")
-    @classmethod
-    def _v_routing(cls, v: Optional[list[float]]) -> Optional[list[float]]:
-        if v is not None and any(not math.isfinite(x) or x < 0 for x in v):
-            raise ValueError(f"routing must hold finite counts >= 0; got {v[:8]}")
-        return v
+    routing: Optional[list[NonNegative]] = Field(None, description="samples the gate routes to each expert")
 
 
 class ExpertReport(_Model):
@@ -57,13 +50,8 @@ class ClientReport(_Model):
     download_seconds: float = Field(0.0, ge=0, allow_inf_nan=False)
     bytes_down: int = Field(0, ge=0)
     bytes_up: int = Field(0, ge=0)
-    routing: Optional[list[float]] = None
+    routing: Optional[list[NonNegative]] = None
     experts: list[ExpertReport] = Field(default_factory=list)
-
-    @field_validator("routing")
-    @classmethod
-    def _v_routing(cls, v: Optional[list[float]]) -> Optional[list[float]]:
-        return ClientStatus._v_routing(v)
 
 
 class PlannedClient(_Model):

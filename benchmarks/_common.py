@@ -53,3 +53,11 @@ def machine() -> str:
 
     return (f"{platform.machine()}, {mp.cpu_count()} cores, Python {platform.python_version()}, "
             f"OR-Tools {ortools.__version__}")
+
+
+def publish(text: str, out: str) -> None:
+    """Print a results page and write it to ``out``."""
+    from pathlib import Path
+
+    print(text)
+    Path(out).write_text(text)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Progress, machine, markdown  # noqa: E402
+from _common import Progress, machine, markdown, publish  # noqa: E402
 
 from alignment_solver.coordinator import AlignmentCoordinator  # noqa: E402
 
@@ -77,8 +77,7 @@ def main() -> None:
     text = (f"# Coordinator overhead\n\nMachine: {machine()}. Command: `python benchmarks/coordinator_overhead.py "
             f"--rounds {args.rounds} --warmup {args.warmup}`. Median over {args.rounds} rounds after "
             f"{args.warmup} warm-up rounds; flow backend, soft band, tolerance 0.1.\n\n{table}\n")
-    print(text)
-    Path(args.out).write_text(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

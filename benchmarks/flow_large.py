@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Progress, isolated, machine, markdown  # noqa: E402
+from _common import Progress, isolated, machine, markdown, publish  # noqa: E402
 
 
 def one(clients: int, experts: int) -> dict:
@@ -47,8 +47,7 @@ def main() -> None:
     text = (f"# Flow at 100,000 x 128\n\nMachine: {machine()}. Command: `python benchmarks/flow_large.py "
             f"--repeats {args.repeats}`. Each run in a fresh process; target <= 2 s and <= 4 GB.\n\n{table}\n\n"
             f"min {min(walls):.2f} s, median {statistics.median(walls):.2f} s, max {max(walls):.2f} s.\n")
-    print(text)
-    Path(args.out).write_text(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Progress, machine, markdown  # noqa: E402
+from _common import Progress, machine, markdown, publish  # noqa: E402
 
 from alignment_solver import solve  # noqa: E402
 from alignment_solver.instances import read_orlib_gap  # noqa: E402
@@ -77,8 +77,7 @@ def main() -> None:
             f"## gap1-gap12\n\n{summary}\n\n## Types a-e, {args.large_backend}, {args.large_limit:g} s limit\n\n"
             f"Gap to the best known bound of the instance's sense.\n\n{types}\n\n## Detail (every large run, and "
             f"any small run that missed the optimum)\n\n{detail}\n")
-    print(text)
-    Path(args.out).write_text(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Progress, isolated, machine, markdown  # noqa: E402
+from _common import Progress, isolated, machine, markdown, publish  # noqa: E402
 
 LIMIT = 60.0            # time limit handed to backends that take one
 BUDGET_LIMIT = 8.0      # time limit of the warm-started CP-SAT run on the budgeted instance
@@ -119,8 +119,7 @@ def main() -> None:
             f"instance in this run, and for the budgeted instance with its LP bound "
             f"({lp.get('bound')}, scipy HiGHS LP in {lp.get('seconds', 0):.0f} s); `vs PuLP+CBC` is CBC's "
             f"wall time divided by this backend's. `cpsat:none` is CP-SAT without the warm start.\n\n{table}\n")
-    print(text)
-    Path(args.out).write_text(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, markdown  # noqa: E402
+from _common import machine, markdown, publish  # noqa: E402
 
 from alignment_solver.progress import Progress  # noqa: E402
 from alignment_solver.training.simulate import SimConfig, simulate  # noqa: E402
@@ -111,8 +111,7 @@ def main() -> None:
     text = (f"# Strategy comparison\n\nMachine: {machine()}. Command: `python benchmarks/strategies.py "
             f"{' '.join(sys.argv[1:])}`. Mean +- std over seeds; softmax-regression experts, top-2 routing, "
             f"capacity 1..3, 2 local epochs, lr 0.5, tolerance 0.1.\n\n" + "\n\n".join(parts) + "\n")
-    print(text)
-    Path(args.out).write_text(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":
