@@ -145,6 +145,7 @@ class AlignmentCoordinator:
             if not result.has_solution and self.config.fallback == "greedy":
                 first = result
                 result = solve(problem, backend="greedy", seed=self.config.seed + round, soft=self.config.soft)
+                result.solve_seconds += first.solve_seconds + first.build_seconds
                 result.explanation = (f"{first.backend}: {first.status.value} ({first.explanation}); "
                                       f"planned with the greedy fallback")
         else:
