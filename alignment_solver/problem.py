@@ -306,6 +306,14 @@ class AlignmentProblem(BaseModel):
         return _frozen(self.fitness - self.switch_penalty * (~self.previous))
 
     @cached_property
+    def max_abs_objective(self) -> float:
+        """Largest ``|G[c, e]|`` over the allowed pairs (0 when none is allowed)."""
+        G, allowed = self.objective_matrix, self.allowed_matrix
+        if self.allowed is None:
+            return float(np.abs(G).max())
+        return float(np.abs(G[allowed]).max()) if allowed.any() else 0.0
+
+    @cached_property
     def weight_matrix(self) -> Optional[np.ndarray]:
         """(C, E) load weights, or None when every client counts 1 (count loads)."""
         w = self.load_weight

@@ -20,7 +20,7 @@ from .result import AlignmentResult, SolveStatus
 def default_soft_penalty(problem: AlignmentProblem) -> float:
     """Price per unit of band violation large enough that (for count loads) the least total
     violation is reached before any fitness is traded; scaled by the smallest positive weight."""
-    P = penalty_for(problem.objective_matrix, problem.allowed_matrix)
+    P = penalty_for(problem.n_experts, problem.max_abs_objective)
     w = problem.weight_matrix
     if w is not None and np.any(w > 0):
         P /= float(w[w > 0].min())

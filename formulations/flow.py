@@ -37,18 +37,13 @@ def _all(mask: np.ndarray) -> bool:
     return bool(mask.all())
 
 
-def penalty_for(G: np.ndarray, allowed: np.ndarray) -> float:
+def penalty_for(experts: int, max_abs: float) -> float:
     """A band-violation price larger than the fitness any unit of violation can buy.
 
     A simple residual cycle alternates clients with expert/source/sink nodes, so it holds at
-    most ``2 (E + 2)`` client-expert arcs, each worth at most ``max |G|``.
+    most ``2 (E + 2)`` client-expert arcs, each worth at most ``max_abs = max |G|``.
     """
-    E = G.shape[1]
-    if _all(allowed):
-        big = float(np.abs(G).max())
-    else:
-        big = float(np.abs(G[allowed]).max()) if allowed.any() else 0.0
-    return 2.0 * (E + 2) * big + 1.0
+    return 2.0 * (experts + 2) * max_abs + 1.0
 
 
 @dataclass
@@ -62,6 +57,7 @@ class FlowNetwork:
     L: np.ndarray            # (E,) integer lower load bound
     U: np.ndarray            # (E,) integer upper load bound
     penalty: float           # price per unit of band violation
+    max_abs: float           # largest |G| over allowed pairs (sets the cost scale)
     base_load: np.ndarray = field(default=None)  # (E,) load of clients outside this network
 
     def __post_init__(self) -> None:
@@ -78,14 +74,16 @@ class FlowNetwork:
         k = np.minimum(problem.capacity_array, allowed.sum(axis=1))
         L = np.ceil(problem.min_load_array - 1e-9).astype(np.int64)
         U = np.floor(np.minimum(problem.max_load_array, C) + 1e-9).astype(np.int64)
-        P = penalty_for(G, allowed) if penalty is None else float(penalty)
+        big = problem.max_abs_objective
+        P = penalty_for(problem.n_experts, big) if penalty is None else float(penalty)
         return cls(G=G, allowed=allowed, lo=problem.min_experts_array.astype(np.int64), k=k.astype(np.int64),
-                   L=L, U=U, penalty=P)
+                   L=L, U=U, penalty=P, max_abs=big)
 
     def restrict(self, rows: np.ndarray, fixed_load: np.ndarray) -> "FlowNetwork":
         """The network of the clients ``rows`` with ``fixed_load`` placed by the others."""
         return FlowNetwork(G=self.G[rows], allowed=self.allowed[rows], lo=self.lo[rows], k=self.k[rows], L=self.L,
-                           U=self.U, penalty=self.penalty, base_load=self.base_load + fixed_load)
+                           U=self.U, penalty=self.penalty, max_abs=self.max_abs,
+                           base_load=self.base_load + fixed_load)
 
     @property
     def shape(self) -> tuple[int, int]:

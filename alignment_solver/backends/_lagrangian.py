@@ -63,7 +63,7 @@ def slot_primal(problem: AlignmentProblem, reference: np.ndarray) -> Optional[np
     demand = np.array([L[expert_level >= v].sum() for v in range(len(levels))])
     counts = cover_demand(counts, levels, problem.budget, problem.min_experts_array, problem.capacity_array, demand)
     U = np.floor(np.minimum(problem.max_load_array, C) + 1e-9).astype(np.int64)
-    P = penalty_for(G, allowed)
+    P = penalty_for(problem.n_experts, problem.max_abs_objective)
     pairs = np.nonzero(allowed)
     tails, heads, caps, costs, supplies, sl = chain_arcs(G, pairs, index, counts, problem.min_experts_array, L, U, P)
     scale = float(2 ** 58 // (len(supplies) + 1)) / max(P, 1e-12)
@@ -93,7 +93,7 @@ def lagrangian(problem: AlignmentProblem, *, deadline: float, seed: int, max_ite
     for it in range(1, max_iterations + 1):
         relaxed = _relaxed(problem, lam)
         res = flow.solve(relaxed, SolveRequest(time_limit=None, seed=seed, soft=False,
-                                               soft_penalty=penalty_for(relaxed.fitness, relaxed.allowed_matrix)))
+                                               soft_penalty=penalty_for(relaxed.n_experts, relaxed.max_abs_objective)))
         if res.status is not SolveStatus.OPTIMAL:
             break
         x = res.assignment

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..formulations.flow import FlowNetwork, _all, penalty_for
+from ..formulations.flow import FlowNetwork, _all
 from ..problem import AlignmentProblem
 from ..result import AlignmentResult, SolveStatus
 from .base import Backend, SolveRequest
@@ -122,7 +122,7 @@ def _cost_scale(net: FlowNetwork) -> float:
     """Largest cost multiplier that keeps OR-Tools' internal cost scaling inside int64."""
     C, E = net.shape
     limit = float(2 ** 58 // (C + E + 3))
-    biggest = max(net.penalty, (penalty_for(net.G, net.allowed) - 1.0) / (2 * (E + 2)), 1e-12)
+    biggest = max(net.penalty, net.max_abs, 1e-12)
     return limit / biggest
 
 
@@ -155,7 +155,7 @@ def _working_set(net: FlowNetwork, m: int, rng: np.random.Generator, scale: floa
     frac = n / C
     sample = FlowNetwork(G=net.G[rows], allowed=net.allowed[rows], lo=net.lo[rows], k=net.k[rows],
                          L=np.floor(net.L * frac).astype(np.int64), U=np.ceil(net.U * frac).astype(np.int64),
-                         penalty=net.penalty)
+                         penalty=net.penalty, max_abs=net.max_abs)
     d0 = np.zeros(E + 2)
     xs = _solve_network(sample, None, scale)
     if xs is not None:
