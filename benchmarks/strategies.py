@@ -76,7 +76,9 @@ def verdicts(raw: list) -> list[str]:
             rounds = f"rounds to target: aligned {ra}, greedy {rg}"
         else:
             cut = 1 - statistics.mean(ra) / statistics.mean(rg)
-            rounds = f"rounds to target {cut:+.0%} vs greedy (goal: at least 25 % fewer)"
+            word = "fewer" if cut >= 0 else "more"
+            rounds = (f"rounds to target: {abs(cut):.0%} {word} than greedy ({statistics.mean(ra):.1f} vs "
+                      f"{statistics.mean(rg):.1f}; goal: at least 25 % fewer)")
         out.append(f"- {p}: load CV {cva:.3f} vs greedy {cvg:.3f} (goal <= 0.05 where greedy >= 0.25); "
                    f"final accuracy {100 * acc:+.1f} points (goal >= +2); {rounds}")
     return out
