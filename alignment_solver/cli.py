@@ -229,21 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--config", help="CoordinatorConfig as JSON (file path or - for stdin)")
     i.add_argument("--force", action="store_true", help="overwrite an existing state file")
     i.set_defaults(func=_init_cmd)
-    pl = sub.add_parser("plan", help="plan a round: read available clients, write the RoundPlan, save the state")
-    pl.add_argument("--state", required=True, help="coordinator state file (updated in place, atomically)")
-    pl.add_argument("--clients", dest="input", required=True,
-                    help="JSON list of client ids or ClientStatus objects (or {\"clients\": [...]}); - for stdin")
-    pl.add_argument("--round", type=int, help="round number (default: one after the last observed round)")
-    pl.add_argument("--deadline", type=float, help="round deadline in seconds")
-    pl.add_argument("-o", "--output", help="write the plan JSON here (default: stdout)")
-    pl.set_defaults(func=_coordinator_cmd)
-    ob = sub.add_parser("observe", help="observe a round: read ClientReports, write the RoundSummary, save")
-    ob.add_argument("--state", required=True, help="coordinator state file (updated in place, atomically)")
-    ob.add_argument("--reports", dest="input", required=True,
-                    help="JSON list of ClientReport objects (or {\"reports\": [...]}); - for stdin")
-    ob.add_argument("--round", type=int, help="round number (default: the open plan's round)")
-    ob.add_argument("-o", "--output", help="write the summary JSON here (default: stdout)")
-    ob.set_defaults(func=_coordinator_cmd)
+    for name, flag, what, round_default, output in (
+            ("plan", "--clients", "JSON list of client ids or ClientStatus objects (or {\"clients\": [...]})",
+             "one after the last observed round", "plan"),
+            ("observe", "--reports", "JSON list of ClientReport objects (or {\"reports\": [...]})",
+             "the open plan's round", "summary")):
+        cmd = sub.add_parser(name, help=f"{name} a round through files; the state is saved after it")
+        cmd.add_argument("--state", required=True, help="coordinator state file (updated in place, atomically)")
+        cmd.add_argument(flag, dest="input", required=True, help=f"{what}; - for stdin")
+        cmd.add_argument("--round", type=int, help=f"round number (default: {round_default})")
+        if name == "plan":
+            cmd.add_argument("--deadline", type=float, help="round deadline in seconds")
+        cmd.add_argument("-o", "--output", help=f"write the {output} JSON here (default: stdout)")
+        cmd.set_defaults(func=_coordinator_cmd)
     return parser
 
 
