@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .formulations.flow import count_band
 from .problem import AlignmentProblem
 
 
@@ -81,8 +82,7 @@ def flow_cut_reason(problem: AlignmentProblem) -> Optional[str]:
     k = np.minimum(problem.capacity_array, allowed.sum(axis=1)).astype(np.int64)
     if np.any(lo > k):
         return None  # reported by client_reasons
-    L = np.ceil(problem.min_load_array - 1e-9).astype(np.int64)
-    U = np.minimum(np.floor(np.minimum(problem.max_load_array, C) + 1e-9), C).astype(np.int64)
+    L, U = count_band(problem)
     S, T, src, snk = C + E, C + E + 1, C + E + 2, C + E + 3
     ci, ei = np.nonzero(allowed)
     excess = np.zeros(C + E + 2, np.int64)

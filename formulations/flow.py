@@ -37,6 +37,14 @@ def _all(mask: np.ndarray) -> bool:
     return bool(mask.all())
 
 
+def count_band(problem: AlignmentProblem) -> tuple[np.ndarray, np.ndarray]:
+    """Integer load band (L, U) for count loads: ``ceil(min)``, ``floor(max)`` capped at C clients."""
+    C = problem.n_clients
+    L = np.ceil(problem.min_load_array - 1e-9).astype(np.int64)
+    U = np.floor(np.minimum(problem.max_load_array, C) + 1e-9).astype(np.int64)
+    return L, U
+
+
 def penalty_for(experts: int, max_abs: float) -> float:
     """A band-violation price larger than the fitness any unit of violation can buy.
 
@@ -68,12 +76,10 @@ class FlowNetwork:
     def from_problem(cls, problem: AlignmentProblem, penalty: Optional[float] = None) -> "FlowNetwork":
         if not problem.is_flow:
             raise ValueError("the flow formulation needs count loads and no budget rows")
-        C = problem.n_clients
         allowed = problem.allowed_matrix
         G = problem.objective_matrix
         k = np.minimum(problem.capacity_array, allowed.sum(axis=1))
-        L = np.ceil(problem.min_load_array - 1e-9).astype(np.int64)
-        U = np.floor(np.minimum(problem.max_load_array, C) + 1e-9).astype(np.int64)
+        L, U = count_band(problem)
         big = problem.max_abs_objective
         P = penalty_for(problem.n_experts, big) if penalty is None else float(penalty)
         return cls(G=G, allowed=allowed, lo=problem.min_experts_array.astype(np.int64), k=k.astype(np.int64),

@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..formulations.flow import penalty_for
+from ..formulations.flow import count_band, penalty_for
 from ..formulations.slots import chain_arcs, choose_slots, cover_demand, levels_of
 from ..problem import AlignmentProblem
 from ..result import SolveStatus
@@ -55,14 +55,12 @@ def slot_primal(problem: AlignmentProblem, reference: np.ndarray) -> Optional[np
     from ortools.graph.python import min_cost_flow
 
     G, usage, allowed = problem.objective_matrix, problem.usage_matrix, problem.allowed_matrix
-    C = problem.n_clients
     levels, index = levels_of(usage, allowed)
     counts = choose_slots(reference, index, levels, problem.budget, problem.capacity_array)
-    L = np.ceil(problem.min_load_array - 1e-9).astype(np.int64)
+    L, U = count_band(problem)
     expert_level = index.max(axis=0)                  # an expert needs a slot at least this large
     demand = np.array([L[expert_level >= v].sum() for v in range(len(levels))])
     counts = cover_demand(counts, levels, problem.budget, problem.min_experts_array, problem.capacity_array, demand)
-    U = np.floor(np.minimum(problem.max_load_array, C) + 1e-9).astype(np.int64)
     P = penalty_for(problem.n_experts, problem.max_abs_objective)
     pairs = np.nonzero(allowed)
     tails, heads, caps, costs, supplies, sl = chain_arcs(G, pairs, index, counts, problem.min_experts_array, L, U, P)

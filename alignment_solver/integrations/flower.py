@@ -25,7 +25,6 @@ return ``ArrayRecord`` of those keys plus the metrics above.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
@@ -40,15 +39,7 @@ from flwr.supercore import log
 
 from ..coordinator import AlignmentCoordinator, CoordinatorConfig
 from ..load_monitor import cv
-
-_EXPERT_KEY = re.compile(r"^expert(\d+)\.")
-
-
-def expert_of(key: str) -> Optional[int]:
-    """Expert id owning an array key (``expert3.W`` -> 3), or None for shared arrays."""
-    m = _EXPERT_KEY.match(key)
-    return int(m.group(1)) if m else None
-
+from ..training.model import average_by_owner, expert_of
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: record[k].numpy() for k in record.keys()}
@@ -151,8 +142,7 @@ class AlignedStrategy(Strategy):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
-        sums: dict[str, np.ndarray] = {}
-        weights: dict[str, float] = {}
+        updates = []
         reports, received = [], {}
         for msg in replies:
             node = int(msg.metadata.src_node_id)
@@ -162,13 +152,8 @@ class AlignedStrategy(Strategy):
             metrics = msg.content.get("metrics", MetricRecord())
             arrays = to_numpy(msg.content["arrays"])
             experts = [int(e) for e in metrics.get("experts", [])]
-            per_samples = dict(zip(experts, metrics.get("expert-samples", [])))
-            n = float(metrics.get("num-examples", 1))
-            for k, v in arrays.items():
-                j = self.expert_of(k)
-                w = n if j is None else float(max(per_samples.get(j, 0), 1))
-                sums[k] = sums.get(k, 0.0) + w * v
-                weights[k] = weights.get(k, 0.0) + w
+            updates.append((arrays, float(metrics.get("num-examples", 1)),
+                            dict(zip(experts, metrics.get("expert-samples", [])))))
             self.reports[node] = {"max-experts": metrics.get("max-experts"), "routing": metrics.get("routing")}
             self.reports[node] = {k: v for k, v in self.reports[node].items() if v is not None}
             received[str(node)] = {"experts": experts, "keys": sorted(arrays)}
@@ -183,10 +168,8 @@ class AlignedStrategy(Strategy):
         planned = set(self.history.get(server_round, {}).get("plan", {}))
         reports = [r for r in reports if str(r["client_id"]) in planned]
         summary = self.coordinator.observe_round(server_round, reports)
-        new = dict(self.current)
-        for k, total in sums.items():
-            new[k] = total / weights[k]
-        trained = sorted({j for k in sums if (j := self.expert_of(k)) is not None})
+        new, trained_set = average_by_owner(self.current, updates, self.expert_of)
+        trained = sorted(trained_set)
         changed = sorted({j for k in new if (j := self.expert_of(k)) is not None
                           and not np.array_equal(new[k], self.current[k])})
         entry = self.history.setdefault(server_round, {})
@@ -197,7 +180,7 @@ class AlignedStrategy(Strategy):
             self.coordinator.save(self.state_path)
         if self.history_path:
             self.write_history(self.history_path)
-        if not sums:
+        if not updates:
             return None, None
         self.current = new
         metrics = MetricRecord({"nodes": len(reports), "dropouts": len(summary.dropouts),

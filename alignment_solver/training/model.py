@@ -16,11 +16,42 @@ client can receive and send only some experts.
 
 from __future__ import annotations
 
-from typing import Optional
+import re
+from typing import Callable, Optional
 
 import numpy as np
 
 Params = dict[str, np.ndarray]
+_EXPERT_KEY = re.compile(r"^expert(\d+)\.")
+
+
+def expert_of(key: str) -> Optional[int]:
+    """Expert id owning a parameter key (``expert3.W`` -> 3), or None for shared arrays."""
+    m = _EXPERT_KEY.match(key)
+    return int(m.group(1)) if m else None
+
+
+def average_by_owner(current: Params, updates: list[tuple[Params, float, dict[int, float]]],
+                     owner: Callable[[str], Optional[int]] = expert_of) -> tuple[Params, set[int]]:
+    """Federated averaging per owner of each key.
+
+    ``updates`` holds, per client, the arrays it trained, its weight for shared arrays (samples)
+    and its weight per expert (samples routed there; at least 1).  Each key is averaged over the
+    clients that sent it; keys nobody sent keep their ``current`` value.  Returns the new
+    parameters and the experts that somebody trained.
+    """
+    sums: dict[str, np.ndarray] = {}
+    weights: dict[str, float] = {}
+    for arrays, shared, per_expert in updates:
+        for k, v in arrays.items():
+            j = owner(k)
+            w = shared if j is None else max(float(per_expert.get(j, 0.0)), 1.0)
+            sums[k] = sums.get(k, 0.0) + w * v
+            weights[k] = weights.get(k, 0.0) + w
+    new = dict(current)
+    for k, total in sums.items():
+        new[k] = total / weights[k]
+    return new, {j for k in sums if (j := owner(k)) is not None}
 
 
 def expert_keys(j: int, hidden: int) -> list[str]:

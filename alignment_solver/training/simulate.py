@@ -25,7 +25,7 @@ from ..coordinator import AlignmentCoordinator, CoordinatorConfig
 from ..load_monitor import cv
 from ..progress import Progress
 from .data import Dataset, load_digits, load_npz, make_synthetic, partition
-from .model import MoE, Params, expert_keys, init_params
+from .model import MoE, Params, average_by_owner, expert_keys, init_params
 from .strategies import STRATEGIES, make_assign
 
 Strategy = Literal["random", "greedy", "round_robin", "aligned", "aligned_budget"]
@@ -175,8 +175,7 @@ def run_strategy(cfg: SimConfig, world: World, strategy: str, progress: Optional
                    "routing": routing_histogram(model, params, data.x_train[world.train[c]])}
                   for c in available]
         plan = coord.plan_round(r, status, assign=assign)
-        sums: dict[str, np.ndarray] = {}
-        weights: dict[str, float] = {}
+        updates = []
         reports = []
         down = up = 0
         for pc in plan.clients:
@@ -187,18 +186,12 @@ def run_strategy(cfg: SimConfig, world: World, strategy: str, progress: Optional
             local, rep = local_train(model, params, data.x_train[idx], data.y_train[idx], experts, cfg, rng)
             sent = _nbytes(params, list(local))
             down, up = down + sent, up + sent
-            for k, v in local.items():
-                j = k.split(".")[0]
-                wgt = float(len(idx)) if j == "gate" else float(max(
-                    next(e["samples"] for e in rep["experts"] if e["expert"] == int(j[6:])), 1))
-                sums[k] = sums.get(k, 0.0) + wgt * v
-                weights[k] = weights.get(k, 0.0) + wgt
+            updates.append((local, float(len(idx)), {e["expert"]: e["samples"] for e in rep["experts"]}))
             last_experts[c] = experts
             reports.append({"client_id": c, "train_seconds": cfg.local_epochs * len(idx) * len(experts) / world.speed[c],
                             "bytes_down": sent, "bytes_up": sent, "experts": rep["experts"],
                             "routing": routing_histogram(model, params, data.x_train[idx])})
-        for k, total in sums.items():
-            params[k] = total / weights[k]
+        params, _ = average_by_owner(params, updates)
         summary = coord.observe_round(r, reports)
         trained = np.array(summary.expert_clients)
         acc = float((model.predict(params, data.x_test) == data.y_test).mean())
