@@ -105,25 +105,13 @@ def partition(data: Dataset, clients: int, how: str, rng: np.random.Generator, *
     elif how == "classes":
         k = min(classes_per_client, data.classes)
         owned = [rng.choice(data.classes, size=k, replace=False) for _ in range(clients)]
-        holders = {c: [i for i, o in enumerate(owned) if c in o] for c in range(data.classes)}
-        parts_l = [[] for _ in range(clients)]
-        for c, who in holders.items():
-            if not who:
-                continue
-            for k_, chunk in zip(who, np.array_split(rng.permutation(np.flatnonzero(y == c)), len(who))):
-                parts_l[k_].extend(chunk.tolist())
-        parts = [np.array(p, dtype=np.int64) for p in parts_l]
+        parts = _deal(y, data.classes, owned, rng)
     elif how == "domains":
         if data.domain_train is None:
             raise ValueError("partition 'domains' needs the synthetic dataset")
         D = int(data.domain_train.max()) + 1
         owned = [rng.choice(D, size=int(rng.integers(1, 3)), replace=False) for _ in range(clients)]
-        holders = {d: [i for i, o in enumerate(owned) if d in o] for d in range(D)}
-        parts_l = [[] for _ in range(clients)]
-        for d, who in holders.items():
-            for k_, chunk in zip(who, np.array_split(rng.permutation(np.flatnonzero(data.domain_train == d)), max(len(who), 1))):
-                parts_l[k_].extend(chunk.tolist())
-        parts = [np.array(p, dtype=np.int64) for p in parts_l]
+        parts = _deal(data.domain_train, D, owned, rng)
     else:
         raise ValueError(f"partition must be one of ['iid', 'dirichlet', 'classes', 'domains']; got {how!r}")
     out = []
@@ -132,3 +120,15 @@ def partition(data: Dataset, clients: int, how: str, rng: np.random.Generator, *
             p = np.concatenate([p, rng.choice(n, size=2 - len(p), replace=False)])
         out.append(np.sort(p))
     return out
+
+
+def _deal(group: np.ndarray, groups: int, owned: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+    """Split each group's samples evenly among the clients that own that group."""
+    parts: list[list[int]] = [[] for _ in owned]
+    for g in range(groups):
+        who = [i for i, o in enumerate(owned) if g in o]
+        if not who:
+            continue
+        for i, chunk in zip(who, np.array_split(rng.permutation(np.flatnonzero(group == g)), len(who))):
+            parts[i].extend(chunk.tolist())
+    return [np.array(p, dtype=np.int64) for p in parts]
