@@ -8,8 +8,9 @@ shortfall against the fair share and decays::
     deficit <- max(0, decay * deficit + (fair - load))      fair = (sum of loads) / E
 
 ``bounds(total_capacity, tolerance)`` gives the next round's load band around
-``fair = total_capacity / E``: ``floor((1 - tol) fair + gain * deficit)`` .. ``ceil((1 + tol) fair)``
-(the lower bound never above the upper), so starved experts catch up (``deficit_mode="bound"``);
+``fair = total_capacity / E``: the integer band of :func:`~alignment_solver.problem.integer_band`
+(rounded inwards, always containing ``floor(fair)..ceil(fair)``) with ``gain * deficit`` added to
+the lower end (never above the upper), so starved experts catch up (``deficit_mode="bound"``);
 with ``deficit_mode="fitness"`` the band stays plain and ``fitness_boost()`` adds
 ``gain * deficit / fair`` to each expert's fitness column instead.
 """
@@ -21,6 +22,8 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+from .problem import integer_band
 
 
 class MonitorConfig(BaseModel):
@@ -79,10 +82,10 @@ class ExpertLoadMonitor:
 
     def bounds(self, total_capacity: float, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
         """(L, U) for the next round from the fair share of ``total_capacity``."""
-        fair = total_capacity / self.E
-        upper = np.full(self.E, float(math.ceil((1 + tolerance) * fair - 1e-9)))
+        lo, hi = integer_band(total_capacity / self.E, tolerance)
+        upper = np.full(self.E, float(hi))
         boost = self.config.gain * self.deficit if self.config.deficit_mode == "bound" else 0.0
-        lower = np.floor((1 - tolerance) * fair + boost + 1e-9)
+        lower = np.floor(lo + boost + 1e-9)
         return np.minimum(np.maximum(lower, 0.0), upper), upper
 
     def fitness_boost(self, total_capacity: float) -> np.ndarray:

@@ -26,6 +26,22 @@ from .errors import describe
 
 Label = Union[int, str]
 
+#: Largest magnitude accepted for any number in a problem (fitness, penalties, weights, usage,
+#: budgets, load bounds).  Inside it every backend solves to its stated tolerance; beyond it sums
+#: over 100,000 x 128 pairs approach float64 overflow and solver tolerances stop meaning anything.
+MAX_MAGNITUDE = 1e15
+#: Largest integer accepted for ``capacity`` and ``min_experts``.
+MAX_COUNT = 10 ** 9
+
+
+def integer_band(fair: float, tolerance: float) -> tuple[int, int]:
+    """Integer count band around ``fair``: ``(1 -/+ tolerance) * fair`` rounded inwards, widened
+    just enough to always contain ``floor(fair)..ceil(fair)`` (so the band is never empty and a
+    perfectly even split is always inside it)."""
+    lo = math.ceil((1 - tolerance) * fair - 1e-9)
+    hi = math.floor((1 + tolerance) * fair + 1e-9)
+    return max(min(lo, math.floor(fair + 1e-9)), 0), max(hi, math.ceil(fair - 1e-9))
+
 
 def _to_json(value: Any) -> Any:
     return value.tolist() if isinstance(value, np.ndarray) else value
@@ -56,11 +72,23 @@ def _numeric(name: str, value: Any) -> np.ndarray:
     return raw.astype(np.float64)
 
 
+def _in_range(name: str, arr: np.ndarray, limit: float = MAX_MAGNITUDE,
+              why: str = "the range every backend solves to its tolerance") -> np.ndarray:
+    """Refuse finite entries beyond ``limit`` in magnitude, naming the first one."""
+    big = np.isfinite(arr) & (np.abs(arr) > limit)
+    if np.any(big):
+        idx = tuple(int(i) for i in np.argwhere(big)[0])
+        where = f" at index {idx}" if arr.ndim else ""
+        raise ValueError(f"{name} must lie within +-{limit:g} ({why}); got {arr[idx] if arr.ndim else float(arr):g}{where}")
+    return arr
+
+
 def _integers(name: str, value: Any) -> np.ndarray:
     arr = _numeric(name, value)
     if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
         bad = arr[~np.isfinite(arr) | (arr != np.round(arr))].ravel()[:3]
         raise ValueError(f"{name} must hold integers; got {bad.tolist()}")
+    _in_range(name, arr, MAX_COUNT, "a count of experts")
     return arr.astype(np.int64)
 
 
@@ -120,7 +148,7 @@ class AlignmentProblem(BaseModel):
         if not np.all(np.isfinite(arr)):
             idx = np.argwhere(~np.isfinite(arr))[0]
             raise ValueError(f"fitness must be finite; got {arr[tuple(idx)]} at (client {idx[0]}, expert {idx[1]})")
-        return _frozen(arr)
+        return _frozen(_in_range("fitness", arr))
 
     @field_validator("capacity", "min_experts", mode="before")
     @classmethod
@@ -146,7 +174,7 @@ class AlignmentProblem(BaseModel):
             raise ValueError(f"{info.field_name} must be >= 0 and not NaN; got {describe(v)}")
         if info.field_name == "expert_min_load" and not np.all(np.isfinite(arr)):
             raise ValueError(f"expert_min_load must be finite; got {describe(v)}")
-        return _scalar_or(arr)
+        return _scalar_or(_in_range(info.field_name, arr))
 
     @field_validator("load_weight", "usage", "budget", mode="before")
     @classmethod
@@ -156,7 +184,7 @@ class AlignmentProblem(BaseModel):
         arr = _numeric(info.field_name, v)
         if not np.all(np.isfinite(arr)) or np.any(arr < 0):
             raise ValueError(f"{info.field_name} must be finite and >= 0; got {describe(v)}")
-        return _frozen(arr)
+        return _frozen(_in_range(info.field_name, arr))
 
     @field_validator("allowed", "previous", mode="before")
     @classmethod
@@ -170,7 +198,7 @@ class AlignmentProblem(BaseModel):
             raise ValueError(f"switch_penalty must be a number >= 0; got {describe(v)}")
         if not math.isfinite(float(v)) or v < 0:
             raise ValueError(f"switch_penalty must be finite and >= 0; got {v}")
-        return float(v)
+        return float(_in_range("switch_penalty", np.float64(v)))
 
     # ---- cross-field rules ------------------------------------------------------------------
     @model_validator(mode="after")
@@ -214,6 +242,17 @@ class AlignmentProblem(BaseModel):
                 seen: set[Label] = set()
                 dup = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
                 raise ValueError(f"{name} must be unique; {dup!r} appears more than once")
+            texts: dict[str, Label] = {}
+            for i in ids:
+                if str(i) in texts:
+                    raise ValueError(f"{name} must stay distinct as JSON keys; {texts[str(i)]!r} and {i!r} "
+                                     f"both become {str(i)!r}")
+                texts[str(i)] = i
+        G = self.objective_matrix
+        if np.any(np.abs(G) > MAX_MAGNITUDE):
+            c, e = (int(i) for i in np.argwhere(np.abs(G) > MAX_MAGNITUDE)[0])
+            raise ValueError(f"fitness - switch_penalty must lie within +-{MAX_MAGNITUDE:g}; got {G[c, e]:g} for "
+                             f"client {self.client_label(c)!r}, expert {self.expert_label(e)!r}")
         return self
 
     # ---- convenience constructors -----------------------------------------------------------
@@ -221,8 +260,9 @@ class AlignmentProblem(BaseModel):
     def balanced(cls, fitness: Any, capacity: Any, *, tolerance: float = 0.1, **fields: Any) -> "AlignmentProblem":
         """Problem whose load band is ``fair * (1 -/+ tolerance)`` around the fair share.
 
-        ``fair = sum_c capacity[c] * mean_e w[c, e] / E``.  With count loads the band is
-        rounded outwards to integers (``floor`` / ``ceil``).  Other fields pass through.
+        ``fair = sum_c capacity[c] * mean_e w[c, e] / E``.  With count loads the band is rounded
+        inwards to integers and always contains ``floor(fair)..ceil(fair)`` (:func:`integer_band`);
+        e.g. 4 clients x 4 experts, capacity 1, tolerance 0.2 give 1..1.  Other fields pass through.
         """
         if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not 0 <= tolerance:
             raise ValueError(f"tolerance must be a number >= 0; got {describe(tolerance)}")
@@ -233,7 +273,7 @@ class AlignmentProblem(BaseModel):
         fair = float((base.capacity_array * per_client).sum()) / E
         lo, hi = (1 - tolerance) * fair, (1 + tolerance) * fair
         if weight is None:
-            lo, hi = math.floor(lo + 1e-9), math.ceil(hi - 1e-9)
+            lo, hi = integer_band(fair, tolerance)
         fields.update(expert_min_load=max(lo, 0), expert_max_load=hi)
         return cls(fitness=base.fitness, capacity=base.capacity, **fields)
 

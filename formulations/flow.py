@@ -5,11 +5,15 @@ bipartite graph (totally unimodular), so the integer program is the circulation:
 
     S --[min_experts, capacity]--> client --[0, 1], cost -G--> expert --band--> T --[0, inf)--> S
 
-The band arc ``expert -> T`` is piecewise linear and convex: cost ``-P`` per unit below the lower
-bound ``L`` (a reward for covering it), 0 inside ``[L, U]``, ``+P`` per unit above ``U``.  With
-``P`` larger than any fitness change a unit of band violation can buy (``penalty_for``), the
-optimum misses the band by the least total amount, and by zero exactly when the hard problem is
-feasible; a smaller ``P`` is the soft mode.  ``base_load`` is load already placed on each expert
+The band arc ``expert -> T`` is piecewise linear and convex: load ``l`` costs
+``P * (max(0, Lf - l) + max(0, l - Uf))``, split into parallel arcs whose unit costs are the
+marginal costs ``f(l) - f(l - 1)``: ``-P`` per unit below ``Lf`` (a reward for covering it), 0
+inside the band, ``+P`` per unit above ``Uf``, and an intermediate price for the one unit that
+crosses a fractional bound.  In hard mode ``(Lf, Uf)`` is the integer band ``(ceil(min),
+floor(max))`` and ``P`` is larger than any fitness change a unit of violation can buy
+(``penalty_for``), so the optimum misses the band by the least total amount, and by zero exactly
+when the hard problem is feasible.  In soft mode ``(Lf, Uf)`` is the band as given (fractional
+bounds are priced exactly as the result's objective prices them) and ``P`` is the soft penalty.  ``base_load`` is load already placed on each expert
 by clients kept out of the network (fixed); the band arcs are shifted by it.
 
 Optimality certificate: every cycle of the residual graph passes through expert, source or sink
@@ -62,18 +66,35 @@ class FlowNetwork:
     allowed: np.ndarray      # (C, E) bool
     lo: np.ndarray           # (C,) min experts per client
     k: np.ndarray            # (C,) capacity, clipped to the number of allowed experts
-    L: np.ndarray            # (E,) integer lower load bound
-    U: np.ndarray            # (E,) integer upper load bound
+    L: np.ndarray            # (E,) integer lower load bound (hard feasibility)
+    U: np.ndarray            # (E,) integer upper load bound (hard feasibility)
     penalty: float           # price per unit of band violation
     max_abs: float           # largest |G| over allowed pairs (sets the cost scale)
     base_load: np.ndarray = field(default=None)  # (E,) load of clients outside this network
+    Lf: np.ndarray = field(default=None)  # (E,) band priced by the arcs (default L)
+    Uf: np.ndarray = field(default=None)  # (E,) band priced by the arcs (default U)
 
     def __post_init__(self) -> None:
         if self.base_load is None:
             self.base_load = np.zeros(self.G.shape[1], dtype=np.int64)
+        if self.Lf is None:
+            self.Lf = self.L.astype(float)
+        if self.Uf is None:
+            self.Uf = self.U.astype(float)
+
+    def band_cost(self, load: np.ndarray) -> np.ndarray:
+        """Cost of each expert's band arc at total ``load``: ``P * (shortfall + excess)``."""
+        load = np.asarray(load, dtype=float)
+        return self.penalty * (np.maximum(self.Lf - load, 0.0) + np.maximum(load - self.Uf, 0.0))
+
+    def marginal(self, load: np.ndarray) -> np.ndarray:
+        """Cost of the ``load``-th unit on each expert's band arc (convex: nondecreasing in load)."""
+        return self.band_cost(load) - self.band_cost(np.asarray(load) - 1)
 
     @classmethod
-    def from_problem(cls, problem: AlignmentProblem, penalty: Optional[float] = None) -> "FlowNetwork":
+    def from_problem(cls, problem: AlignmentProblem, penalty: Optional[float] = None,
+                     soft: bool = False) -> "FlowNetwork":
+        """The circulation; ``soft`` prices the band as given (fractional bounds included)."""
         if not problem.is_flow:
             raise ValueError("the flow formulation needs count loads and no budget rows")
         allowed = problem.allowed_matrix
@@ -82,14 +103,16 @@ class FlowNetwork:
         L, U = count_band(problem)
         big = problem.max_abs_objective
         P = penalty_for(problem.n_experts, big) if penalty is None else float(penalty)
+        Lf = np.minimum(problem.min_load_array, problem.n_clients) if soft else None
+        Uf = np.minimum(problem.max_load_array, problem.n_clients) if soft else None
         return cls(G=G, allowed=allowed, lo=problem.min_experts_array.astype(np.int64), k=k.astype(np.int64),
-                   L=L, U=U, penalty=P, max_abs=big)
+                   L=L, U=U, penalty=P, max_abs=big, Lf=Lf, Uf=Uf)
 
     def restrict(self, rows: np.ndarray, fixed_load: np.ndarray) -> "FlowNetwork":
         """The network of the clients ``rows`` with ``fixed_load`` placed by the others."""
         return FlowNetwork(G=self.G[rows], allowed=self.allowed[rows], lo=self.lo[rows], k=self.k[rows], L=self.L,
                            U=self.U, penalty=self.penalty, max_abs=self.max_abs,
-                           base_load=self.base_load + fixed_load)
+                           base_load=self.base_load + fixed_load, Lf=self.Lf, Uf=self.Uf)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -109,13 +132,20 @@ class FlowNetwork:
         experts = np.arange(C, C + E)
         big = int(self.k.sum()) + 1
         b = self.base_load
-        short = np.maximum(self.L - b, 0)
-        band = np.maximum(self.U - np.maximum(self.L, b), 0)
-        tails = np.concatenate([np.full(C, S), ci, experts, experts, experts, [T]])
-        heads = np.concatenate([np.arange(C), ei + C, np.full(3 * E, T), [S]])
-        caps = np.concatenate([self.k - self.lo, np.ones(len(ci), np.int64), short, band, np.full(E, big), [big]])
-        costs = np.concatenate([np.zeros(C), -self.G[ci, ei], np.full(E, -self.penalty), np.zeros(E),
-                                np.full(E, self.penalty), [0.0]])
+        # Band segments (start, end] in total load, each at one marginal cost; clipped at base_load.
+        fl, cl = np.floor(self.Lf + 1e-9), np.ceil(self.Lf - 1e-9)
+        fu, cu = np.floor(self.Uf + 1e-9), np.ceil(self.Uf - 1e-9)
+        inf = np.full(E, np.inf)
+        segs = [(np.zeros(E), fl, np.full(E, -self.penalty)),
+                (fl, cl, self.marginal(cl)),
+                (cl, np.maximum(fu, cl), np.zeros(E)),
+                (np.maximum(cl, fu), np.maximum(cu, cl), self.marginal(np.maximum(cu, cl))),
+                (np.maximum(cu, cl), inf, np.full(E, self.penalty))]
+        seg_caps = [np.minimum(np.maximum(end - np.maximum(start, b), 0), big) for start, end, _ in segs]
+        tails = np.concatenate([np.full(C, S), ci, np.tile(experts, len(segs)), [T]])
+        heads = np.concatenate([np.arange(C), ei + C, np.full(len(segs) * E, T), [S]])
+        caps = np.concatenate([self.k - self.lo, np.ones(len(ci), np.int64), *seg_caps, [big]])
+        costs = np.concatenate([np.zeros(C), -self.G[ci, ei], *[cost for _, _, cost in segs], [0.0]])
         supplies = np.zeros(C + E + 2, np.int64)
         supplies[:C] = self.lo
         supplies[S] = -int(self.lo.sum())
@@ -133,7 +163,7 @@ class FlowNetwork:
         """Node potentials ``d`` (experts, then S, T) of the residual graph of ``x`` restricted to
         ``candidates`` (None: every allowed arc), or None if it has a cycle cheaper than ``-tol``."""
         C, E = self.shape
-        G, P = self.G, self.penalty
+        G = self.G
         N, iS, iT = E + 2, E, E + 1
         f = x.sum(axis=1)
         load = x.sum(axis=0) + self.base_load
@@ -164,9 +194,8 @@ class FlowNetwork:
         np.minimum.at(col, he[on], G[hc[on], he[on]])
         W[:E, iS] = col
         # expert -> T band residuals (piecewise-linear convex arc); T <-> S circulation arc.
-        W[np.arange(E), iT] = np.where(load < self.L, -P, np.where(load < self.U, 0.0, P))
-        W[iT, np.arange(E)] = np.where(load > 0, np.where(load <= self.L, P, np.where(load <= self.U, 0.0, -P)),
-                                       np.inf)
+        W[np.arange(E), iT] = self.marginal(load + 1)
+        W[iT, np.arange(E)] = np.where(load > self.base_load, -self.marginal(load), np.inf)
         W[iT, iS] = 0.0
         if load.sum() > 0:
             W[iS, iT] = 0.0

@@ -62,9 +62,11 @@ def test_deficit_accumulates_decays_and_raises_lower_bounds():
     assert m.deficit.tolist() == pytest.approx([1, 0, 0, 3])             # fair 3
     m.record(1, np.array([3.0, 3, 3, 3]), np.array([30.0] * 4))
     assert m.deficit.tolist() == pytest.approx([0.8, 0, 0, 2.4])
-    lower, upper = m.bounds(12, 0.1)
-    assert upper.tolist() == [4, 4, 4, 4]                                # ceil(3.3)
-    assert lower.tolist() == [3, 2, 2, 3]                                # floor(2.7 + 0.5 * deficit)
+    lower, upper = m.bounds(12, 0.4)                                     # fair 3: 1.8 .. 4.2 inwards
+    assert upper.tolist() == [4, 4, 4, 4]                                # floor(4.2)
+    assert lower.tolist() == [2, 2, 2, 3]                                # floor(ceil(1.8) + 0.5 * deficit)
+    tight_lower, tight_upper = m.bounds(12, 0.1)                         # 2.7 .. 3.3 inwards: 3 .. 3
+    assert tight_upper.tolist() == [3] * 4 and tight_lower.tolist() == [3] * 4
     assert m.rounds_since_trained(3).tolist() == [2, 2, 2, 2]
     assert m.total_clients.tolist() == [5, 7, 9, 3]
     assert m.stats()["cv_round"] == 0.0

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from pydantic import ValidationError
 
-from alignment_solver import AlignmentProblem
+from alignment_solver import AlignmentProblem, solve
 
 from .conftest import small_problems
 
@@ -105,8 +105,10 @@ def test_malformed_json_is_a_validation_error():
 def test_balanced_builds_the_fair_band():
     fitness = np.zeros((10, 4))
     p = AlignmentProblem.balanced(fitness, capacity=2, tolerance=0.1)
-    # fair = 10 * 2 / 4 = 5 -> floor(4.5) .. ceil(5.5)
-    assert p.min_load_array.tolist() == [4] * 4 and p.max_load_array.tolist() == [6] * 4
+    # fair = 10 * 2 / 4 = 5 -> 4.5 .. 5.5 rounded inwards: 5 .. 5
+    assert p.min_load_array.tolist() == [5] * 4 and p.max_load_array.tolist() == [5] * 4
+    wide = AlignmentProblem.balanced(fitness, capacity=2, tolerance=0.3)       # 3.5 .. 6.5 -> 4 .. 6
+    assert wide.min_load_array.tolist() == [4] * 4 and wide.max_load_array.tolist() == [6] * 4
     weighted = AlignmentProblem.balanced(fitness, capacity=1, tolerance=0.5, load_weight=np.full(10, 2.0))
     assert weighted.min_load_array[0] == pytest.approx(2.5) and weighted.max_load_array[0] == pytest.approx(7.5)
     with pytest.raises(ValueError, match="tolerance"):
@@ -128,3 +130,41 @@ def test_model_copy_revalidates_and_recomputes():
     assert q.min_load_array.tolist() == [2, 2] and p.min_load_array.tolist() == [0, 0]
     with pytest.raises(ValidationError, match="min_experts"):
         p.model_copy(update={"min_experts": 3})
+
+
+@pytest.mark.parametrize("C, E, k, tol", [(4, 4, 1, 0.2), (10, 4, 1, 0.1), (7, 3, 2, 0.0), (5, 8, 1, 0.5),
+                                          (100, 7, 3, 0.05)])
+def test_integer_band_is_inward_but_keeps_the_even_split(C, E, k, tol):
+    """The band never counts an uneven plan as balanced and always admits floor(fair)..ceil(fair)."""
+    p = AlignmentProblem.balanced(np.zeros((C, E)), capacity=k, tolerance=tol)
+    fair = C * k / E
+    lo, hi = p.min_load_array[0], p.max_load_array[0]
+    assert lo <= np.floor(fair) and hi >= np.ceil(fair)
+    assert lo >= min(np.ceil((1 - tol) * fair - 1e-9), np.floor(fair))
+    assert hi <= max(np.floor((1 + tol) * fair + 1e-9), np.ceil(fair))
+    if (C, E, k, tol) == (4, 4, 1, 0.2):
+        assert (lo, hi) == (1, 1)       # the plan [0, 0, 2, 2] is no longer inside the band
+        skewed = p.model_copy(update={"fitness": np.eye(4)[[2, 2, 3, 3]]})     # fitness wants loads [0, 0, 2, 2]
+        assert solve(skewed).expert_load.tolist() == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("field, value", [("fitness", [[1e300, 0.2]]), ("fitness", [[1e16, 0.0]]),
+                                          ("switch_penalty", 1e16), ("load_weight", [1e16]),
+                                          ("budget", [1e20]), ("expert_min_load", 1e16), ("capacity", 10 ** 12)])
+def test_numbers_beyond_the_supported_range_are_refused_by_name(field, value):
+    fields = {"fitness": [[1.0, 0.2]], "capacity": 1}
+    if field == "budget":
+        fields["usage"] = [1.0, 1.0]
+    fields[field] = value
+    with pytest.raises(ValidationError, match=rf"{field} must lie within \+-1e\+(15|09)"):
+        AlignmentProblem(**fields)
+
+
+def test_fitness_minus_switch_penalty_is_range_checked_too():
+    with pytest.raises(ValidationError, match="fitness - switch_penalty must lie within"):
+        AlignmentProblem(fitness=[[-9e14]], capacity=1, previous=[[False]], switch_penalty=9e14)
+
+
+def test_labels_that_collide_as_json_keys_are_refused():
+    with pytest.raises(ValidationError, match="client_ids must stay distinct as JSON keys; 1 and '1'"):
+        AlignmentProblem(fitness=np.zeros((2, 2)), capacity=1, client_ids=[1, "1"])

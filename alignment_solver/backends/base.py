@@ -18,6 +18,7 @@ class SolveRequest:
     soft: bool
     soft_penalty: float              # price per unit of band violation (also used in hard mode)
     options: dict[str, Any] = field(default_factory=dict)  # backend-specific, validated
+    deadline: Optional[float] = None  # time.perf_counter() by which the backend should have returned
 
 
 class Backend:

@@ -1,10 +1,14 @@
 """``cpsat``: OR-Tools CP-SAT on the general 0-1 model (weighted loads, budgets, anything).
 
-Rows must have integer coefficients: a row whose coefficients or bounds are not integers is
-multiplied by ``ROW_SCALE`` and rounded (bounds rounded inwards, so answers stay feasible); the
-result's ``violations()`` re-checks with the original numbers.  Soft-mode slack is integer (in
-row units).  Deterministic with ``workers=1`` (the default) and no time limit, or when it
-proves optimality before the limit; ``stats["deterministic"]`` says which.
+CP-SAT needs integers.  A row whose numbers share a common denominator ``q <= 10**6`` (1/3,
+0.1, 2.5, ...) is multiplied by ``q``: the same 0-1 solutions, so OPTIMAL and INFEASIBLE stay
+proofs (``stats["exact_rows"]``).  Otherwise the row is rounded against its bound (a
+restriction): answers still satisfy the original row, but the status is at best FEASIBLE, never
+INFEASIBLE, and no bound is claimed.  The objective is rounded at a power-of-two scale; the
+reported ``bound`` adds the worst-case rounding error (``stats["objective_tolerance"]``), and
+OPTIMAL means a relative gap <= ``OPTIMAL_GAP``.  Soft-mode slack is integer in scaled row
+units.  Deterministic with ``workers=1`` (the default) and no time limit, or when it proves
+optimality before the limit; ``stats["deterministic"]`` says which.
 
 Budgeted count-load problems with at least ``WARM_ARCS`` allowed pairs (where CP-SAT alone
 finds nothing in a minute at 10,000 x 64) start from the Lagrangian warm start of
@@ -16,7 +20,10 @@ rest of the time limit (the full model, if the warm start found nothing).  Witho
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Optional
 
 import numpy as np
@@ -28,13 +35,13 @@ from ..result import AlignmentResult, SolveStatus
 from . import _lagrangian
 from .base import Backend, SolveRequest
 
-ROW_SCALE = 10 ** 6
+MAX_DENOMINATOR = 10 ** 6   # rows are exact when all their numbers share a denominator up to this
+MAX_FRACTIONS = 4096        # distinct fractional values examined per row before giving up on exactness
+MAX_ACTIVITY = 2.0 ** 50    # largest integer row activity handed to CP-SAT
+MAX_OBJECTIVE = 2.0 ** 56   # largest integer objective activity handed to CP-SAT
+OPTIMAL_GAP = 1e-6          # relative gap under which a CP-SAT optimum (with exact rows) is OPTIMAL
 WARM_ARCS = 50_000
 WARM_SHARE = 0.5        # share of the time limit the warm start may use
-
-
-def _integral(*arrays: Any) -> bool:
-    return all(np.all(np.asarray(a)[np.isfinite(a)] == np.round(np.asarray(a)[np.isfinite(a)])) for a in arrays)
 
 
 class CpSatBackend(Backend):
@@ -122,29 +129,37 @@ class CpSatBackend(Backend):
         started = time.perf_counter()
         model = cp_model.CpModel()
         x = [model.new_bool_var(f"x{j}") for j in range(lm.n)]
-        slack_terms: list[Any] = []
+        slacks: list[tuple[Any, float, int]] = []     # (slack variable, row units per integer unit, upper bound)
+        exact = True
         for row in lm.rows():
-            coef, lo, hi = row.coef, row.lo, row.hi
-            scale = 1 if _integral(coef, lo, hi) else ROW_SCALE
-            ic = np.rint(coef * scale).astype(np.int64).tolist()
-            expr = cp_model.LinearExpr.weighted_sum([x[j] for j in row.pairs], ic)
-            lo_i = int(np.ceil(lo * scale - 1e-9)) if np.isfinite(lo) else None
-            hi_i = int(np.floor(hi * scale + 1e-9)) if np.isfinite(hi) else None
+            if request.deadline is not None and time.perf_counter() > request.deadline:
+                return AlignmentResult(problem, SolveStatus.NO_SOLUTION_FOUND, self.name,
+                                       build_seconds=time.perf_counter() - t0,
+                                       explanation="the time limit ran out while building the CP-SAT model",
+                                       stats={"deterministic": False})
+            ir = integer_row(row.coef, row.lo, row.hi)
+            exact &= ir.exact
             if lm.soft and row.kind == "load":
-                top = int(np.ceil(sum(abs(c) for c in ic))) + (lo_i or 0) + 1
-                short = model.new_int_var(0, max(lo_i or 0, 0), f"short{row.index}")
+                ic = ir.coef_hi if ir.coef_hi is not None else ir.coef_lo
+                lo_i = max(ir.lo or 0, 0)
+                top = int(np.abs(ic).sum()) + lo_i + 1
+                short = model.new_int_var(0, lo_i, f"short{row.index}")
                 over = model.new_int_var(0, top, f"over{row.index}")
-                expr = expr + short - over
-                slack_terms += [(short, scale), (over, scale)]
-            if lo_i is not None and hi_i is not None:
-                model.add_linear_constraint(expr, lo_i, hi_i)
-            elif hi_i is not None:
-                model.add(expr <= hi_i)
-            elif lo_i is not None:
-                model.add(expr >= lo_i)
-        objective = cp_model.LinearExpr.weighted_sum(x, lm.obj.tolist())
-        if slack_terms:
-            objective = objective - sum(var * (lm.soft_penalty / scale) for var, scale in slack_terms)
+                expr = cp_model.LinearExpr.weighted_sum([x[j] for j in row.pairs], ic.tolist()) + short - over
+                if ir.lo is not None:
+                    model.add(expr >= ir.lo)
+                if ir.hi is not None:
+                    model.add(expr <= ir.hi)
+                slacks += [(short, 1.0 / ir.scale, lo_i), (over, 1.0 / ir.scale, top)]
+                continue
+            if ir.hi is not None:
+                model.add(cp_model.LinearExpr.weighted_sum([x[j] for j in row.pairs], ir.coef_hi.tolist()) <= ir.hi)
+            if ir.lo is not None:
+                model.add(cp_model.LinearExpr.weighted_sum([x[j] for j in row.pairs], ir.coef_lo.tolist()) >= ir.lo)
+        obj = IntegerObjective(lm, slacks)
+        objective = cp_model.LinearExpr.weighted_sum(x, obj.pair_coef.tolist())
+        if slacks:
+            objective = objective - cp_model.LinearExpr.weighted_sum([v for v, _, _ in slacks], obj.slack_coef.tolist())
         model.maximize(objective)
         if hint is not None and hint.shape == (lm.C, lm.E):
             for j in range(lm.n):
@@ -156,23 +171,116 @@ class CpSatBackend(Backend):
         solver.parameters.log_search_progress = bool(request.options.get("log", False))
         if time_limit is not None:
             solver.parameters.max_time_in_seconds = max(time_limit - (time.perf_counter() - started), 0.05)
+        if request.deadline is not None:
+            left = max(request.deadline - time.perf_counter(), 0.05)
+            solver.parameters.max_time_in_seconds = min(solver.parameters.max_time_in_seconds, left)
         build = time.perf_counter() - t0
         code = solver.solve(model)
         seconds = time.perf_counter() - t0 - build
-        status = {cp_model.OPTIMAL: SolveStatus.OPTIMAL, cp_model.FEASIBLE: SolveStatus.FEASIBLE,
-                  cp_model.INFEASIBLE: SolveStatus.INFEASIBLE}.get(code, SolveStatus.NO_SOLUTION_FOUND)
-        stats = {"workers": workers, "cp_sat_status": solver.status_name(code),
+        stats = {"workers": workers, "cp_sat_status": solver.status_name(code), "exact_rows": exact,
+                 "objective_tolerance": obj.error,
                  "deterministic": workers == 1 and (time_limit is None or code == cp_model.OPTIMAL),
                  "branches": solver.num_branches}
         explanation: Optional[str] = None
         if code == cp_model.MODEL_INVALID:
-            explanation = f"CP-SAT rejected the model: {model.validate()}"
-        if not status.has_solution:
-            return AlignmentResult(problem, status, self.name, solve_seconds=seconds, build_seconds=build,
-                                   explanation=explanation, stats=stats)
+            explanation = f"CP-SAT rejected the model: {model.validate() or 'no reason given'}"
+        if code == cp_model.INFEASIBLE:
+            if exact:
+                return AlignmentResult(problem, SolveStatus.INFEASIBLE, self.name, solve_seconds=seconds,
+                                       build_seconds=build, stats=stats)
+            explanation = ("CP-SAT found no assignment of the integer-rounded model, a restriction of the problem "
+                           "(its weights have no small common denominator); the problem itself may be feasible")
+        if code not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            return AlignmentResult(problem, SolveStatus.NO_SOLUTION_FOUND, self.name, solve_seconds=seconds,
+                                   build_seconds=build, explanation=explanation, stats=stats)
         values = np.array([solver.boolean_value(v) for v in x], dtype=bool)
-        result = AlignmentResult(problem, status, self.name, assignment=lm.assignment(values), solve_seconds=seconds,
-                                 build_seconds=build, soft=request.soft,
+        result = AlignmentResult(problem, SolveStatus.FEASIBLE, self.name, assignment=lm.assignment(values),
+                                 solve_seconds=seconds, build_seconds=build, soft=request.soft,
                                  soft_penalty=request.soft_penalty if request.soft else None, stats=stats)
-        result.bound = max(float(solver.best_objective_bound), result.objective)
+        if exact:
+            result.bound = max(obj.to_original(solver.best_objective_bound) + obj.error, result.objective)
+            if code == cp_model.OPTIMAL and result.gap is not None and result.gap <= OPTIMAL_GAP:
+                result.status = SolveStatus.OPTIMAL
         return result
+
+
+@dataclass
+class IntegerRow:
+    """``lo <= coef_lo . x`` and ``coef_hi . x <= hi`` in integers; ``scale`` maps back (value = int / scale).
+
+    ``exact``: the integer rows have the same 0-1 solutions as the float row (a common
+    denominator exists); otherwise they are a restriction (coefficients rounded against the
+    bound), so every integer solution satisfies the original row but some original solutions
+    may be lost.  When exact, ``coef_lo is coef_hi``.
+    """
+
+    coef_lo: Optional[np.ndarray]
+    coef_hi: Optional[np.ndarray]
+    lo: Optional[int]
+    hi: Optional[int]
+    scale: float
+    exact: bool
+
+
+def _denominator(values: np.ndarray) -> Optional[int]:
+    """Smallest common denominator ``q <= MAX_DENOMINATOR`` making every value an integer, or None."""
+    q = 1
+    frac = values[values != np.round(values)]
+    uniq = np.unique(frac)
+    if len(uniq) > MAX_FRACTIONS:
+        return None
+    for v in uniq:
+        f = Fraction(float(v)).limit_denominator(MAX_DENOMINATOR)
+        if abs(float(f) - v) > 1e-12 * max(1.0, abs(v)):
+            return None
+        q = q * f.denominator // math.gcd(q, f.denominator)
+        if q > MAX_DENOMINATOR:
+            return None
+    return q
+
+
+def _pow2_scale(limit: float, activity: float) -> float:
+    """Largest power of two (at most 2**900) that keeps ``activity * scale <= limit``; 1 for no activity."""
+    if activity <= 0:
+        return 1.0
+    return 2.0 ** min(math.floor(math.log2(limit) - math.log2(activity)), 900)
+
+
+def integer_row(coef: np.ndarray, lo: float, hi: float) -> IntegerRow:
+    """The row ``lo <= coef . x <= hi`` (x in {0,1}) with integer coefficients (see IntegerRow)."""
+    coef = np.asarray(coef, dtype=float)
+    bounds = np.array([b for b in (lo, hi) if np.isfinite(b)])
+    q = _denominator(np.concatenate([coef, bounds]))
+    activity = float(np.abs(coef).sum()) + float(np.abs(bounds).sum())
+    if q is not None and activity * q <= MAX_ACTIVITY:
+        ic = np.rint(coef * q).astype(np.int64)
+        return IntegerRow(ic, ic, int(round(lo * q)) if np.isfinite(lo) else None,
+                          int(round(hi * q)) if np.isfinite(hi) else None, float(q), True)
+    scale = _pow2_scale(MAX_ACTIVITY, activity)
+    scaled = coef * scale
+    return IntegerRow(np.floor(scaled).astype(np.int64) if np.isfinite(lo) else None,
+                      np.ceil(scaled).astype(np.int64) if np.isfinite(hi) else None,
+                      int(math.ceil(lo * scale)) if np.isfinite(lo) else None,
+                      int(math.floor(hi * scale)) if np.isfinite(hi) else None, scale, False)
+
+
+class IntegerObjective:
+    """The objective (pair values, minus slack prices) rounded to integers at a power-of-two scale.
+
+    Any assignment's integer objective / ``scale`` is within ``error`` of its true value, so the
+    true optimum is at most ``bound / scale + error``.
+    """
+
+    def __init__(self, lm: LinearModel, slacks: list[tuple[Any, float, int]]) -> None:
+        penalty = lm.soft_penalty or 0.0
+        slack_price = np.array([penalty * unit for _, unit, _ in slacks])
+        slack_max = np.array([float(top) for _, _, top in slacks])
+        activity = float(np.abs(lm.obj).sum() + (slack_price * slack_max).sum())
+        self.scale = _pow2_scale(MAX_OBJECTIVE, activity)
+        self.pair_coef = np.rint(lm.obj * self.scale).astype(np.int64)
+        self.slack_coef = np.rint(slack_price * self.scale).astype(np.int64)
+        pairs = float(min(lm.n, lm.client_hi.sum()))
+        self.error = 0.5 * (pairs + float(slack_max.sum())) / self.scale
+
+    def to_original(self, value: float) -> float:
+        return float(value) / self.scale

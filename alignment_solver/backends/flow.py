@@ -52,7 +52,7 @@ class FlowBackend(Backend):
 
     def solve(self, problem: AlignmentProblem, request: SolveRequest) -> AlignmentResult:
         t0 = time.perf_counter()
-        net = FlowNetwork.from_problem(problem, request.soft_penalty)
+        net = FlowNetwork.from_problem(problem, request.soft_penalty, soft=request.soft)
         C, E = net.shape
         if np.any(net.lo > net.k):
             return AlignmentResult(problem, SolveStatus.INFEASIBLE, self.name, solve_seconds=time.perf_counter() - t0)
@@ -155,7 +155,7 @@ def _working_set(net: FlowNetwork, m: int, rng: np.random.Generator, scale: floa
     frac = n / C
     sample = FlowNetwork(G=net.G[rows], allowed=net.allowed[rows], lo=net.lo[rows], k=net.k[rows],
                          L=np.floor(net.L * frac).astype(np.int64), U=np.ceil(net.U * frac).astype(np.int64),
-                         penalty=net.penalty, max_abs=net.max_abs)
+                         penalty=net.penalty, max_abs=net.max_abs, Lf=net.Lf * frac, Uf=net.Uf * frac)
     d0 = np.zeros(E + 2)
     xs = _solve_network(sample, None, scale)
     if xs is not None:
