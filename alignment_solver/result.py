@@ -28,6 +28,8 @@ class SolveStatus(str, enum.Enum):
 
 
 TOL = 1e-6
+#: OPTIMAL is said only with a bound within this relative gap, (bound - objective) / max(1, |objective|).
+OPTIMAL_GAP = 1e-6
 
 
 class AlignmentResult:

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from . import diagnosis
+from . import deadline, diagnosis
 from .backends import get_backend
 from .backends.base import SolveRequest
 from .errors import InvalidOptionError, UnsupportedProblemError, describe
 from .formulations.flow import penalty_for
 from .problem import AlignmentProblem
-from .result import AlignmentResult, SolveStatus
+from .result import OPTIMAL_GAP, AlignmentResult, SolveStatus
 
 
 def default_soft_penalty(problem: AlignmentProblem) -> float:
@@ -38,7 +39,10 @@ def solve(problem: AlignmentProblem, *, backend: str = "auto", time_limit: Optio
     """Solve one round's alignment problem.
 
     - ``backend``: ``"auto"``, ``"flow"``, ``"cpsat"``, ``"pulp_cbc"``, ``"pulp_highs"`` or ``"greedy"``.
-    - ``time_limit``: seconds (> 0) or None; every backend stops within about a second of it.
+    - ``time_limit``: seconds (> 0) or None.  The call returns within ``time_limit`` + 0.3 s,
+      model building included: the backend runs in a worker process that is killed at the limit,
+      and the answer is then the best plan found so far (greedy at worst), FEASIBLE at most
+      (:mod:`alignment_solver.deadline`).  A result cut by the limit is not deterministic.
     - ``seed``: integer >= 0; the same problem and seed give the same assignment (CP-SAT: with
       one worker and no time limit, see ``result.stats["deterministic"]``).
     - ``soft``: turn the load band into slack priced at ``soft_penalty`` per unit (default:
@@ -46,6 +50,8 @@ def solve(problem: AlignmentProblem, *, backend: str = "auto", time_limit: Optio
     - ``options``: backend-specific settings; unknown names are an error listing the valid ones.
 
     Infeasible problems and time limits give a status on the result, never an exception.
+    Every answer is re-checked against the problem as given before it is returned
+    (:func:`verified`): a plan that breaks a hard constraint is never reported as a solution.
     """
     if isinstance(problem, Mapping):
         problem = AlignmentProblem.model_validate(problem)
@@ -88,7 +94,13 @@ def solve(problem: AlignmentProblem, *, backend: str = "auto", time_limit: Optio
     if blockers:
         return AlignmentResult(problem, SolveStatus.INFEASIBLE, name, explanation="; ".join(blockers),
                                solve_seconds=time.perf_counter() - started)
-    result = impl.solve(problem, request)
+    if deadline.available() and (impl.isolation == "always" or (impl.isolation == "time_limit" and time_limit)):
+        result = deadline.run(impl, problem, request, time_limit)
+    else:
+        if time_limit is not None:
+            request = replace(request, deadline=started + time_limit)
+        result = impl.solve(problem, request)
+    result = verified(result, soft)
     if result.status is SolveStatus.INFEASIBLE and not result.explanation:
         result.explanation = diagnosis.explain(problem, soft=soft) or (
             "the solver proved that no assignment satisfies every constraint (no single client or expert explains it)")
@@ -96,3 +108,27 @@ def solve(problem: AlignmentProblem, *, backend: str = "auto", time_limit: Optio
         result.explanation = (f"no feasible assignment found within the time limit of {time_limit:g} s"
                               if time_limit is not None else "the backend stopped without a feasible assignment")
     return result
+
+
+def verified(result: AlignmentResult, soft: bool) -> AlignmentResult:
+    """Check a backend's answer against the original data; downgrade what does not hold.
+
+    A plan that breaks a hard constraint (the load band too, unless ``soft``) becomes
+    NO_SOLUTION_FOUND naming the first violation; a bound below the plan's own value is raised to
+    it; OPTIMAL needs a bound within the gap ``OPTIMAL_GAP`` of the objective.
+    """
+    if not result.has_solution:
+        return result
+    broken = [v for v in result.violations() if not (soft and "_load" in v)]
+    if broken:
+        return AlignmentResult(result.problem, SolveStatus.NO_SOLUTION_FOUND, result.backend,
+                               solve_seconds=result.solve_seconds, build_seconds=result.build_seconds,
+                               explanation=f"the {result.backend} answer broke {len(broken)} constraint(s) of the "
+                                           f"problem as given, e.g. {broken[0]}; it was discarded",
+                               stats={**result.stats, "discarded": broken[:5]})
+    if result.bound is not None and result.bound < result.objective:
+        result.bound = result.objective
+    if result.status is SolveStatus.OPTIMAL and (result.gap is None or result.gap > OPTIMAL_GAP):
+        result.status = SolveStatus.FEASIBLE
+    return result
+

@@ -82,14 +82,11 @@ class FlowNetwork:
         if self.Uf is None:
             self.Uf = self.U.astype(float)
 
-    def band_cost(self, load: np.ndarray) -> np.ndarray:
-        """Cost of each expert's band arc at total ``load``: ``P * (shortfall + excess)``."""
-        load = np.asarray(load, dtype=float)
-        return self.penalty * (np.maximum(self.Lf - load, 0.0) + np.maximum(load - self.Uf, 0.0))
-
     def marginal(self, load: np.ndarray) -> np.ndarray:
-        """Cost of the ``load``-th unit on each expert's band arc (convex: nondecreasing in load)."""
-        return self.band_cost(load) - self.band_cost(np.asarray(load) - 1)
+        """Cost of the ``load``-th unit on each expert's band arc, ``band_cost(l) - band_cost(l - 1)``
+        in closed form (exactly ``+-P`` or 0 away from fractional bounds; nondecreasing in load)."""
+        load = np.asarray(load, dtype=float)
+        return self.penalty * (np.clip(load - self.Uf, 0.0, 1.0) - np.clip(self.Lf - load + 1.0, 0.0, 1.0))
 
     @classmethod
     def from_problem(cls, problem: AlignmentProblem, penalty: Optional[float] = None,

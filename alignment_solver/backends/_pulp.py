@@ -1,19 +1,19 @@
-"""Shared machinery of the PuLP backends: model building, and a child process that can be stopped.
+"""Shared machinery of the PuLP backends: model building and solving.
 
-CBC and HiGHS overrun their own time limits (measured: 1.5x to 3.5x of 60 s), so the whole
-PuLP build-and-solve runs in a forked child in its own process group; at ``time_limit`` plus a
-grace second the group (including CBC's own subprocess) is killed and the status is
-NO_SOLUTION_FOUND.  An "Infeasible" reported near the time limit is read as "nothing found",
-since CBC has been seen to mislabel feasible models that way when time runs out.
+CBC and HiGHS overrun their own time limits (measured: 1.5x to 3.5x of 60 s), and CBC runs as a
+subprocess writing temporary files, so these backends always run in the killable worker of
+:mod:`alignment_solver.deadline` (``isolation = "always"``).  The objective and each row are
+divided by a power of two (exact in floating point) when their magnitude leaves ``2**+-20``, so
+numbers of any supported magnitude reach the solvers in a range their tolerances are made for.  An "Infeasible" reported near the time limit
+is read as "nothing found", since CBC has been seen to mislabel feasible models that way when
+time runs out.  OPTIMAL is taken from the solver with its gap set to zero.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import signal
+import math
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -22,7 +22,15 @@ from ..problem import AlignmentProblem
 from ..result import AlignmentResult, SolveStatus
 from .base import Backend, SolveRequest
 
-GRACE = 1.0
+GAP = 1e-9           # relative MIP gap asked of the solvers (their defaults go up to 1e-4)
+
+def _pow2(value: float) -> float:
+    """Divisor bringing ``value`` into the range solvers are tuned for: 1 inside ``2**+-20`` (CBC
+    was seen to mislabel c1030_5-min as optimal at 489, not 488, with the objective divided by 32),
+    else the power of two at or above it, so dividing is exact in floating point."""
+    if value == 0 or 2.0 ** -20 <= value <= 2.0 ** 20:
+        return 1.0
+    return 2.0 ** math.ceil(math.log2(value))
 
 
 def build_pulp(lm: LinearModel):
@@ -33,57 +41,31 @@ def build_pulp(lm: LinearModel):
     x = [pulp.LpVariable(f"x{j}", cat=pulp.LpBinary) for j in range(lm.n)]
     objective = pulp.LpAffineExpression(list(zip(x, lm.obj.tolist())))
     for row in lm.rows():
-        expr = pulp.LpAffineExpression(list(zip((x[j] for j in row.pairs), row.coef.tolist())))
+        f = _pow2(float(np.abs(row.coef).max(initial=0.0)))       # exact rescaling of the row
+        coef, lo, hi = row.coef / f, row.lo / f, row.hi / f
+        expr = pulp.LpAffineExpression(list(zip((x[j] for j in row.pairs), coef.tolist())))
         if lm.soft and row.kind == "load":
             short = pulp.LpVariable(f"short{row.index}", lowBound=0)
             over = pulp.LpVariable(f"over{row.index}", lowBound=0)
             expr = expr + short - over
-            objective = objective - lm.soft_penalty * (short + over)
+            objective = objective - (lm.soft_penalty * f) * (short + over)
         name = f"{row.kind}{row.index}"
-        if np.isfinite(row.lo) and np.isfinite(row.hi) and row.lo == row.hi:
-            prob += (expr == row.lo), name
+        if np.isfinite(lo) and np.isfinite(hi) and lo == hi:
+            prob += (expr == lo), name
             continue
-        if np.isfinite(row.lo):
-            prob += (expr >= row.lo), name + "_lo"
-        if np.isfinite(row.hi):
-            prob += (expr <= row.hi), name + "_hi"
+        if np.isfinite(lo):
+            prob += (expr >= lo), name + "_lo"
+        if np.isfinite(hi):
+            prob += (expr <= hi), name + "_hi"
     prob += objective
     return prob, x
-
-
-def _child(conn: Any, lm: LinearModel, make_solvers: Callable[[Optional[float], int], list],
-           time_limit: Optional[float], seed: int, dual_bound: Callable[[Any], Optional[float]]) -> None:
-    """Build and solve in this (forked) process; each solver setting is tried until one runs."""
-    import pulp
-
-    os.setpgrp()
-    try:
-        t0 = time.perf_counter()
-        prob, x = build_pulp(lm)
-        build = time.perf_counter() - t0
-        remaining = None if time_limit is None else max(time_limit - build, 1.0)
-        failures = []
-        for solver in make_solvers(remaining, seed):
-            try:
-                prob.solve(solver)
-                break
-            except pulp.PulpSolverError as exc:
-                failures.append(str(exc).splitlines()[0])
-        else:
-            raise RuntimeError("every solver setting failed: " + "; ".join(failures))
-        values = np.array([v.varValue or 0.0 for v in x])
-        conn.send({"status": prob.status, "sol_status": prob.sol_status, "values": values, "build": build,
-                   "solve": time.perf_counter() - t0 - build, "bound": dual_bound(prob), "retries": len(failures)})
-    except Exception as exc:  # reported to the parent as NO_SOLUTION_FOUND with the reason
-        conn.send({"error": f"{type(exc).__name__}: {exc}"})
-    finally:
-        conn.close()
 
 
 class PulpBackend(Backend):
     """Base of the PuLP backends; subclasses give the solver factory."""
 
     requires: tuple[str, ...] = ("pulp",)
+    isolation = "always"
 
     def make_solvers(self, time_limit: Optional[float], seed: int) -> list:
         """Solver settings to try in order (a later one only if an earlier one fails to run)."""
@@ -94,56 +76,50 @@ class PulpBackend(Backend):
         return None
 
     def solve(self, problem: AlignmentProblem, request: SolveRequest) -> AlignmentResult:
+        import pulp
+
         lm = LinearModel.from_problem(problem, request.soft_penalty if request.soft else None)
-        ctx = mp.get_context("fork")
-        parent, child = ctx.Pipe(duplex=False)
+        scale = _pow2(float(np.abs(lm.obj).max(initial=0.0)))
+        lm.obj = lm.obj / scale
+        if lm.soft:
+            lm.soft_penalty = lm.soft_penalty / scale
         t0 = time.perf_counter()
-        proc = ctx.Process(target=_child, args=(child, lm, self.make_solvers, request.time_limit, request.seed,
-                                                self.dual_bound), daemon=True)
-        proc.start()
-        child.close()
-        deadline = None if request.time_limit is None else request.time_limit + GRACE
-        try:
-            reply = parent.recv() if parent.poll(deadline) else None
-        except EOFError:
-            reply = {"error": "the solver process ended without an answer"}
-        elapsed = time.perf_counter() - t0
-        if reply is None:
+        prob, x = build_pulp(lm)
+        build = time.perf_counter() - t0
+        remaining = None if request.deadline is None else max(request.deadline - time.perf_counter(), 0.1)
+        failures = []
+        for solver in self.make_solvers(remaining, request.seed):
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.join()
-        stats: dict[str, Any] = {"deterministic": True}
-        if reply is not None and "error" in reply:
-            return AlignmentResult(problem, SolveStatus.NO_SOLUTION_FOUND, self.name, solve_seconds=elapsed,
-                                   explanation=f"{self.name} failed: {reply['error']}", stats=stats)
-        if reply is None:
-            why = (f"stopped at the time limit of {request.time_limit:g} s (the solver did not stop by itself)"
-                   if request.time_limit is not None else f"the solver process ended without an answer "
-                                                          f"(exit code {proc.exitcode})")
-            return AlignmentResult(problem, SolveStatus.NO_SOLUTION_FOUND, self.name, solve_seconds=elapsed,
-                                   explanation=why, stats=stats)
-        stats.update(pulp_status=reply["status"], pulp_sol_status=reply["sol_status"], retries=reply["retries"])
-        near_limit = request.time_limit is not None and reply["build"] + reply["solve"] >= 0.9 * request.time_limit
-        sol = reply["sol_status"]
-        if sol == 1:
+                prob.solve(solver)
+                break
+            except pulp.PulpSolverError as exc:
+                failures.append(str(exc).splitlines()[0])
+        else:
+            return AlignmentResult(problem, SolveStatus.NO_SOLUTION_FOUND, self.name, build_seconds=build,
+                                   solve_seconds=time.perf_counter() - t0 - build,
+                                   explanation=f"{self.name} failed: every solver setting failed: "
+                                               + "; ".join(failures), stats={"deterministic": True})
+        seconds = time.perf_counter() - t0 - build
+        stats: dict[str, Any] = {"deterministic": True, "pulp_status": prob.status, "pulp_sol_status": prob.sol_status,
+                                 "retries": len(failures)}
+        near_limit = remaining is not None and build + seconds >= 0.9 * remaining
+        if prob.sol_status == 1:
             status = SolveStatus.OPTIMAL
-        elif sol == 2:
+        elif prob.sol_status == 2:
             status = SolveStatus.FEASIBLE
-        elif reply["status"] == -1 and not near_limit:
+        elif prob.status == -1 and not near_limit:
             status = SolveStatus.INFEASIBLE
         else:
             status = SolveStatus.NO_SOLUTION_FOUND
         if not status.has_solution:
-            return AlignmentResult(problem, status, self.name, solve_seconds=reply["solve"],
-                                   build_seconds=reply["build"], stats=stats)
-        x = lm.assignment(reply["values"])
-        result = AlignmentResult(problem, status, self.name, assignment=x, solve_seconds=reply["solve"],
-                                 build_seconds=reply["build"], soft=request.soft,
+            return AlignmentResult(problem, status, self.name, solve_seconds=seconds, build_seconds=build, stats=stats)
+        values = np.array([v.varValue or 0.0 for v in x])
+        result = AlignmentResult(problem, status, self.name, assignment=lm.assignment(values), solve_seconds=seconds,
+                                 build_seconds=build, soft=request.soft,
                                  soft_penalty=request.soft_penalty if request.soft else None, stats=stats)
+        bound = self.dual_bound(prob)
         if status is SolveStatus.OPTIMAL:
-            result.bound = result.objective
-        elif reply["bound"] is not None:
-            result.bound = max(float(reply["bound"]), result.objective)
+            result.bound = result.objective + GAP * max(1.0, abs(result.objective))
+        elif bound is not None:
+            result.bound = max(float(bound) * scale, result.objective)
         return result

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+import numpy as np
 
 from ..problem import AlignmentProblem
 from ..result import AlignmentResult
@@ -19,6 +21,9 @@ class SolveRequest:
     soft_penalty: float              # price per unit of band violation (also used in hard mode)
     options: dict[str, Any] = field(default_factory=dict)  # backend-specific, validated
     deadline: Optional[float] = None  # time.perf_counter() by which the backend should have returned
+    #: called with each improving feasible assignment found before the end, and a valid upper
+    #: bound (or None); the caller keeps the last one in case the backend is stopped.
+    report: Optional[Callable[[np.ndarray, Optional[float]], None]] = None
 
 
 class Backend:
@@ -29,10 +34,15 @@ class Backend:
     satisfies every constraint; in soft mode it may miss the load band, by the least amount it
     found.  ``unsupported_reason`` says in words why the backend cannot express a problem, or
     returns None.  ``requires`` lists the modules probed (without importing) for availability.
+    ``isolation``: when :func:`~alignment_solver.solve` runs the backend in a killable worker
+    (:mod:`alignment_solver.deadline`): ``"time_limit"`` (when a limit is set), ``"always"`` or
+    ``"never"``; ``child_processes`` says whether it starts solver processes of its own.
     """
 
     name: str = ""
     requires: tuple[str, ...] = ()
+    isolation: str = "time_limit"
+    child_processes: bool = False
     #: backend options: name -> (default, description); values are checked by ``check_option``.
     options: dict[str, tuple[Any, str]] = {}
 

@@ -31,7 +31,7 @@ import numpy as np
 from ..errors import UnsupportedProblemError
 from ..formulations.milp import LinearModel
 from ..problem import AlignmentProblem
-from ..result import AlignmentResult, SolveStatus
+from ..result import OPTIMAL_GAP, AlignmentResult, SolveStatus
 from . import _lagrangian
 from .base import Backend, SolveRequest
 
@@ -39,7 +39,6 @@ MAX_DENOMINATOR = 10 ** 6   # rows are exact when all their numbers share a deno
 MAX_FRACTIONS = 4096        # distinct fractional values examined per row before giving up on exactness
 MAX_ACTIVITY = 2.0 ** 50    # largest integer row activity handed to CP-SAT
 MAX_OBJECTIVE = 2.0 ** 56   # largest integer objective activity handed to CP-SAT
-OPTIMAL_GAP = 1e-6          # relative gap under which a CP-SAT optimum (with exact rows) is OPTIMAL
 WARM_ARCS = 50_000
 WARM_SHARE = 0.5        # share of the time limit the warm start may use
 
@@ -82,8 +81,14 @@ class CpSatBackend(Backend):
             lm = LinearModel.from_problem(problem, request.soft_penalty if request.soft else None)
             return self._run(problem, lm, request, t0, request.options.get("hint"), request.time_limit)
         limit = request.time_limit
+        if limit is None and request.deadline is not None:
+            limit = request.deadline - t0
         deadline = t0 + WARM_SHARE * limit if limit is not None else np.inf
+        if request.deadline is not None:
+            deadline = min(deadline, request.deadline)
         ws = _lagrangian.lagrangian(problem, deadline=deadline, seed=request.seed)
+        if request.report is not None and ws.x is not None:
+            request.report(ws.x, float(ws.bound) if np.isfinite(ws.bound) else None)
         stats = {"warm_start": {"bound": ws.bound, "value": ws.value, **ws.stats}}
         remaining = None if limit is None else limit - (time.perf_counter() - t0)
         if ws.x is not None and remaining is not None and remaining > 1.0:
@@ -280,7 +285,9 @@ class IntegerObjective:
         self.pair_coef = np.rint(lm.obj * self.scale).astype(np.int64)
         self.slack_coef = np.rint(slack_price * self.scale).astype(np.int64)
         pairs = float(min(lm.n, lm.client_hi.sum()))
-        self.error = 0.5 * (pairs + float(slack_max.sum())) / self.scale
+        pair_off = float(np.abs(self.pair_coef - lm.obj * self.scale).max(initial=0.0))
+        slack_off = np.abs(self.slack_coef - slack_price * self.scale)
+        self.error = (pair_off * pairs + float((slack_off * slack_max).sum())) / self.scale
 
     def to_original(self, value: float) -> float:
         return float(value) / self.scale

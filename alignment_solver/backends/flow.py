@@ -11,7 +11,9 @@ network is solved again, until the proof holds (``stats["proven"]``).
 
 Costs are scaled to int64 for OR-Tools; the reported ``bound`` accounts for the rounding
 (``stats["tolerance"]`` per arc).  Deterministic for a given seed (the sample); single-threaded.
-``time_limit`` is checked between rounds (a round at 100,000 x 128 takes about a second).
+Under a time limit the deadline is checked between rounds and each round's plan is reported as
+an incumbent; :mod:`alignment_solver.deadline` stops a round that runs past the limit, and a
+result cut short says ``stats["deterministic"] = False``.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class FlowBackend(Backend):
         m = request.options.get("candidates", 6)
         max_rounds = request.options.get("max_rounds", 30)
         large = bool(m) and m < E and int(net.allowed.sum()) > FULL_ARCS
-        rounds, proven, x = 0, False, None
+        rounds, proven, x, cut = 0, False, None, False
         if large:
             cand, active, fixed_x = _working_set(net, m, np.random.default_rng(request.seed), scale)
         else:
@@ -89,25 +91,25 @@ class FlowBackend(Backend):
             if not bad.any():
                 proven = True
                 break
+            if request.report is not None and (request.soft or not _misses(net, x)):
+                request.report(x, None)
             cand = cand | improving
             newly = bad & ~active
             active |= newly
             fixed_x[newly] = False
-            out_of_time = request.time_limit is not None and time.perf_counter() - t0 > request.time_limit
-            if out_of_time:
+            if request.deadline is not None and time.perf_counter() > request.deadline:
+                cut = True
                 break
             if rounds >= max_rounds:
                 cand, active[:], fixed_x[:] = net.allowed, True, False
         seconds = time.perf_counter() - t0 - build
         stats = {"rounds": rounds, "arcs": int(cand.sum()), "active_clients": int(active.sum()),
-                 "proven": proven, "tolerance": tol, "deterministic": True}
+                 "proven": proven, "tolerance": tol, "deterministic": not cut}
         if x is None:
             return AlignmentResult(problem, SolveStatus.NO_SOLUTION_FOUND, self.name, solve_seconds=seconds,
                                    build_seconds=build, explanation="OR-Tools min-cost flow did not return an optimum",
                                    stats=stats)
-        load = x.sum(axis=0)
-        miss = int(np.maximum(net.L - load, 0).sum() + np.maximum(load - net.U, 0).sum())
-        if miss and not request.soft:
+        if _misses(net, x) and not request.soft:
             status = SolveStatus.INFEASIBLE if proven else SolveStatus.NO_SOLUTION_FOUND
             return AlignmentResult(problem, status, self.name, solve_seconds=seconds, build_seconds=build, stats=stats)
         result = AlignmentResult(problem, SolveStatus.OPTIMAL if proven else SolveStatus.FEASIBLE, self.name,
@@ -116,6 +118,12 @@ class FlowBackend(Backend):
         if proven:
             result.bound = result.objective + 2 * tol * (C + E + 2)
         return result
+
+
+def _misses(net: FlowNetwork, x: np.ndarray) -> bool:
+    """Whether ``x`` misses the integer (hard) load band."""
+    load = x.sum(axis=0)
+    return bool(np.any(load < net.L) or np.any(load > net.U))
 
 
 def _cost_scale(net: FlowNetwork) -> float:

@@ -22,8 +22,9 @@ from .base import Backend, SolveRequest
 
 class _State:
     def __init__(self, p: AlignmentProblem, start: Optional[np.ndarray] = None) -> None:
-        self.G = np.where(p.allowed_matrix, p.objective_matrix, -np.inf)
-        self.w = np.ones(p.fitness.shape) if p.weight_matrix is None else np.asarray(p.weight_matrix)
+        self.every = p.allowed is None or bool(p.allowed_matrix.all())
+        self.G = p.objective_matrix if self.every else np.where(p.allowed_matrix, p.objective_matrix, -np.inf)
+        self.w = None if p.weight_matrix is None else np.asarray(p.weight_matrix)   # None: count loads
         self.u = None if p.usage_matrix is None else np.asarray(p.usage_matrix)
         self.B = p.budget
         self.k = p.capacity_array
@@ -31,21 +32,28 @@ class _State:
         self.L, self.U = p.min_load_array, p.max_load_array
         self.x = np.zeros(p.fitness.shape, dtype=bool) if start is None else np.array(start, dtype=bool)
         self.count = self.x.sum(axis=1)
-        self.load = (self.w * self.x).sum(axis=0)
+        self.load = self.x.sum(axis=0).astype(float) if self.w is None else (self.w * self.x).sum(axis=0)
         self.used = np.zeros(p.n_clients) if self.u is None else (self.u * self.x).sum(axis=1)
+
+    def weight(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        return np.ones(len(rows)) if self.w is None else self.w[rows, cols]
 
     def fits(self, rows: np.ndarray) -> np.ndarray:
         """(len(rows), E) mask of pairs that may be added now without breaking an upper limit."""
-        ok = ~self.x[rows] & np.isfinite(self.G[rows]) & (self.count[rows] < self.k[rows])[:, None]
-        ok &= self.load[None, :] + self.w[rows] <= self.U[None, :] + 1e-9
+        ok = ~self.x[rows] & (self.count[rows] < self.k[rows])[:, None]
+        if not self.every:
+            ok &= np.isfinite(self.G[rows])
+        ok &= self.load[None, :] + (1.0 if self.w is None else self.w[rows]) <= self.U[None, :] + 1e-9
         if self.u is not None:
             ok &= self.used[rows, None] + self.u[rows] <= self.B[rows, None] + 1e-9
         return ok
 
     def fits_expert(self, e: int) -> np.ndarray:
         """(C,) mask of clients that may take expert ``e`` now."""
-        ok = ~self.x[:, e] & np.isfinite(self.G[:, e]) & (self.count < self.k)
-        ok &= self.load[e] + self.w[:, e] <= self.U[e] + 1e-9
+        ok = ~self.x[:, e] & (self.count < self.k)
+        if not self.every:
+            ok &= np.isfinite(self.G[:, e])
+        ok &= self.load[e] + (1.0 if self.w is None else self.w[:, e]) <= self.U[e] + 1e-9
         if self.u is not None:
             ok &= self.used + self.u[:, e] <= self.B + 1e-9
         return ok
@@ -56,7 +64,7 @@ class _State:
             return 0
         order = np.lexsort((np.arange(len(rows)), cols))
         rows, cols = rows[order], cols[order]
-        w = self.w[rows, cols]
+        w = self.weight(rows, cols)
         starts = np.flatnonzero(np.r_[True, cols[1:] != cols[:-1]])
         group_start = np.repeat(starts, np.diff(np.r_[starts, len(cols)]))
         csum = np.cumsum(w)
@@ -65,29 +73,49 @@ class _State:
         rows, cols = rows[keep], cols[keep]
         self.x[rows, cols] = True
         np.add.at(self.count, rows, 1)
-        np.add.at(self.load, cols, self.w[rows, cols])
+        np.add.at(self.load, cols, self.weight(rows, cols))
         if self.u is not None:
             np.add.at(self.used, rows, self.u[rows, cols])
         return len(rows)
 
 
-def complete(problem: AlignmentProblem, start: Optional[np.ndarray] = None) -> np.ndarray:
-    """Extend ``start`` (default: nothing assigned) greedily; never removes a pair."""
+def _best_first(values: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the ``n`` largest ``values``, largest first (ties by position)."""
+    if n < len(values):
+        part = np.argpartition(-values, n - 1)[:n]
+        return part[np.lexsort((part, -values[part]))]
+    return np.argsort(-values, kind="stable")
+
+
+def complete(problem: AlignmentProblem, start: Optional[np.ndarray] = None,
+             deadline: Optional[float] = None) -> np.ndarray:
+    """Extend ``start`` (default: nothing assigned) greedily; never removes a pair.
+
+    ``deadline`` (a ``time.perf_counter()`` value) stops the passes early; the partial answer
+    is returned and the caller checks it like any other.
+    """
     s = _State(problem, start)
+
+    def late() -> bool:
+        return deadline is not None and time.perf_counter() > deadline
+
     # Phase 1: experts below their minimum load take their best free clients (scarcest first).
-    reach = np.where(np.isfinite(s.G), s.w, 0).sum(axis=0)
+    reach = (np.isfinite(s.G).sum(axis=0).astype(float) if s.w is None
+             else np.where(np.isfinite(s.G), s.w, 0).sum(axis=0))
     for e in np.argsort(-(s.L / np.maximum(reach, 1e-12)), kind="stable"):
-        while s.load[e] < s.L[e] - 1e-9:
+        while s.load[e] < s.L[e] - 1e-9 and not late():
             rows = np.flatnonzero(s.fits_expert(e))
             if not len(rows):
                 break
-            rows = rows[np.argsort(-s.G[rows, e], kind="stable")]
-            need = np.searchsorted(np.cumsum(s.w[rows, e]), s.L[e] - s.load[e] - 1e-9) + 1
+            short = s.L[e] - s.load[e] - 1e-9
+            guess = int(np.ceil(short)) + 1 if s.w is None else len(rows)
+            rows = rows[_best_first(s.G[rows, e], min(guess, len(rows)))]
+            need = np.searchsorted(np.cumsum(s.weight(rows, np.full(len(rows), e))), short) + 1
             if not s.add(rows[:need], np.full(min(need, len(rows)), e)):
                 break
     # Phase 2 and 3: clients below their minimum, then any client while it gains.
     for positive_only in (False, True):
-        while True:
+        while not late():
             rows = np.flatnonzero(s.count < (s.k if positive_only else s.lo))
             if not len(rows):
                 break
@@ -107,10 +135,11 @@ def complete(problem: AlignmentProblem, start: Optional[np.ndarray] = None) -> n
 
 class GreedyBackend(Backend):
     name = "greedy"
+    isolation = "never"          # it is the fallback itself, and stops its passes at the deadline
 
     def solve(self, problem: AlignmentProblem, request: SolveRequest) -> AlignmentResult:
         t0 = time.perf_counter()
-        x = complete(problem)
+        x = complete(problem, deadline=request.deadline)
         seconds = time.perf_counter() - t0
         result = AlignmentResult(problem, SolveStatus.FEASIBLE, self.name, assignment=x, solve_seconds=seconds,
                                  soft=request.soft, soft_penalty=request.soft_penalty if request.soft else None,

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ._pulp import PulpBackend
+from ._pulp import GAP, PulpBackend
 
 
 class PulpCbcBackend(PulpBackend):
     name = "pulp_cbc"
     requires = ("pulp",)
+    child_processes = True
 
     def make_solvers(self, time_limit: Optional[float], seed: int) -> list:
         import pulp
 
-        return [pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, threads=1, options=[f"randomCbcSeed {seed + 1}", *extra])
+        return [pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, threads=1, gapRel=GAP,
+                                  options=[f"randomCbcSeed {seed + 1}", *extra])
                 for extra in (["preprocess off"], [])]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from ._pulp import PulpBackend
+from ._pulp import GAP, PulpBackend
 
 
 class PulpHighsBackend(PulpBackend):
@@ -14,7 +14,7 @@ class PulpHighsBackend(PulpBackend):
     def make_solvers(self, time_limit: Optional[float], seed: int) -> list:
         import pulp
 
-        return [pulp.HiGHS(msg=False, timeLimit=time_limit, random_seed=seed, threads=1)]
+        return [pulp.HiGHS(msg=False, timeLimit=time_limit, random_seed=seed, threads=1, gapRel=GAP)]
 
     @staticmethod
     def dual_bound(prob: Any) -> Optional[float]:

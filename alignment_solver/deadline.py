@@ -1,0 +1,185 @@
+"""Hard wall-clock limits: a backend runs in a forked worker that is killed when time is up.
+
+Contract of :func:`run` (used by :func:`~alignment_solver.solve` whenever ``time_limit`` is set,
+and always for backends that start processes of their own):
+
+- it returns by ``time_limit + GRACE`` seconds (model building included), whatever the backend
+  does, also on a loaded machine;
+- the answer is the backend's own if it arrived in time; otherwise the best plan seen so far:
+  an incumbent the backend reported (``SolveRequest.report``) or the greedy plan the caller's
+  process computes while the worker solves; its status is at most FEASIBLE, ``bound`` is the
+  best valid bound the backend reported (or None), and ``stats["deterministic"]`` is False;
+- the worker leads its own process group (solver subprocesses such as CBC included); the whole
+  group is killed at the limit, on an exception or interrupt in the caller, and, through the
+  parent-death signal, when the caller itself is killed; its temporary directory is removed.
+
+Without ``fork`` (Windows) the backend runs in-process and the limit is only as good as the
+backend's own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import replace
+from typing import Any, Optional
+
+import numpy as np
+
+from .backends.base import Backend, SolveRequest
+from .problem import AlignmentProblem
+from .result import AlignmentResult, SolveStatus
+
+GRACE = 0.3          # seconds past the limit spent collecting the answer and stopping the worker
+MARGIN = 0.15        # the worker is asked to finish this long before the limit
+_PR_SET_PDEATHSIG = 1
+
+
+def available() -> bool:
+    return "fork" in mp.get_all_start_methods()
+
+
+def _pack(x: np.ndarray) -> tuple[tuple[int, int], bytes]:
+    return x.shape, np.packbits(x, axis=None).tobytes()
+
+
+def _unpack(packed: tuple[tuple[int, int], bytes]) -> np.ndarray:
+    shape, data = packed
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=shape[0] * shape[1])
+    return bits.reshape(shape).astype(bool)
+
+
+def _die_with_parent(sig: int) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent dies (no-op elsewhere)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker(conn: Any, impl: Backend, problem: AlignmentProblem, request: SolveRequest, tmpdir: str,
+            parent: int) -> None:
+    os.setpgrp()
+    if impl.child_processes:
+        def stop(signum: int, frame: Any) -> None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+
+        signal.signal(signal.SIGTERM, stop)
+        _die_with_parent(signal.SIGTERM)
+    else:
+        _die_with_parent(signal.SIGKILL)
+    if os.getppid() != parent:            # the caller died before the death signal was armed
+        os._exit(1)
+    os.environ["TMPDIR"] = tmpdir
+    tempfile.tempdir = tmpdir
+
+    def report(x: np.ndarray, bound: Optional[float]) -> None:
+        conn.send(("incumbent", {"x": _pack(np.asarray(x, dtype=bool)), "bound": bound}))
+
+    try:
+        result = impl.solve(problem, replace(request, report=report))
+        conn.send(("final", {
+            "status": result.status.value, "x": _pack(result.assignment) if result.has_solution else None,
+            "bound": result.bound, "solve_seconds": result.solve_seconds, "build_seconds": result.build_seconds,
+            "explanation": result.explanation, "soft_penalty": result.soft_penalty, "stats": result.stats}))
+    except Exception as exc:  # reported to the caller as NO_SOLUTION_FOUND with the reason
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+def _kill(proc: Any) -> None:
+    if proc.pid is None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.join()
+
+
+def run(impl: Backend, problem: AlignmentProblem, request: SolveRequest,
+        time_limit: Optional[float]) -> AlignmentResult:
+    """Solve with ``impl`` in a worker process under a hard ``time_limit`` (see the module docstring)."""
+    from .backends.greedy import GreedyBackend
+
+    t0 = time.perf_counter()
+    limit_at = None if time_limit is None else t0 + time_limit
+    child_request = replace(request, deadline=None if limit_at is None else limit_at - MARGIN)
+    tmpdir = tempfile.mkdtemp(prefix="alignment-solver-")
+    ctx = mp.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_worker, args=(send, impl, problem, child_request, tmpdir, os.getpid()), daemon=True)
+    final: Optional[tuple[str, Any]] = None
+    incumbent: Optional[dict[str, Any]] = None
+    fallback: Optional[AlignmentResult] = None
+    try:
+        proc.start()
+        send.close()
+        if limit_at is not None:
+            fallback = GreedyBackend().solve(problem, replace(request, deadline=limit_at))
+        until = None if limit_at is None else limit_at + GRACE - 0.05
+        while True:
+            wait = None if until is None else until - time.perf_counter()
+            if wait is not None and wait <= 0:
+                break
+            if not receive.poll(wait):
+                break
+            try:
+                kind, payload = receive.recv()
+            except EOFError:
+                break
+            if kind == "incumbent":
+                incumbent = payload
+            else:
+                final = (kind, payload)
+                break
+    finally:
+        receive.close()
+        _kill(proc)
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    elapsed = time.perf_counter() - t0
+    soft_penalty = request.soft_penalty if request.soft else None
+    if final is not None and final[0] == "final":
+        p = final[1]
+        x = None if p["x"] is None else _unpack(p["x"])
+        return AlignmentResult(problem, SolveStatus(p["status"]), impl.name, assignment=x, bound=p["bound"],
+                               solve_seconds=p["solve_seconds"], build_seconds=p["build_seconds"],
+                               explanation=p["explanation"], soft=request.soft, soft_penalty=p["soft_penalty"],
+                               stats=p["stats"])
+    if final is not None:
+        why = f"{impl.name} failed: {final[1]}"
+    elif limit_at is not None and time.perf_counter() >= limit_at:
+        why = f"{impl.name} was stopped at the time limit of {time_limit:g} s"
+    else:
+        why = f"the {impl.name} worker ended without an answer (exit code {proc.exitcode})"
+    candidates = []
+    if incumbent is not None:
+        cand = AlignmentResult(problem, SolveStatus.FEASIBLE, impl.name, assignment=_unpack(incumbent["x"]),
+                               soft=request.soft, soft_penalty=soft_penalty,
+                               stats={"source": f"{impl.name} incumbent"})
+        candidates.append(cand)
+    if fallback is not None and fallback.has_solution:
+        candidates.append(AlignmentResult(problem, SolveStatus.FEASIBLE, impl.name, assignment=fallback.assignment,
+                                          soft=request.soft, soft_penalty=soft_penalty,
+                                          stats={"source": "greedy fallback"}))
+    candidates = [c for c in candidates if not [v for v in c.violations() if not (request.soft and "_load" in v)]]
+    bound = None if incumbent is None else incumbent["bound"]
+    if not candidates:
+        detail = "" if fallback is None or fallback.has_solution else f"; {fallback.explanation}"
+        return AlignmentResult(problem, SolveStatus.NO_SOLUTION_FOUND, impl.name, solve_seconds=elapsed,
+                               explanation=f"{why}, and no feasible plan was found before then{detail}",
+                               stats={"deterministic": False, "stopped": True})
+    best = max(candidates, key=lambda c: c.objective)
+    best.solve_seconds = elapsed
+    best.explanation = f"{why}; the plan is the best found before then ({best.stats['source']})"
+    best.stats.update(deterministic=False, stopped=True)
+    if bound is not None:
+        best.bound = max(float(bound), best.objective)
+    return best
