@@ -5,7 +5,8 @@ and always for backends that start processes of their own):
 
 - it returns by ``time_limit + GRACE`` seconds (model building included), whatever the backend
   does, also on a loaded machine;
-- the answer is the backend's own if it arrived in time; otherwise the best plan seen so far:
+- the answer is the backend's own if it arrived in time with a plan (or a proof of
+  infeasibility); otherwise the best plan seen so far:
   an incumbent the backend reported (``SolveRequest.report``) or the greedy plan the caller's
   process computes while the worker solves; its status is at most FEASIBLE, ``bound`` is the
   best valid bound the backend reported (or None), and ``stats["deterministic"]`` is False;
@@ -25,6 +26,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from typing import Any, Optional
@@ -95,13 +97,15 @@ def _worker(conn: Any, impl: Backend, problem: AlignmentProblem, request: SolveR
 
 
 def _kill(proc: Any) -> None:
+    """Kill the worker's process group; reap it in the background (a worker holding gigabytes
+    takes a moment to be torn down, and the caller need not wait for that)."""
     if proc.pid is None:
         return
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    proc.join()
+    threading.Thread(target=proc.join, name="alignment-solver-reaper", daemon=True).start()
 
 
 def run(impl: Backend, problem: AlignmentProblem, request: SolveRequest,
@@ -149,11 +153,14 @@ def run(impl: Backend, problem: AlignmentProblem, request: SolveRequest,
     if final is not None and final[0] == "final":
         p = final[1]
         x = None if p["x"] is None else _unpack(p["x"])
-        return AlignmentResult(problem, SolveStatus(p["status"]), impl.name, assignment=x, bound=p["bound"],
-                               solve_seconds=p["solve_seconds"], build_seconds=p["build_seconds"],
-                               explanation=p["explanation"], soft=request.soft, soft_penalty=p["soft_penalty"],
-                               stats=p["stats"])
-    if final is not None:
+        own = AlignmentResult(problem, SolveStatus(p["status"]), impl.name, assignment=x, bound=p["bound"],
+                              solve_seconds=p["solve_seconds"], build_seconds=p["build_seconds"],
+                              explanation=p["explanation"], soft=request.soft, soft_penalty=p["soft_penalty"],
+                              stats=p["stats"])
+        if own.has_solution or own.status is SolveStatus.INFEASIBLE or (incumbent is None and fallback is None):
+            return own
+        why = f"{impl.name}: {own.status.value} ({own.explanation or 'no reason given'})"
+    elif final is not None:
         why = f"{impl.name} failed: {final[1]}"
     elif limit_at is not None and time.perf_counter() >= limit_at:
         why = f"{impl.name} was stopped at the time limit of {time_limit:g} s"

@@ -83,7 +83,7 @@ class FlowNetwork:
             self.Uf = self.U.astype(float)
 
     def marginal(self, load: np.ndarray) -> np.ndarray:
-        """Cost of the ``load``-th unit on each expert's band arc, ``band_cost(l) - band_cost(l - 1)``
+        """Cost of the ``load``-th unit on each expert's band arc, ``f(l) - f(l - 1)``
         in closed form (exactly ``+-P`` or 0 away from fractional bounds; nondecreasing in load)."""
         load = np.asarray(load, dtype=float)
         return self.penalty * (np.clip(load - self.Uf, 0.0, 1.0) - np.clip(self.Lf - load + 1.0, 0.0, 1.0))
@@ -130,8 +130,12 @@ class FlowNetwork:
         big = int(self.k.sum()) + 1
         b = self.base_load
         # Band segments (start, end] in total load, each at one marginal cost; clipped at base_load.
-        fl, cl = np.floor(self.Lf + 1e-9), np.ceil(self.Lf - 1e-9)
-        fu, cu = np.floor(self.Uf + 1e-9), np.ceil(self.Uf - 1e-9)
+        # Below both bounds a unit earns P, above both it costs P, between them it is free (both
+        # orders: an empty integer band has Lf > Uf); a unit crossing a fractional bound costs its
+        # exact marginal.
+        low, high = np.minimum(self.Lf, self.Uf), np.maximum(self.Lf, self.Uf)
+        fl, cl = np.floor(low + 1e-9), np.ceil(low - 1e-9)
+        fu, cu = np.floor(high + 1e-9), np.ceil(high - 1e-9)
         inf = np.full(E, np.inf)
         segs = [(np.zeros(E), fl, np.full(E, -self.penalty)),
                 (fl, cl, self.marginal(cl)),

@@ -58,13 +58,19 @@ def brute_force(p: AlignmentProblem, soft_penalty: Optional[float] = None) -> Op
     return best
 
 
-def scipy_milp(p: AlignmentProblem, time_limit: float = 60) -> Optional[float]:
-    """Optimal objective from scipy.optimize.milp (HiGHS inside scipy); None if infeasible."""
+def scipy_milp(p: AlignmentProblem, time_limit: float = 60, soft_penalty: Optional[float] = None) -> Optional[float]:
+    """Optimal objective from scipy.optimize.milp (HiGHS inside scipy, gap 0); None if infeasible.
+
+    The value returned is recomputed from the rounded 0-1 answer by :func:`value`.
+
+    ``soft_penalty``: the load band becomes slack (shortfall and excess per expert) priced at it.
+    """
     C, E = p.fitness.shape
     G, w, cap, low, L, U, allowed, usage = _dense(p)
     n = C * E
+    ns = 2 * E if soft_penalty is not None else 0
     rows = C + E + (C if usage is not None else 0)
-    A = lil_matrix((rows, n))
+    A = lil_matrix((rows, n + ns))
     lo = np.full(rows, -np.inf)
     hi = np.full(rows, np.inf)
     for c in range(C):
@@ -73,16 +79,52 @@ def scipy_milp(p: AlignmentProblem, time_limit: float = 60) -> Optional[float]:
     for e in range(E):
         A[C + e, [c * E + e for c in range(C)]] = w[:, e]
         lo[C + e], hi[C + e] = L[e], U[e]
+        if ns:
+            A[C + e, n + e] = 1.0          # shortfall
+            A[C + e, n + E + e] = -1.0     # excess
     if usage is not None:
         for c in range(C):
             A[C + E + c, c * E:(c + 1) * E] = usage[c]
             hi[C + E + c] = p.budget[c]
-    res = milp(-G.ravel(), constraints=LinearConstraint(A.tocsr(), lo, hi), integrality=np.ones(n),
-               bounds=Bounds(np.zeros(n), allowed.ravel().astype(float)), options={"time_limit": time_limit})
+    cost = np.concatenate([-G.ravel(), np.full(ns, soft_penalty or 0.0)])
+    upper = np.concatenate([allowed.ravel().astype(float), np.full(ns, np.inf)])
+    res = milp(cost, constraints=LinearConstraint(A.tocsr(), lo, hi),
+               integrality=np.concatenate([np.ones(n), np.zeros(ns)]), bounds=Bounds(np.zeros(n + ns), upper),
+               options={"time_limit": time_limit, "mip_rel_gap": 0.0})
     if res.status == 2:
         return None
     assert res.status == 0, res.message
-    return -res.fun
+    # The value of the rounded assignment: HiGHS' tolerances (1e-7 on rows) would otherwise let
+    # the continuous slack, and so -res.fun, drift by up to about 1e-6.
+    return value(p, res.x[:n].reshape(C, E) > 0.5, soft_penalty)
+
+
+def violations(p: AlignmentProblem, x: np.ndarray, soft: bool = False, tol: float = 1e-6) -> list[str]:
+    """Constraints of ``p`` that ``x`` breaks, from the raw fields (not the package's checker)."""
+    G, w, cap, low, L, U, allowed, usage = _dense(p)
+    x = np.asarray(x, dtype=bool)
+    out = []
+    n = x.sum(1)
+    out += [f"capacity of client {c}" for c in np.flatnonzero(n > cap)]
+    out += [f"min_experts of client {c}" for c in np.flatnonzero(n < low)]
+    out += [f"mask at {tuple(ce)}" for ce in np.argwhere(x & ~allowed)]
+    if usage is not None:
+        out += [f"budget of client {c}" for c in np.flatnonzero((usage * x).sum(1) > np.asarray(p.budget) + tol)]
+    if not soft:
+        load = (w * x).sum(0)
+        out += [f"load of expert {e}" for e in np.flatnonzero((load < L - tol) | (load > U + tol))]
+    return out
+
+
+def value(p: AlignmentProblem, x: np.ndarray, soft_penalty: Optional[float] = None) -> float:
+    """Objective of ``x`` from the raw fields (penalised band misses when ``soft_penalty``)."""
+    G, w, cap, low, L, U, allowed, usage = _dense(p)
+    x = np.asarray(x, dtype=bool)
+    total = float((G * x).sum())
+    if soft_penalty is not None:
+        load = (w * x).sum(0)
+        total -= soft_penalty * float(np.maximum(L - load, 0).sum() + np.maximum(load - U, 0).sum())
+    return total
 
 
 def networkx_flow(p: AlignmentProblem, scale: float = 1e6) -> Optional[float]:

@@ -119,7 +119,9 @@ class PulpBackend(Backend):
                                  soft_penalty=request.soft_penalty if request.soft else None, stats=stats)
         bound = self.dual_bound(prob)
         if status is SolveStatus.OPTIMAL:
-            result.bound = result.objective + GAP * max(1.0, abs(result.objective))
+            # The solver's optimum is for its own (integrality-tolerant) values: start the bound there.
+            claimed = max(float(pulp.value(prob.objective) or 0.0) * scale, result.objective)
+            result.bound = claimed + GAP * max(1.0, abs(claimed))
         elif bound is not None:
             result.bound = max(float(bound) * scale, result.objective)
         return result
