@@ -12,10 +12,14 @@ and always for backends that start processes of their own):
   best valid bound the backend reported (or None), and ``stats["deterministic"]`` is False;
 - the worker leads its own process group (solver subprocesses such as CBC included); the whole
   group is killed at the limit, on an exception or interrupt in the caller, and, through the
-  parent-death signal, when the caller itself is killed; its temporary directory is removed.
+  parent-death signal, when the caller itself is killed.  Backends that start solver processes
+  (``child_processes``) get a private temporary directory, removed in every one of those cases.
 
-Without ``fork`` (Windows) the backend runs in-process and the limit is only as good as the
-backend's own.
+Workers are forked from the caller, which is safe only while no other thread holds locks:
+where ``fork`` is missing (Windows), other Python threads run, or gRPC or Ray are loaded (a
+Flower server), :func:`available` is False and the backend runs in-process with a cooperative
+deadline (CP-SAT and greedy check it while building, flow between rounds, CP-SAT's own limit
+is set to it); the limit then holds only as well as the backend keeps it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -43,7 +48,10 @@ _PR_SET_PDEATHSIG = 1
 
 
 def available() -> bool:
-    return "fork" in mp.get_all_start_methods()
+    """Whether workers can be forked safely here: ``fork`` exists, no other Python thread runs,
+    and no module known to keep background threads (gRPC, Ray) is loaded."""
+    return ("fork" in mp.get_all_start_methods() and threading.active_count() == 1
+            and not any(m in sys.modules for m in _FORK_UNSAFE))
 
 
 def _pack(x: np.ndarray) -> tuple[tuple[int, int], bytes]:
@@ -78,8 +86,9 @@ def _worker(conn: Any, impl: Backend, problem: AlignmentProblem, request: SolveR
         _die_with_parent(signal.SIGKILL)
     if os.getppid() != parent:            # the caller died before the death signal was armed
         os._exit(1)
-    os.environ["TMPDIR"] = tmpdir
-    tempfile.tempdir = tmpdir
+    if tmpdir:
+        os.environ["TMPDIR"] = tmpdir
+        tempfile.tempdir = tmpdir
 
     def report(x: np.ndarray, bound: Optional[float]) -> None:
         conn.send(("incumbent", {"x": _pack(np.asarray(x, dtype=bool)), "bound": bound}))
@@ -97,29 +106,36 @@ def _worker(conn: Any, impl: Backend, problem: AlignmentProblem, request: SolveR
 
 
 def _kill(proc: Any) -> None:
-    """Kill the worker's process group; reap it in the background (a worker holding gigabytes
-    takes a moment to be torn down, and the caller need not wait for that)."""
+    """Kill the worker's process group without waiting for it to be torn down (a worker holding
+    gigabytes takes a moment); multiprocessing reaps it at the next start or at exit."""
     if proc.pid is None:
         return
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    threading.Thread(target=proc.join, name="alignment-solver-reaper", daemon=True).start()
+    proc.join(timeout=0)
 
 
-def run(impl: Backend, problem: AlignmentProblem, request: SolveRequest,
-        time_limit: Optional[float]) -> AlignmentResult:
-    """Solve with ``impl`` in a worker process under a hard ``time_limit`` (see the module docstring)."""
+#: modules whose background threads make a plain fork unsafe (a lock held by one of them at fork
+#: time stays locked in the child forever)
+_FORK_UNSAFE = ("grpc", "ray")
+
+
+def run(impl: Backend, problem: AlignmentProblem, request: SolveRequest, time_limit: Optional[float],
+        started: Optional[float] = None) -> AlignmentResult:
+    """Solve with ``impl`` in a worker process under a hard ``time_limit`` counted from ``started``
+    (a ``time.perf_counter()`` value; default now), see the module docstring."""
     from .backends.greedy import GreedyBackend
 
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if started is None else started
     limit_at = None if time_limit is None else t0 + time_limit
     child_request = replace(request, deadline=None if limit_at is None else limit_at - MARGIN)
-    tmpdir = tempfile.mkdtemp(prefix="alignment-solver-")
+    tmpdir = tempfile.mkdtemp(prefix="alignment-solver-") if impl.child_processes else ""
     ctx = mp.get_context("fork")
+    parent = os.getpid()
     receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_worker, args=(send, impl, problem, child_request, tmpdir, os.getpid()), daemon=True)
+    proc = ctx.Process(target=_worker, args=(send, impl, problem, child_request, tmpdir, parent), daemon=True)
     final: Optional[tuple[str, Any]] = None
     incumbent: Optional[dict[str, Any]] = None
     fallback: Optional[AlignmentResult] = None
@@ -147,7 +163,8 @@ def run(impl: Backend, problem: AlignmentProblem, request: SolveRequest,
     finally:
         receive.close()
         _kill(proc)
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        if tmpdir:
+            shutil.rmtree(tmpdir, ignore_errors=True)
     elapsed = time.perf_counter() - t0
     soft_penalty = request.soft_penalty if request.soft else None
     if final is not None and final[0] == "final":

@@ -36,10 +36,15 @@ def client_reasons(problem: AlignmentProblem) -> list[str]:
         out.append(f"clients {_ids(problem, bad, 'client')} must train at least "
                    f"{low[bad].tolist()[:12]} experts but are allowed only {n_allowed[bad].tolist()[:12]}")
     if problem.has_budget:
-        usage = np.where(allowed, problem.usage_matrix, np.inf)
-        cheapest = np.sort(usage, axis=1)
-        ranks = np.arange(problem.n_experts)[None, :] < low[:, None]
-        need = np.where(ranks, cheapest, 0.0).sum(axis=1)
+        usage = problem.usage_matrix if problem.allowed is None else np.where(allowed, problem.usage_matrix, np.inf)
+        m = int(low.max(initial=0))
+        if m == 0:
+            need = np.zeros(problem.n_clients)
+        else:
+            cheapest = np.sort(np.partition(usage, m - 1, axis=1)[:, :m], axis=1) if m < problem.n_experts \
+                else np.sort(usage, axis=1)
+            ranks = np.arange(cheapest.shape[1])[None, :] < low[:, None]
+            need = np.where(ranks, cheapest, 0.0).sum(axis=1)
         poor = np.flatnonzero((need > problem.budget + 1e-9) & (low <= n_allowed))
         if len(poor):
             out.append(f"clients {_ids(problem, poor, 'client')} cannot fit min_experts within their budget: "

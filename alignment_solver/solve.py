@@ -53,6 +53,7 @@ def solve(problem: AlignmentProblem, *, backend: str = "auto", time_limit: Optio
     Every answer is re-checked against the problem as given before it is returned
     (:func:`verified`): a plan that breaks a hard constraint is never reported as a solution.
     """
+    started = time.perf_counter()
     if isinstance(problem, Mapping):
         problem = AlignmentProblem.model_validate(problem)
     if not isinstance(problem, AlignmentProblem):
@@ -89,13 +90,12 @@ def solve(problem: AlignmentProblem, *, backend: str = "auto", time_limit: Optio
     request = SolveRequest(time_limit=time_limit, seed=int(seed), soft=soft,
                            soft_penalty=float(soft_penalty) if soft_penalty is not None else default_soft_penalty(problem),
                            options=checked)
-    started = time.perf_counter()
     blockers = diagnosis.client_reasons(problem)
     if blockers:
         return AlignmentResult(problem, SolveStatus.INFEASIBLE, name, explanation="; ".join(blockers),
                                solve_seconds=time.perf_counter() - started)
     if deadline.available() and (impl.isolation == "always" or (impl.isolation == "time_limit" and time_limit)):
-        result = deadline.run(impl, problem, request, time_limit)
+        result = deadline.run(impl, problem, request, time_limit, started=started)
     else:
         if time_limit is not None:
             request = replace(request, deadline=started + time_limit)

@@ -1,0 +1,103 @@
+"""Budgeted and weighted rounds at every size: how good is the plan after 0.5 s and after 2 s?
+
+For each size (100 x 8, 1,000 x 32, 10,000 x 64), kind (budget rows; weighted loads) and mode
+(hard band; soft band), ``solve(backend="auto", time_limit=T)`` runs in a fresh process for
+T = 0.5 and 2 s.  Each plan is compared with the LP relaxation's optimum (scipy's HiGHS), an
+upper bound on any plan: ``gap to LP = (LP - objective) / |LP|``.  Targets from issue 9: a plan
+within 0.5 s, and within 1 % of the LP bound within 2 s.
+
+    python benchmarks/budgeted.py [--out benchmarks/results/budgeted.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Progress, isolated, machine, markdown, publish  # noqa: E402
+
+SIZES = [(100, 8), (1_000, 32), (10_000, 64)]
+KINDS = ["budget", "weighted"]
+LIMITS = [0.5, 2.0]
+
+
+def make(clients: int, experts: int, kind: str):
+    import numpy as np
+
+    from alignment_solver import AlignmentProblem
+    from alignment_solver.instances import random_problem
+
+    if kind == "weighted":
+        base = random_problem(clients, experts, seed=0)
+        w = np.random.default_rng(1).uniform(0.5, 2.0, clients)
+        return AlignmentProblem.balanced(base.fitness, base.capacity, tolerance=0.1, load_weight=w, min_experts=1)
+    return random_problem(clients, experts, seed=0, budget=True)
+
+
+def lp_bound(clients: int, experts: int, kind: str, soft: bool) -> dict:
+    import numpy as np
+    from scipy.optimize import linprog
+    from scipy.sparse import vstack
+
+    from alignment_solver.formulations.milp import LinearModel
+    from alignment_solver.solve import default_soft_penalty
+
+    problem = make(clients, experts, kind)
+    lm = LinearModel.from_problem(problem, default_soft_penalty(problem) if soft else None)
+    c, A, lo, hi, var_hi, _ = lm.matrices()
+    fh, fl = np.isfinite(hi), np.isfinite(lo)
+    res = linprog(-c, A_ub=vstack([A[fh], -A[fl]]), b_ub=np.r_[hi[fh], -lo[fl]],
+                  bounds=list(zip(np.zeros(len(c)), var_hi)), method="highs")
+    return {"bound": -res.fun if res.status == 0 else None}
+
+
+def one(clients: int, experts: int, kind: str, soft: bool, limit: float) -> dict:
+    from alignment_solver import solve
+
+    problem = make(clients, experts, kind)
+    started = time.perf_counter()
+    r = solve(problem, time_limit=limit, soft=soft)
+    return {"wall": time.perf_counter() - started, "status": r.status.value, "backend": r.backend,
+            "objective": r.objective, "source": r.stats.get("source", "solver")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results/budgeted.md")
+    args = ap.parse_args()
+    rows = []
+    progress = Progress(len(SIZES) * len(KINDS) * 2 * (len(LIMITS) + 1))
+    for C, E in SIZES:
+        for kind in KINDS:
+            for soft in (False, True):
+                progress.step(f"LP {C}x{E} {kind}")
+                lp = isolated(lp_bound, C, E, kind, soft, timeout=600).get("bound")
+                for limit in LIMITS:
+                    progress.step(f"{C}x{E} {kind} {'soft' if soft else 'hard'} {limit:g}s")
+                    out = isolated(one, C, E, kind, soft, limit, timeout=limit + 300)
+                    obj = out.get("objective")
+                    gap = None if obj is None or lp is None else (lp - obj) / max(abs(lp), 1e-12)
+                    ok = obj is not None and (limit < 1 or (gap is not None and gap <= 0.01))
+                    rows.append([f"{C:,} x {E}", kind, "soft" if soft else "hard", limit, out.get("wall"),
+                                 out.get("status", out.get("error")), out.get("source"), obj, lp,
+                                 None if gap is None else 100 * gap, "yes" if ok else "NO"])
+    progress.close()
+    met = sum(r[-1] == "yes" for r in rows)
+    text = "\n".join([
+        "# Budgeted and weighted rounds: plan quality under a time limit", "",
+        f"Machine: {machine()}.  Command: `python benchmarks/budgeted.py`.  Instances: "
+        "`alignment_solver.instances.random_problem(C, E, seed=0, budget=True)` (budget) and the same fitness "
+        "with load weights U(0.5, 2) and a +-10 % band (weighted); `solve(backend='auto', time_limit=T)`, "
+        "each run in a fresh process.  `LP bound`: the LP relaxation (scipy HiGHS), an upper bound on any plan.  "
+        "Target: a plan at 0.5 s; within 1 % of the LP bound at 2 s.", "",
+        markdown(["size", "kind", "band", "limit s", "wall s", "status", "source", "objective", "LP bound",
+                  "gap to LP %", "target met"], rows), "",
+        f"Target met in {met} of {len(rows)} runs.", ""])
+    publish(text, args.out)
+
+
+if __name__ == "__main__":
+    main()
