@@ -4,7 +4,7 @@ gap1-gap12 (c05xx-c10xx) with every general backend and a 5 s limit; the larger 
 CP-SAT and a 30 s limit.  Gap = |best known - objective| / |best known| (in the instance's own
 sense: profit for _Max, cost for _Min).
 
-    python benchmarks/orlib_gap.py [--data ../shared/data/orlib-gap] [--large-limit 30]
+    python benchmarks/orlib_gap.py [--data benchmarks/data/orlib-gap] [--large-limit 30]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from _common import Progress, machine, markdown, publish  # noqa: E402
 from alignment_solver import solve  # noqa: E402
 from alignment_solver.instances import read_orlib_gap  # noqa: E402
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "orlib-gap"
+DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "orlib-gap"
 
 
 def main() -> None:

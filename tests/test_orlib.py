@@ -10,7 +10,7 @@ from alignment_solver.instances import read_orlib_gap
 
 from .conftest import GENERAL
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "orlib-gap"
+DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "orlib-gap"   # shipped in the repository
 
 
 def _bounds():
