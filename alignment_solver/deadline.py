@@ -3,8 +3,10 @@
 Contract of :func:`run` (used by :func:`~alignment_solver.solve` whenever ``time_limit`` is set,
 and always for backends that start processes of their own):
 
-- it returns by ``time_limit + GRACE`` seconds (model building included), whatever the backend
-  does, also on a loaded machine;
+- it stops waiting for the worker ``GRACE`` seconds after ``time_limit`` (counted from the
+  start of ``solve``, model building included), whatever the backend does; with the greedy
+  fallback and the hand-over it returns within ``time_limit`` + 0.5 s, also on a loaded machine
+  (``benchmarks/time_limits.py``);
 - the answer is the backend's own if it arrived in time with a plan (or a proof of
   infeasibility); otherwise the best plan seen so far:
   an incumbent the backend reported (``SolveRequest.report``) or the greedy plan the caller's

@@ -39,10 +39,11 @@ def solve(problem: AlignmentProblem, *, backend: str = "auto", time_limit: Optio
     """Solve one round's alignment problem.
 
     - ``backend``: ``"auto"``, ``"flow"``, ``"cpsat"``, ``"pulp_cbc"``, ``"pulp_highs"`` or ``"greedy"``.
-    - ``time_limit``: seconds (> 0) or None.  The call returns within ``time_limit`` + 0.3 s,
-      model building included: the backend runs in a worker process that is killed at the limit,
-      and the answer is then the best plan found so far (greedy at worst), FEASIBLE at most
-      (:mod:`alignment_solver.deadline`).  A result cut by the limit is not deterministic.
+    - ``time_limit``: seconds (> 0) or None.  The call returns within ``time_limit`` + 0.5 s,
+      model building included, where workers can be forked: the backend runs in a worker
+      process killed at the limit, and the answer is then the best plan found so far (greedy
+      at worst), FEASIBLE at most (:mod:`alignment_solver.deadline`).  A result cut by the
+      limit is not deterministic.
     - ``seed``: integer >= 0; the same problem and seed give the same assignment (CP-SAT: with
       one worker and no time limit, see ``result.stats["deterministic"]``).
     - ``soft``: turn the load band into slack priced at ``soft_penalty`` per unit (default:
