@@ -47,6 +47,9 @@ from .result import AlignmentResult, SolveStatus
 GRACE = 0.3          # seconds past the limit spent collecting the answer and stopping the worker
 MARGIN = 0.15        # the worker is asked to finish this long before the limit
 _PR_SET_PDEATHSIG = 1
+#: modules whose background threads make a plain fork unsafe (a lock held by one of them at fork
+#: time stays locked in the child forever)
+_FORK_UNSAFE = ("grpc", "ray")
 
 
 def available() -> bool:
@@ -117,11 +120,6 @@ def _kill(proc: Any) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     proc.join(timeout=0)
-
-
-#: modules whose background threads make a plain fork unsafe (a lock held by one of them at fork
-#: time stays locked in the child forever)
-_FORK_UNSAFE = ("grpc", "ray")
 
 
 def run(impl: Backend, problem: AlignmentProblem, request: SolveRequest, time_limit: Optional[float],
@@ -195,7 +193,7 @@ def run(impl: Backend, problem: AlignmentProblem, request: SolveRequest, time_li
         candidates.append(AlignmentResult(problem, SolveStatus.FEASIBLE, impl.name, assignment=fallback.assignment,
                                           soft=request.soft, soft_penalty=soft_penalty,
                                           stats={"source": "greedy fallback"}))
-    candidates = [c for c in candidates if not [v for v in c.violations() if not (request.soft and "_load" in v)]]
+    candidates = [c for c in candidates if not c.violations(band=not request.soft)]
     bound = None if incumbent is None else incumbent["bound"]
     if not candidates:
         detail = "" if fallback is None or fallback.has_solution else f"; {fallback.explanation}"

@@ -121,10 +121,11 @@ class AlignmentResult:
         row = self.assignment[self.problem.client_index(client_id)]
         return [self.problem.expert_label(int(e)) for e in np.flatnonzero(row)]
 
-    def violations(self, *, tol: float = TOL) -> list[str]:
+    def violations(self, *, tol: float = TOL, band: bool = True) -> list[str]:
         """Every constraint of the problem that the assignment breaks, checked from scratch.
 
-        Empty for a feasible answer.  In soft mode the load band may appear here by design.
+        Empty for a feasible answer.  In soft mode the load band may appear here by design;
+        ``band=False`` leaves it out (the hard constraints only).
         """
         p, x = self.problem, self.assignment
         out: list[str] = []
@@ -136,11 +137,14 @@ class AlignmentResult:
         for c in np.flatnonzero(count < p.min_experts_array):
             out.append(f"client {p.client_label(int(c))!r} trains {count[c]} experts < min_experts "
                        f"{p.min_experts_array[c]}")
-        load = self.expert_load
-        for e in np.flatnonzero(load < p.min_load_array - tol):
-            out.append(f"expert {p.expert_label(int(e))!r} has load {load[e]:g} < expert_min_load {p.min_load_array[e]:g}")
-        for e in np.flatnonzero(load > p.max_load_array + tol):
-            out.append(f"expert {p.expert_label(int(e))!r} has load {load[e]:g} > expert_max_load {p.max_load_array[e]:g}")
+        if band:
+            load = self.expert_load
+            for e in np.flatnonzero(load < p.min_load_array - tol):
+                out.append(f"expert {p.expert_label(int(e))!r} has load {load[e]:g} < expert_min_load "
+                           f"{p.min_load_array[e]:g}")
+            for e in np.flatnonzero(load > p.max_load_array + tol):
+                out.append(f"expert {p.expert_label(int(e))!r} has load {load[e]:g} > expert_max_load "
+                           f"{p.max_load_array[e]:g}")
         if p.has_budget:
             used = (p.usage_matrix * x).sum(axis=1)
             for c in np.flatnonzero(used > p.budget + tol):

@@ -120,7 +120,7 @@ def verified(result: AlignmentResult, soft: bool) -> AlignmentResult:
     """
     if not result.has_solution:
         return result
-    broken = [v for v in result.violations() if not (soft and "_load" in v)]
+    broken = result.violations(band=not soft)
     if broken:
         return AlignmentResult(result.problem, SolveStatus.NO_SOLUTION_FOUND, result.backend,
                                solve_seconds=result.solve_seconds, build_seconds=result.build_seconds,

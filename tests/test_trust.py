@@ -59,7 +59,7 @@ def random_instance(seed: int) -> tuple[AlignmentProblem, bool, float | None]:
         usage = _numbers(rng, (C, E) if rng.random() < 0.5 else (E,), 0.0, 3.0)
         fields["usage"] = usage
         fields["budget"] = _numbers(rng, (C,), 0.0, 5.0)
-    fair = float((cap[:, None] * w).sum() / max(E, 1) / max(E, 1) * max(1, E) / E) if E else 0.0
+    fair = float((cap[:, None] * w).sum()) / E ** 2      # sum_c cap_c * mean_e w[c, e] / E
     lo = np.maximum(rng.uniform(-0.5, 1.2, E) * max(fair, 0.5), 0.0)
     if rng.random() < 0.5:
         lo = np.round(lo)

@@ -144,7 +144,7 @@ class GreedyBackend(Backend):
         result = AlignmentResult(problem, SolveStatus.FEASIBLE, self.name, assignment=x, solve_seconds=seconds,
                                  soft=request.soft, soft_penalty=request.soft_penalty if request.soft else None,
                                  stats={"deterministic": True})
-        broken = [v for v in result.violations() if not (request.soft and "_load" in v)]
+        broken = result.violations(band=not request.soft)
         if broken:
             return AlignmentResult(problem, SolveStatus.NO_SOLUTION_FOUND, self.name, solve_seconds=seconds,
                                    explanation=f"the greedy heuristic broke {len(broken)} constraints, e.g. {broken[0]}",
