@@ -4,9 +4,10 @@ CBC and HiGHS overrun their own time limits (measured: 1.5x to 3.5x of 60 s), an
 subprocess writing temporary files, so these backends always run in the killable worker of
 :mod:`alignment_solver.deadline` (``isolation = "always"``).  The objective and each row are
 divided by a power of two (exact in floating point) when their magnitude leaves ``2**+-20``, so
-numbers of any supported magnitude reach the solvers in a range their tolerances are made for.  An "Infeasible" reported near the time limit
-is read as "nothing found", since CBC has been seen to mislabel feasible models that way when
-time runs out.  OPTIMAL is taken from the solver with its gap set to zero.
+numbers of any supported magnitude reach the solvers in a range their tolerances are made for.
+An "Infeasible" reported near the time limit is read as "nothing found", since CBC has been seen
+to mislabel feasible models that way when time runs out.  The solvers are asked for a relative
+gap of ``GAP`` (1e-9); the bound of an OPTIMAL answer starts from the solver's own optimum.
 """
 
 from __future__ import annotations

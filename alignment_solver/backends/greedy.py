@@ -73,7 +73,7 @@ class _State:
         rows, cols = rows[keep], cols[keep]
         self.x[rows, cols] = True
         np.add.at(self.count, rows, 1)
-        np.add.at(self.load, cols, self.weight(rows, cols))
+        np.add.at(self.load, cols, w[keep])
         if self.u is not None:
             np.add.at(self.used, rows, self.u[rows, cols])
         return len(rows)
