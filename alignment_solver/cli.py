@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from .backends import REGISTRY, available_backends
-from .errors import AlignmentError
+from .errors import AlignmentError, describe
 from .problem import AlignmentProblem
 from .solve import solve
 
@@ -26,17 +26,44 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _one_line(exc: Exception) -> str:
+def _one_line(exc: Exception, what: str = "problem") -> str:
+    """First line of an error; a pydantic error names its field (``what`` for whole-model checks)."""
     if isinstance(exc, ValidationError):
         err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "problem"
-        return f"{where}: {err['msg']}"
+        where = ".".join(str(p) for p in err["loc"]) or what
+        msg = err["msg"].removeprefix("Value error, ")
+        got = f"; got {describe(err['input'])}" if err["loc"] and "got" not in msg else ""
+        return f"{where}: {msg}{got}"
     return str(exc).splitlines()[0]
 
 
+class InputError(Exception):
+    """An input file (or stdin) that cannot be read or decoded; the message names it."""
+
+
+def _read_text(path: str, what: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text()
+    except FileNotFoundError:
+        raise InputError(f"{what} file {path} does not exist") from None
+    except IsADirectoryError:
+        raise InputError(f"{what} file {path} is a directory; give a JSON file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read {what} file {path}: {exc}") from None
+
+
+def _read_json(path: str, what: str) -> Any:
+    text = _read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{what} {'from stdin' if path == '-' else f'file {path}'} is not valid JSON: {exc}") from None
+
+
 def _load_problem(path: str) -> AlignmentProblem:
-    text = sys.stdin.read() if path == "-" else Path(path).read_text()
-    return AlignmentProblem.model_validate_json(text)
+    return AlignmentProblem.model_validate(_read_json(path, "problem"))
 
 
 def _print_loads(result) -> None:
@@ -52,8 +79,8 @@ def _print_loads(result) -> None:
 def _solve_cmd(args: argparse.Namespace) -> int:
     try:
         problem = _load_problem(args.problem)
-    except FileNotFoundError:
-        return _fail(f"problem file not found: {args.problem}")
+    except InputError as exc:
+        return _fail(str(exc))
     except (ValidationError, ValueError) as exc:
         return _fail(f"invalid problem in {args.problem}: {_one_line(exc)}")
     try:
@@ -96,10 +123,6 @@ def _backends_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_json(path: str) -> Any:
-    return json.loads(sys.stdin.read() if path == "-" else Path(path).read_text())
-
-
 def _write(text: str, output: Optional[str]) -> None:
     if output:
         Path(output).write_text(text)
@@ -113,10 +136,13 @@ def _init_cmd(args: argparse.Namespace) -> int:
     if Path(args.state).exists() and not args.force:
         return _fail(f"state file {args.state} exists; pass --force to overwrite it")
     try:
-        config = CoordinatorConfig.model_validate(_read_json(args.config)) if args.config else CoordinatorConfig()
+        config = CoordinatorConfig.model_validate(_read_json(args.config, "config")) if args.config \
+            else CoordinatorConfig()
         AlignmentCoordinator(args.experts, config=config).save(args.state)
+    except InputError as exc:
+        return _fail(str(exc))
     except (ValidationError, ValueError, OSError) as exc:
-        return _fail(_one_line(exc))
+        return _fail(_one_line(exc, "config"))
     print(f"wrote {args.state}: {args.experts} experts")
     return 0
 
@@ -124,22 +150,32 @@ def _init_cmd(args: argparse.Namespace) -> int:
 def _coordinator_cmd(args: argparse.Namespace) -> int:
     from .coordinator import AlignmentCoordinator
 
+    key = "clients" if args.command == "plan" else "reports"
     try:
-        coord = AlignmentCoordinator.load(args.state)
-        payload = _read_json(args.input)
-        if args.command == "plan":
-            clients = payload["clients"] if isinstance(payload, dict) else payload
-            rnd = args.round if args.round is not None else coord.monitor.last_round + 1
-            out = coord.plan_round(rnd, clients, deadline=args.deadline)
-        else:
-            reports = payload["reports"] if isinstance(payload, dict) else payload
-            rnd = args.round if args.round is not None else (coord.pending or {}).get("round", -1)
-            out = coord.observe_round(rnd, reports)
-        coord.save(args.state)
-    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        return _fail(f"cannot read input: {type(exc).__name__}: {exc}")
+        if not Path(args.state).is_file():
+            raise InputError(f"state file {args.state} does not exist (create it with: alignment-solver init "
+                             f"--state {args.state} --experts E)" if not Path(args.state).exists()
+                             else f"state file {args.state} is not a file")
+        payload = _read_json(args.input, key)
+        if isinstance(payload, dict):
+            if set(payload) != {key}:
+                raise InputError(f"{key} input must be a JSON list or an object {{\"{key}\": [...]}}; "
+                                 f"got keys {sorted(payload)}")
+            payload = payload[key]
+        if not isinstance(payload, list):
+            raise InputError(f"{key} input must be a JSON list; got {type(payload).__name__}")
+        with AlignmentCoordinator.session(args.state, timeout=args.lock_timeout) as coord:
+            if args.command == "plan":
+                rnd = args.round if args.round is not None else \
+                    (coord.pending["round"] if coord.pending and args.replan else coord.last_round + 1)
+                out = coord.plan_round(rnd, payload, deadline=args.deadline, replan=args.replan)
+            else:
+                rnd = args.round if args.round is not None else (coord.pending or {}).get("round", -1)
+                out = coord.observe_round(rnd, payload)
+    except InputError as exc:
+        return _fail(str(exc))
     except (AlignmentError, ValidationError, ValueError) as exc:
-        return _fail(_one_line(exc))
+        return _fail(_one_line(exc, key))
     _write(out.model_dump_json(indent=2), args.output)
     return 0
 
@@ -150,13 +186,12 @@ def _simulate_cmd(args: argparse.Namespace) -> int:
     try:
         base = {}
         if args.config:
-            text = Path(args.config).read_text()
             if args.config.endswith((".yaml", ".yml")):
                 import yaml
 
-                base = yaml.safe_load(text) or {}
+                base = yaml.safe_load(_read_text(args.config, "config")) or {}
             else:
-                base = json.loads(text)
+                base = _read_json(args.config, "config")
         overrides = {k: v for k, v in vars(args).items() if k in SimConfig.model_fields and v is not None}
         cfg = SimConfig.model_validate({**base, **overrides})
         if cfg.dataset == "npz":
@@ -164,10 +199,12 @@ def _simulate_cmd(args: argparse.Namespace) -> int:
             import numpy as _np
 
             load_npz(cfg.npz_path, _np.random.default_rng(0))
+    except InputError as exc:
+        return _fail(str(exc))
     except FileNotFoundError as exc:
         return _fail(f"file not found: {exc.filename}")
-    except (ValidationError, ValueError, json.JSONDecodeError) as exc:
-        return _fail(_one_line(exc))
+    except (ValidationError, ValueError) as exc:
+        return _fail(_one_line(exc, "simulate config"))
     out = simulate(cfg)
     print(table(cfg, out["summary"]))
     print(f"wrote {out['folder']}/ (metrics.csv, summary.json, {', '.join(Path(p).name for p in out['plots'])}) "
@@ -240,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--round", type=int, help=f"round number (default: {round_default})")
         if name == "plan":
             cmd.add_argument("--deadline", type=float, help="round deadline in seconds")
+            cmd.add_argument("--replan", action="store_true",
+                             help="replace the plan of a round that is planned and not yet observed")
+        cmd.add_argument("--lock-timeout", dest="lock_timeout", type=float, default=60.0, metavar="S",
+                         help="wait at most S seconds for another process holding the state file (default 60)")
         cmd.add_argument("-o", "--output", help=f"write the {output} JSON here (default: stdout)")
         cmd.set_defaults(func=_coordinator_cmd)
     return parser

@@ -11,41 +11,39 @@ exploration, capacity and budget from the profiler, the load band from the monit
 round's holdings with ``switch_penalty``), solves it and remembers the plan.  ``observe_round``
 checks every report against that plan before changing anything (a bad report raises
 :class:`ReportError` and leaves the state as it was), then updates all three components;
-planned clients that sent nothing are dropouts.  ``save``/``load`` keep the whole state in one
-JSON file, written atomically.  The same history and seed give the same plans.
+planned clients that sent nothing are dropouts.  The same history and seed give the same plans.
+
+Rounds strictly increase: ``plan_round(r)`` needs ``r`` above the last observed round, and while
+a plan is pending (planned, not yet observed) a new plan replaces it only with ``replan=True``;
+``observe_round`` takes the pending round only.  Anything else raises :class:`RoundError`.
+
+``save``/``load`` keep the whole state in one JSON file, written atomically; ``load`` checks every
+field first (:class:`StateError` names the one that is wrong).  ``session(path)`` holds the
+file's exclusive lock across load -> modify -> save, so processes sharing one state file
+serialise instead of losing updates.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence, Union
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from .capacity import CapacityConfig, CapacityProfiler
-from .errors import AlignmentError
+from .errors import ReportError, RoundError, StateError
 from .load_monitor import ExpertLoadMonitor, MonitorConfig, cv
-from .problem import AlignmentProblem
+from .problem import MAX_COUNT, AlignmentProblem
 from .result import AlignmentResult, SolveStatus
 from .rounds import ClientReport, ClientStatus, Label, NonNegative, PlannedClient, RoundPlan, RoundSummary
 from .scoring import FitnessScorer, ScorerConfig
 from .solve import solve
-
-STATE_VERSION = 1
+from .state import MAX_EXPERTS, STATE_VERSION, check_state, locked, write_atomic
 _REPORTS = TypeAdapter(list[ClientReport])
-
-
-class ReportError(AlignmentError, ValueError):
-    """Reports that do not fit the round's plan; nothing was changed."""
-
-
-class StateError(AlignmentError, ValueError):
-    """A state file that cannot be restored (corrupt, or for another number of experts)."""
 
 
 class CoordinatorConfig(BaseModel):
@@ -60,7 +58,7 @@ class CoordinatorConfig(BaseModel):
     soft: bool = Field(True, description="penalised load band, so a round can always go ahead")
     backend: str = "auto"
     time_limit: Optional[float] = Field(None, gt=0)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2 ** 30, description="solve seed of round r is seed + r")
     deadline: Optional[float] = Field(None, gt=0, description="default round deadline in seconds")
     fallback: Literal["greedy", "none"] = Field(
         "greedy", description="when the solve finds nothing (e.g. its time limit), plan with the greedy backend")
@@ -71,8 +69,9 @@ class AlignmentCoordinator:
     """Plans and observes rounds for ``num_experts`` experts (indices ``0..E-1``)."""
 
     def __init__(self, num_experts: int, *, config: Optional[CoordinatorConfig] = None) -> None:
-        if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)) or num_experts < 1:
-            raise ValueError(f"num_experts must be an integer >= 1; got {num_experts!r}")
+        if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)) \
+                or not 1 <= num_experts <= MAX_EXPERTS:
+            raise ValueError(f"num_experts must be an integer in [1, {MAX_EXPERTS}]; got {num_experts!r}")
         self.E = int(num_experts)
         self.config = config or CoordinatorConfig()
         if self.config.expert_memory is not None and len(self.config.expert_memory) != self.E:
@@ -106,18 +105,38 @@ class AlignmentCoordinator:
         self.scorer.set_prior(np.array([row]), np.array([routing], dtype=float))
 
     # ---- planning -----------------------------------------------------------------------------
+    @property
+    def last_round(self) -> int:
+        """The last observed round (-1 before the first)."""
+        return self.monitor.last_round
+
+    def _check_order(self, round: int, replan: bool) -> None:
+        if round <= self.monitor.last_round:
+            raise RoundError(f"round must be above the last observed round {self.monitor.last_round} "
+                             f"(rounds strictly increase); got {round}")
+        if self.pending is not None and not replan:
+            raise RoundError(f"round {self.pending['round']} is planned and not observed; observe it first, or "
+                             f"re-plan explicitly (replan=True; CLI --replan) to replace its plan "
+                             f"(got a plan for round {round})")
+        if self.pending is not None and round < self.pending["round"]:
+            raise RoundError(f"a re-plan must be for the pending round {self.pending['round']} or later; "
+                             f"got {round}")
+
     def plan_round(self, round: int, clients: Iterable[Union[Label, ClientStatus, dict]], *,
-                   deadline: Optional[float] = None,
+                   deadline: Optional[float] = None, replan: bool = False,
                    assign: Optional[Callable[[AlignmentProblem], np.ndarray]] = None) -> RoundPlan:
         """Who trains which experts in round ``round``, among the ``clients`` available now.
 
-        ``assign`` replaces the solve with another rule (a baseline strategy): it receives the
-        round's problem and returns a (C, E) bool assignment, reported as FEASIBLE.
+        ``replan=True`` replaces a pending plan (its reports are then refused); without it a
+        pending plan raises :class:`RoundError`.  ``assign`` replaces the solve with another rule
+        (a baseline strategy): it receives the round's problem and returns a (C, E) bool
+        assignment, reported as FEASIBLE.  Every input is checked before the state changes.
         """
-        if isinstance(round, bool) or not isinstance(round, (int, np.integer)) or round < 0:
-            raise ValueError(f"round must be an integer >= 0; got {round!r}")
+        if isinstance(round, bool) or not isinstance(round, (int, np.integer)) or not 0 <= round <= MAX_COUNT:
+            raise ValueError(f"round must be an integer in [0, {MAX_COUNT:g}]; got {round!r}")
         if deadline is not None and not (isinstance(deadline, (int, float)) and np.isfinite(deadline) and deadline > 0):
             raise ValueError(f"deadline must be None or a number of seconds > 0; got {deadline!r}")
+        self._check_order(int(round), replan)
         statuses = [c if isinstance(c, ClientStatus) else
                     ClientStatus.model_validate(c) if isinstance(c, dict) else ClientStatus(client_id=c)
                     for c in clients]
@@ -193,7 +212,7 @@ class AlignmentCoordinator:
     def _parse(self, round: int, reports: Iterable[Union[ClientReport, dict]]) -> list[tuple[int, ClientReport]]:
         if self.pending is None or self.pending["round"] != round:
             last = None if self.pending is None else self.pending["round"]
-            raise ReportError(f"round {round} has no open plan (open plan: {last}); plan it before observing")
+            raise RoundError(f"round {round} has no open plan (open plan: {last}); plan it before observing")
         parsed: list[tuple[int, ClientReport]] = []
         seen: set[Label] = set()
         problems = []
@@ -287,54 +306,77 @@ class AlignmentCoordinator:
                 "pending": self.pending}
 
     def save(self, path: Union[str, Path]) -> None:
-        """Write the whole state as JSON; a crash mid-write leaves the previous file intact."""
-        path = Path(path)
-        text = json.dumps(self.state(), allow_nan=False)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write the whole state as JSON, atomically and under the file's lock."""
+        write_atomic(path, json.dumps(self.state(), allow_nan=False))
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], *, num_experts: Optional[int] = None) -> "AlignmentCoordinator":
+    def from_state(cls, state: Any, *, num_experts: Optional[int] = None) -> "AlignmentCoordinator":
+        """Restore a coordinator from :meth:`state`; every field is checked first (StateError)."""
+        if not isinstance(state, dict):
+            raise StateError(f"state must be a JSON object; got {type(state).__name__}")
         try:
-            if state.get("version") != STATE_VERSION:
-                raise StateError(f"state version must be {STATE_VERSION}; got {state.get('version')!r}")
-            E = int(state["num_experts"])
-            if num_experts is not None and E != num_experts:
-                raise StateError(f"state is for {E} experts, not {num_experts}")
-            coord = cls(E, config=CoordinatorConfig.model_validate(state["config"]))
-            ids = list(state["client_ids"])
-            coord._ensure(ids)
-            n = len(ids)
-            rows, experts = state["held"]
-            coord.held[np.asarray(rows, dtype=np.int64), np.asarray(experts, dtype=np.int64)] = True
-            coord.scorer.restore(state["scorer"], n)
-            coord.monitor.restore(state["monitor"])
-            coord.profiler.restore(state["profiler"], n)
-            coord.pending = state["pending"]
-            return coord
-        except StateError:
-            raise
-        except (KeyError, TypeError, ValueError, IndexError, ValidationError) as exc:
-            raise StateError(f"state is corrupt: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+            config = CoordinatorConfig.model_validate(state.get("config"))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in ("config", *err["loc"]))
+            raise StateError(f"state field {where}: {err['msg']}; got {err.get('input')!r:.80}") from None
+        checked = check_state(state, window=config.capacity.window)
+        E = checked["E"]
+        if num_experts is not None and E != num_experts:
+            raise StateError(f"state is for {E} experts, not {num_experts}")
+        try:
+            coord = cls(E, config=config)
+        except ValueError as exc:
+            raise StateError(f"state field config: {exc}") from None
+        ids = checked["client_ids"]
+        coord._ensure(ids)
+        coord.held[checked["held_rows"], checked["held_experts"]] = True
+        coord.scorer.Q, coord.scorer.N = checked["Q"], checked["N"]
+        mon = checked["monitor"]
+        for name, value in mon.items():
+            setattr(coord.monitor, name, value)
+        for name, value in checked["profiler"].items():
+            setattr(coord.profiler, name, value)
+        coord.pending = checked["pending"]
+        return coord
 
     @classmethod
     def load(cls, path: Union[str, Path], *, num_experts: Optional[int] = None) -> "AlignmentCoordinator":
         """Restore a coordinator saved with :meth:`save`; raises StateError naming what is wrong."""
         try:
-            state = json.loads(Path(path).read_text())
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise StateError(f"state file {path} does not exist") from None
+        except IsADirectoryError:
+            raise StateError(f"state file {path} is a directory, not a file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StateError(f"cannot read state file {path}: {exc}") from None
+        try:
+            state = json.loads(text)
         except json.JSONDecodeError as exc:
             raise StateError(f"state file {path} is not valid JSON: {exc}") from None
-        if not isinstance(state, dict):
-            raise StateError(f"state file {path} must hold a JSON object")
         return cls.from_state(state, num_experts=num_experts)
 
+    @classmethod
+    @contextlib.contextmanager
+    def session(cls, path: Union[str, Path], *, num_experts: Optional[int] = None,
+                config: Optional[CoordinatorConfig] = None,
+                timeout: Optional[float] = 60.0) -> Iterator["AlignmentCoordinator"]:
+        """Load -> (your changes) -> save under the state file's exclusive lock.
 
-__all__ = ["AlignmentCoordinator", "CoordinatorConfig", "ReportError", "StateError"]
+        A missing file starts a new coordinator (``num_experts`` and ``config`` needed); the
+        state is saved only when the block ends without an exception.  Another process holding
+        the lock longer than ``timeout`` seconds raises StateError.
+        """
+        with locked(path, timeout=timeout):
+            if Path(path).exists():
+                coord = cls.load(path, num_experts=num_experts)
+            elif num_experts is None:
+                raise StateError(f"state file {path} does not exist (give num_experts to start a new one)")
+            else:
+                coord = cls(num_experts, config=config)
+            yield coord
+            coord.save(path)
+
+
+__all__ = ["AlignmentCoordinator", "CoordinatorConfig", "ReportError", "RoundError", "StateError"]

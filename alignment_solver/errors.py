@@ -9,8 +9,10 @@ from the builtin class a caller would naturally catch::
     ├── UnsupportedProblemError (ValueError)   backend cannot express this problem
     ├── InvalidOptionError (ValueError)        bad solve() option; names it and the allowed values
     ├── NoSolutionError (RuntimeError)         reading the solution of a result that has none
-    ├── coordinator.ReportError (ValueError)   round reports that do not fit the plan; nothing changed
-    └── coordinator.StateError (ValueError)    a state file that is corrupt or for other experts
+    ├── ReportError (ValueError)               round reports that do not fit the plan; nothing changed
+    ├── RoundError (ValueError)                rounds out of order (plan/observe); nothing changed
+    ├── StateError (ValueError)                a state file that is corrupt, for other experts, or locked
+    └── ReplyError (ValueError)                one framework reply that fails validation (it is rejected)
 
 Validation of :class:`~alignment_solver.AlignmentProblem` goes through pydantic, so bad problem
 data surfaces as :class:`pydantic.ValidationError` (also a ``ValueError``) whose text names the
@@ -43,6 +45,22 @@ class InvalidOptionError(AlignmentError, ValueError):
 
 class NoSolutionError(AlignmentError, RuntimeError):
     """The result has no assignment (infeasible, or nothing found in time)."""
+
+
+class ReportError(AlignmentError, ValueError):
+    """Reports that do not fit the round's plan; nothing was changed."""
+
+
+class RoundError(AlignmentError, ValueError):
+    """A round planned or observed out of order (rounds strictly increase); nothing was changed."""
+
+
+class StateError(AlignmentError, ValueError):
+    """A state file that cannot be restored (corrupt, for another number of experts, or locked)."""
+
+
+class ReplyError(AlignmentError, ValueError):
+    """One client's reply failed validation; the message says which field and why."""
 
 
 def describe(value: object, limit: int = 80) -> str:

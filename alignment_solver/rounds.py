@@ -12,8 +12,11 @@ from typing import Annotated, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
+from .problem import MAX_COUNT, MAX_MAGNITUDE
+
 Label = Union[int, str]
-NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+NonNegative = Annotated[float, Field(ge=0, le=MAX_MAGNITUDE, allow_inf_nan=False)]
+MAX_BYTES = 10 ** 18
 
 
 class _Model(BaseModel):
@@ -24,21 +27,24 @@ class ClientStatus(_Model):
     """A client available for this round, and what it says about itself (all optional)."""
 
     client_id: Label
-    memory: Optional[float] = Field(None, ge=0, allow_inf_nan=False, description="memory for experts (budget units)")
-    throughput: Optional[float] = Field(None, gt=0, allow_inf_nan=False, description="training samples per second")
-    bandwidth: Optional[float] = Field(None, gt=0, allow_inf_nan=False, description="download bytes per second")
-    samples: Optional[int] = Field(None, ge=0, description="local training samples per expert pass")
-    max_experts: Optional[int] = Field(None, ge=0, description="most experts it will train")
+    memory: Optional[float] = Field(None, ge=0, le=MAX_MAGNITUDE, allow_inf_nan=False,
+                                    description="memory for experts (budget units)")
+    throughput: Optional[float] = Field(None, gt=0, le=MAX_MAGNITUDE, allow_inf_nan=False,
+                                        description="training samples per second")
+    bandwidth: Optional[float] = Field(None, gt=0, le=MAX_MAGNITUDE, allow_inf_nan=False,
+                                       description="download bytes per second")
+    samples: Optional[int] = Field(None, ge=0, le=MAX_COUNT, description="local training samples per expert pass")
+    max_experts: Optional[int] = Field(None, ge=0, le=MAX_COUNT, description="most experts it will train")
     routing: Optional[list[NonNegative]] = Field(None, description="samples the gate routes to each expert")
 
 
 class ExpertReport(_Model):
     """Feedback of one trained (client, expert) pair."""
 
-    expert: int = Field(ge=0)
-    samples: int = Field(0, ge=0, description="samples routed to this expert")
-    mean_loss: float = Field(ge=0, allow_inf_nan=False, description="mean training loss on those samples")
-    accuracy: float = Field(ge=0, le=1, description="accuracy on those samples")
+    expert: int = Field(ge=0, le=MAX_COUNT)
+    samples: int = Field(0, ge=0, le=MAX_COUNT, description="samples routed to this expert")
+    mean_loss: float = Field(ge=0, le=MAX_MAGNITUDE, allow_inf_nan=False, description="mean training loss on those samples")
+    accuracy: float = Field(ge=0, le=1, allow_inf_nan=False, description="accuracy on those samples")
 
 
 class ClientReport(_Model):
@@ -46,10 +52,10 @@ class ClientReport(_Model):
 
     client_id: Label
     finished: bool = True
-    train_seconds: float = Field(0.0, ge=0, allow_inf_nan=False)
-    download_seconds: float = Field(0.0, ge=0, allow_inf_nan=False)
-    bytes_down: int = Field(0, ge=0)
-    bytes_up: int = Field(0, ge=0)
+    train_seconds: float = Field(0.0, ge=0, le=MAX_MAGNITUDE, allow_inf_nan=False)
+    download_seconds: float = Field(0.0, ge=0, le=MAX_MAGNITUDE, allow_inf_nan=False)
+    bytes_down: int = Field(0, ge=0, le=MAX_BYTES)
+    bytes_up: int = Field(0, ge=0, le=MAX_BYTES)
     routing: Optional[list[NonNegative]] = None
     experts: list[ExpertReport] = Field(default_factory=list)
 

@@ -17,6 +17,8 @@ from .formulations.flow import penalty_for
 from .problem import AlignmentProblem
 from .result import OPTIMAL_GAP, AlignmentResult, SolveStatus
 
+MAX_SEED = 2 ** 31 - 1
+
 
 def default_soft_penalty(problem: AlignmentProblem) -> float:
     """Price per unit of band violation large enough that (for count loads) the least total
@@ -44,7 +46,7 @@ def solve(problem: AlignmentProblem, *, backend: str = "auto", time_limit: Optio
       process killed at the limit, and the answer is then the best plan found so far (greedy
       at worst), FEASIBLE at most (:mod:`alignment_solver.deadline`).  A result cut by the
       limit is not deterministic.
-    - ``seed``: integer >= 0; the same problem and seed give the same assignment (CP-SAT: with
+    - ``seed``: integer in ``[0, 2**31 - 1]``; the same problem and seed give the same assignment (CP-SAT: with
       one worker and no time limit, see ``result.stats["deterministic"]``).
     - ``soft``: turn the load band into slack priced at ``soft_penalty`` per unit (default:
       violation is minimised first); the result reports ``load_shortfall`` / ``load_excess``.
@@ -64,8 +66,9 @@ def solve(problem: AlignmentProblem, *, backend: str = "auto", time_limit: Optio
                 math.isfinite(time_limit) and time_limit > 0):
             raise InvalidOptionError(f"time_limit must be None or a finite number of seconds > 0; got {describe(time_limit)}")
         time_limit = float(time_limit)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InvalidOptionError(f"seed must be an integer >= 0; got {describe(seed)}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise InvalidOptionError(f"seed must be an integer in [0, {MAX_SEED}] (the solvers' seed range); "
+                                 f"got {describe(seed)}")
     if not isinstance(soft, bool):
         raise InvalidOptionError(f"soft must be True or False; got {describe(soft)}")
     if soft_penalty is not None:

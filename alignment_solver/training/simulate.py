@@ -59,9 +59,9 @@ class SimConfig(BaseModel):
     solver_time_limit: Optional[float] = Field(None, gt=0, description="per-round solve limit (CP-SAT for budgets)")
     target_accuracy: float = Field(0.9, gt=0, le=1)
     strategies: list[Strategy] = Field(default_factory=lambda: ["greedy", "aligned"], min_length=1)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2 ** 30)
     output: str = "runs"
-    name: Optional[str] = None
+    name: Optional[str] = Field(None, description="run folder inside output: one plain name, no path")
 
     @model_validator(mode="after")
     def _check(self) -> "SimConfig":
@@ -72,6 +72,10 @@ class SimConfig(BaseModel):
             raise ValueError(f"min_capacity ({self.min_capacity}) must be <= max_capacity ({self.max_capacity})")
         if self.dataset == "npz" and not self.npz_path:
             raise ValueError("dataset 'npz' needs npz_path")
+        if self.name is not None and (not self.name or self.name in (".", "..") or "/" in self.name
+                                      or "\\" in self.name or "\0" in self.name):
+            raise ValueError(f"name must be one folder name inside output (no '/', '\\', '.' or '..'); "
+                             f"got {self.name!r}")
         if len(set(self.strategies)) != len(self.strategies):
             raise ValueError(f"strategies must be unique; got {self.strategies}")
         return self

@@ -1,0 +1,247 @@
+"""The coordinator's state file: a schema check for every field, and an exclusive lock.
+
+``check_state(raw)`` checks a decoded state file completely (types, shapes, ranges, indices,
+unique client ids, the pending plan) before anything is restored, and raises
+:class:`~alignment_solver.errors.StateError` naming the field, the rule and the value received.
+
+``locked(path)`` holds an exclusive advisory lock (``flock`` on ``<path>.lock``) for a
+load -> modify -> save cycle; it is re-entrant within a process (per thread), so ``save`` can
+take it again inside.  ``write_atomic`` writes through a temporary file in the same folder
+(fsync, rename), and under the lock removes temporaries that killed writers left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from .errors import StateError, describe
+from .problem import MAX_COUNT
+
+STATE_VERSION = 1
+MAX_EXPERTS = 100_000           # experts a coordinator (or a state file) may declare
+MAX_CLIENTS = 10_000_000
+
+
+# ---- schema ----------------------------------------------------------------------------------
+def _get(state: Any, where: str) -> Any:
+    node = state
+    path = ""
+    for part in where.split("."):
+        if not isinstance(node, dict):
+            raise StateError(f"state field {path or 'state'} must be a JSON object; got {describe(node)}")
+        path = f"{path}.{part}" if path else part
+        if part not in node:
+            raise StateError(f"state field {path} is missing")
+        node = node[part]
+    return node
+
+
+def _numbers(raw: Any, where: str, shape: tuple[int, ...], *, integer: bool, low: float, high: float,
+             nullable: bool = False) -> np.ndarray:
+    """``raw`` as an array of ``shape`` with every (non-null) entry in ``[low, high]``."""
+    if not isinstance(raw, list):
+        raise StateError(f"state field {where} must be a list; got {describe(raw)}")
+    try:
+        arr = np.asarray(raw)
+    except (ValueError, TypeError):
+        raise StateError(f"state field {where} must be a rectangular {shape} array; got a ragged list") from None
+    if arr.size == 0 and 0 in shape:
+        return np.zeros(shape, dtype=np.int64 if integer else float)
+    null = np.zeros(arr.shape, dtype=bool)
+    if arr.dtype == object and nullable and not integer:
+        null = np.vectorize(lambda v: v is None, otypes=[bool])(arr) if arr.size else null
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in arr[~null].ravel()):
+            arr = np.where(null, np.nan, arr).astype(float)
+    if arr.shape != shape:
+        raise StateError(f"state field {where} must be a {shape} array; got shape {arr.shape}")
+    kinds = "iu" if integer else "iuf"
+    if arr.dtype.kind not in kinds:
+        what = "integers" if integer else "numbers" + (" or null" if nullable else "")
+        bad = next((v for v in arr.ravel() if isinstance(v, bool) or not isinstance(v, (int, float))
+                    or (integer and not isinstance(v, int))), arr.ravel()[0])
+        raise StateError(f"state field {where} must hold {what}; got {describe(bad)}")
+    values = arr.astype(float)
+    wrong = ~null & ~((values >= low) & (values <= high))
+    if wrong.any():
+        idx = tuple(int(i) for i in np.argwhere(wrong)[0])
+        raise StateError(f"state field {where}{list(idx)} must lie in [{low:g}, {high:g}]; "
+                         f"got {describe(arr[idx].item() if hasattr(arr[idx], 'item') else arr[idx])}")
+    return arr.astype(np.int64) if integer else values
+
+
+def _integer(raw: Any, where: str, low: int, high: float) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or not low <= raw <= high:
+        raise StateError(f"state field {where} must be an integer in [{low}, {high:g}]; got {describe(raw)}")
+    return raw
+
+
+def check_state(state: Any, *, window: int) -> dict[str, Any]:
+    """Check every field of a decoded state; returns the arrays restored from it.
+
+    ``window`` is the profiler's observation window from the (already validated) config.
+    """
+    if not isinstance(state, dict):
+        raise StateError(f"state must be a JSON object; got {describe(state)}")
+    version = _get(state, "version")
+    if version != STATE_VERSION:
+        raise StateError(f"state field version must be {STATE_VERSION}; got {describe(version)}")
+    E = _integer(_get(state, "num_experts"), "num_experts", 1, MAX_EXPERTS)
+    ids = _get(state, "client_ids")
+    if not isinstance(ids, list) or len(ids) > MAX_CLIENTS:
+        raise StateError(f"state field client_ids must be a list of at most {MAX_CLIENTS:g} labels; "
+                         f"got {describe(ids)}")
+    for i, cid in enumerate(ids):
+        if isinstance(cid, bool) or not isinstance(cid, (int, str)):
+            raise StateError(f"state field client_ids[{i}] must be an integer or a string; got {describe(cid)}")
+    if len(set(map(str, ids))) != len(ids):
+        seen: set[str] = set()
+        dup = next(c for c in ids if str(c) in seen or seen.add(str(c)))
+        raise StateError(f"state field client_ids must be unique (also as JSON keys); {dup!r} appears twice")
+    n = len(ids)
+    out: dict[str, Any] = {"E": E, "client_ids": ids}
+
+    held = _get(state, "held")
+    if not isinstance(held, list) or len(held) != 2:
+        raise StateError(f"state field held must be [rows, experts]; got {describe(held)}")
+    count = len(held[0]) if isinstance(held[0], list) else -1
+    out["held_rows"] = _numbers(held[0], "held[0] (rows)", (count,), integer=True, low=0, high=n - 1)
+    out["held_experts"] = _numbers(held[1], "held[1] (experts)", (count,), integer=True, low=0, high=E - 1)
+
+    out["Q"] = _numbers(_get(state, "scorer.Q"), "scorer.Q", (n, E), integer=False, low=-MAX_COUNT, high=MAX_COUNT)
+    out["N"] = _numbers(_get(state, "scorer.N"), "scorer.N", (n, E), integer=True, low=0, high=MAX_COUNT)
+
+    mon: dict[str, Any] = {}
+    for name in ("round_clients", "round_samples", "total_clients", "total_samples", "deficit"):
+        mon[name] = _numbers(_get(state, f"monitor.{name}"), f"monitor.{name}", (E,), integer=False,
+                             low=0, high=1e18)
+    last_round = _integer(_get(state, "monitor.last_round"), "monitor.last_round", -1, MAX_COUNT)
+    mon["last_round"] = last_round
+    mon["last_trained"] = _numbers(_get(state, "monitor.last_trained"), "monitor.last_trained", (E,),
+                                   integer=True, low=-1, high=last_round)
+    history = _get(state, "monitor.history")
+    rows = len(history) if isinstance(history, list) else -1
+    mon["history"] = _numbers(history, "monitor.history", (rows, E), integer=False, low=0, high=MAX_COUNT).tolist()
+    out["monitor"] = mon
+
+    prof: dict[str, Any] = {}
+    for name in ("train", "download", "memory"):
+        prof[name] = _numbers(_get(state, f"profiler.{name}"), f"profiler.{name}", (n, window), integer=False,
+                              low=0, high=1e15, nullable=True)
+    for name in ("slot", "mem_slot", "limit", "streak", "planned", "finished"):
+        prof[name] = _numbers(_get(state, f"profiler.{name}"), f"profiler.{name}", (n,), integer=True,
+                              low=0, high=MAX_COUNT)
+    prof["declared"] = _numbers(_get(state, "profiler.declared"), "profiler.declared", (n,), integer=True,
+                                low=-1, high=MAX_COUNT)
+    for name in ("throughput", "bandwidth", "samples"):
+        prof[name] = _numbers(_get(state, f"profiler.{name}"), f"profiler.{name}", (n,), integer=False,
+                              low=0, high=1e15, nullable=True)
+    out["profiler"] = prof
+
+    pending = _get(state, "pending")
+    if pending is not None:
+        if not isinstance(pending, dict) or set(pending) != {"round", "deadline", "experts"}:
+            raise StateError("state field pending must be null or an object with keys round, deadline, experts; "
+                             f"got {describe(pending)}")
+        _integer(pending["round"], "pending.round", last_round + 1, MAX_COUNT)
+        deadline = pending["deadline"]
+        if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
+                                     or not 0 < deadline < 1e15):
+            raise StateError(f"state field pending.deadline must be null or seconds > 0; got {describe(deadline)}")
+        experts = pending["experts"]
+        if not isinstance(experts, dict):
+            raise StateError(f"state field pending.experts must be an object; got {describe(experts)}")
+        for key, planned in experts.items():
+            if not (key.isdigit() and int(key) < n and str(int(key)) == key):
+                raise StateError(f"state field pending.experts has key {key!r}; keys are client rows 0..{n - 1}")
+            arr = _numbers(planned, f"pending.experts[{key!r}]", (len(planned) if isinstance(planned, list) else -1,),
+                           integer=True, low=0, high=E - 1)
+            if len(set(arr.tolist())) != len(arr):
+                raise StateError(f"state field pending.experts[{key!r}] lists an expert twice: {planned}")
+    out["pending"] = pending
+    return out
+
+
+# ---- lock and atomic write -------------------------------------------------------------------
+_guard = threading.Lock()
+_locks: dict[str, list] = {}       # real path -> [RLock, fd, depth]
+
+
+def _lock_path(path: Path) -> str:
+    return os.path.realpath(f"{path}.lock")
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike, *, timeout: Optional[float] = 60.0) -> Iterator[None]:
+    """Hold the exclusive lock of the state file ``path`` (wait up to ``timeout`` seconds).
+
+    Raises StateError when another process still holds it after ``timeout`` (None: wait forever).
+    """
+    key = _lock_path(Path(path))
+    with _guard:
+        entry = _locks.setdefault(key, [threading.RLock(), None, 0])
+    rlock: threading.RLock = entry[0]
+    if not rlock.acquire(timeout=-1 if timeout is None else timeout):
+        raise StateError(f"state file {path} is locked by another thread (waited {timeout:g} s)")
+    try:
+        if entry[2] == 0:
+            fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
+            start = time.monotonic()
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if timeout is not None and time.monotonic() - start >= timeout:
+                        os.close(fd)
+                        raise StateError(f"state file {path} is locked by another process "
+                                         f"(waited {timeout:g} s; lock file {key})") from None
+                    time.sleep(0.01)
+            entry[1] = fd
+        entry[2] += 1
+        try:
+            yield
+        finally:
+            entry[2] -= 1
+            if entry[2] == 0:
+                fcntl.flock(entry[1], fcntl.LOCK_UN)
+                os.close(entry[1])
+                entry[1] = None
+    finally:
+        rlock.release()
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` by ``text`` so that a reader sees the old or the new file, never a part.
+
+    Runs under :func:`locked`; temporaries of writers killed mid-save are removed first.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    with locked(path):
+        for stale in folder.glob(f"{glob.escape(path.name)}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
