@@ -57,6 +57,19 @@ def _numbers(raw: Any, where: str, shape: tuple[int, ...], *, integer: bool, low
         raise StateError(f"state field {where} must be a rectangular {shape} array; got a ragged list") from None
     if arr.size == 0 and 0 in shape:
         return np.zeros(shape, dtype=np.int64 if integer else float)
+    if arr.dtype.kind in "iub" or arr.dtype == object:
+        flat = [v for row in raw for v in row] if len(shape) == 2 and arr.ndim == 2 else raw
+        bad = next((v for v in flat if isinstance(v, bool)), None)
+        if bad is not None:
+            raise StateError(f"state field {where} must hold {'integers' if integer else 'numbers'}, "
+                             f"not booleans; got {bad}")
+        if arr.dtype == object and integer and all(isinstance(v, int) for v in flat):
+            arr = np.array([v if abs(v) < 2 ** 62 else (2 ** 62 if v > 0 else -2 ** 62) for v in flat],
+                           dtype=np.int64).reshape(arr.shape)
+            if arr.shape == shape and (np.abs(arr) == 2 ** 62).any():
+                idx = tuple(int(i) for i in np.argwhere(np.abs(arr) == 2 ** 62)[0])
+                raise StateError(f"state field {where}{list(idx)} must lie in [{low:g}, {high:g}]; "
+                                 f"got {describe(np.asarray(raw, dtype=object)[idx])}")
     null = np.zeros(arr.shape, dtype=bool)
     if arr.dtype == object and nullable and not integer:
         null = np.vectorize(lambda v: v is None, otypes=[bool])(arr) if arr.size else null
@@ -67,7 +80,7 @@ def _numbers(raw: Any, where: str, shape: tuple[int, ...], *, integer: bool, low
     kinds = "iu" if integer else "iuf"
     if arr.dtype.kind not in kinds:
         what = "integers" if integer else "numbers" + (" or null" if nullable else "")
-        bad = next((v for v in arr.ravel() if isinstance(v, bool) or not isinstance(v, (int, float))
+        bad = next((v for v in arr.ravel().tolist() if not isinstance(v, (int, float))
                     or (integer and not isinstance(v, int))), arr.ravel()[0])
         raise StateError(f"state field {where} must hold {what}; got {describe(bad)}")
     values = arr.astype(float)
@@ -75,7 +88,7 @@ def _numbers(raw: Any, where: str, shape: tuple[int, ...], *, integer: bool, low
     if wrong.any():
         idx = tuple(int(i) for i in np.argwhere(wrong)[0])
         raise StateError(f"state field {where}{list(idx)} must lie in [{low:g}, {high:g}]; "
-                         f"got {describe(arr[idx].item() if hasattr(arr[idx], 'item') else arr[idx])}")
+                         f"got {describe(arr[idx].item())}")
     return arr.astype(np.int64) if integer else values
 
 
