@@ -117,3 +117,56 @@ def test_coordinator_through_files(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     proc = run("plan", "--state", str(tmp_path / "broken.json"), "--clients", str(clients))
     assert proc.returncode == 2 and "not valid JSON" in proc.stderr
+
+
+def one_line_error(proc, *words):
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    for w in words:
+        assert w in proc.stderr, (w, proc.stderr)
+
+
+@pytest.mark.parametrize("data, words", [
+    ({"fitness": [[1e308, 0.2], [0.1, 0.3]], "capacity": 1}, ["fitness", "1e+15", "got 1e+308"]),
+    ({"fitness": [[1, 0], [0, 1]], "capacity": 1, "previous": [[1, 0], [0, 1]], "switch_penalty": 1e308},
+     ["switch_penalty", "1e+15", "got 1e+308"]),
+    ({"fitness": [[1, 0], [0, 1]], "capacity": 1e30}, ["capacity", "1e+09", "got 1e+30"]),
+])
+def test_out_of_range_numbers_are_one_line_errors(tmp_path, data, words):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    one_line_error(run("solve", str(path)), *words)
+
+
+def test_bad_paths_and_options_are_one_line_errors(tmp_path, problem_file):
+    one_line_error(run("solve", str(tmp_path)), "is a directory")
+    one_line_error(run("solve", str(problem_file), "--backend", "cpsat", "--seed", str(2 ** 31)),
+                   "seed", "[0, 2147483647]", "got 2147483648")
+    for name in ("../../x", str(tmp_path / "abs"), ".."):
+        one_line_error(run("simulate", "--output", str(tmp_path / "runs"), "--name", name), "name", repr(name))
+    assert not (tmp_path / "abs").exists() and not (tmp_path.parent / "x").exists()
+    one_line_error(run("simulate", "--dataset", "npz"), "simulate config: dataset 'npz' needs npz_path")
+    one_line_error(run("plan", "--state", str(tmp_path / "none.json"), "--clients", "-"),
+                   "state file", "does not exist", "alignment-solver init")
+
+
+def test_huge_load_weights_solve_on_cpsat(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"fitness": [[1.0, 0.5], [0.2, 0.9], [0.3, 0.3]], "capacity": 1,
+                                "load_weight": [1.2345678e13, 1.0, 7.0], "expert_max_load": [1e15, 20]}))
+    proc = run("solve", str(path), "--backend", "cpsat")
+    assert proc.returncode == 0 and "status=optimal" in proc.stdout, proc.stderr
+
+
+def test_plan_twice_needs_replan_and_corrupt_state_names_the_field(tmp_path):
+    state = tmp_path / "state.json"
+    run("init", "--state", str(state), "--experts", "3")
+    assert run("plan", "--state", str(state), "--clients", "-", stdin='["a", "b"]').returncode == 0
+    one_line_error(run("plan", "--state", str(state), "--clients", "-", stdin='["a", "b"]'),
+                   "round 0 is planned and not observed", "--replan")
+    assert run("plan", "--state", str(state), "--clients", "-", "--replan", stdin='["a"]').returncode == 0
+    data = json.loads(state.read_text())
+    data["held"] = [[-1], [0]]
+    state.write_text(json.dumps(data))
+    one_line_error(run("observe", "--state", str(state), "--reports", "-", stdin="[]"),
+                   "state field held[0] (rows)[0] must lie in [0, 1]; got -1")

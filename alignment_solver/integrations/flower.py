@@ -16,6 +16,10 @@ experts; replies carry back the arrays it trained and a ``MetricRecord`` with th
 ``routing``            optional: samples its gate routes to each expert (cold-start prior)
 =====================  =====================================================================
 
+Every reply is checked by :mod:`alignment_solver.integrations.replies` (the same code the
+NVFlare adapter uses) against the round's plan and the model's schema; a reply that fails is
+rejected, logged with its reason and counted as a failed client, and the round goes on.
+
 :func:`train_reply` builds such a reply for the numpy MoE of :mod:`alignment_solver.training`;
 a PyTorch ClientApp does the same in a few lines: load the received keys into the model, train
 the gate and the experts listed in ``config["experts"]`` (mask the others' gate logits), and
@@ -39,7 +43,8 @@ from flwr.supercore import log
 
 from ..coordinator import AlignmentCoordinator, CoordinatorConfig
 from ..load_monitor import cv
-from ..training.model import average_by_owner, expert_of
+from ..training.model import expert_of
+from .replies import AggregationConfig, Reply, ReplyChecker, aggregate
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: record[k].numpy() for k in record.keys()}
@@ -60,11 +65,17 @@ class AlignedStrategy(Strategy):
       ``AlignmentCoordinator.plan_round`` decides; each node with experts gets its own ``TRAIN``
       message: a fresh ``ConfigRecord`` (the round settings plus ``experts``) and an
       ``ArrayRecord`` with the shared arrays and only its experts.
-    - ``aggregate_train``: per expert, the weighted average (by ``expert-samples``) over the
-      nodes that trained it; an expert nobody trained keeps its arrays; shared arrays are
-      averaged over all replies by ``num-examples``.  Replies become ``observe_round`` reports;
-      planned nodes that did not reply (or replied with an error) are dropouts, and the round
-      completes with the rest.  The coordinator state is checkpointed to ``state_path``.
+    - ``aggregate_train``: each reply is validated (``ReplyChecker``); rejected replies are
+      logged with the reason and kept in ``history[r]["rejected"]`` (error replies, whose source
+      may be the SuperLink rather than the node, in ``history[r]["errors"]``).  Per expert, the accepted
+      replies that trained it are combined (``aggregation``: weighted mean by
+      ``expert-samples``, median or trimmed mean, optional update clipping); an expert nobody
+      trained keeps its arrays; shared arrays are combined over all accepted replies by
+      ``num-examples``.  A node's weight is capped at the ``num-examples`` of its first accepted
+      reply (and every claim at ``aggregation.max_examples``).  Accepted replies become
+      ``observe_round`` reports; planned nodes without one (no reply, an error, rejected) are
+      dropouts.  A round without any accepted reply leaves the model unchanged and logs so.
+      The coordinator state is checkpointed to ``state_path``.
     - ``configure_evaluate`` / ``aggregate_evaluate``: the full model to every node (or
       ``fraction_evaluate`` of them); ``accuracy`` and ``loss`` averaged by ``num-examples``.
 
@@ -75,7 +86,7 @@ class AlignedStrategy(Strategy):
     def __init__(self, *, num_experts: int, config: Optional[CoordinatorConfig] = None,
                  state_path: Optional[str] = None, fraction_evaluate: float = 1.0, min_nodes: int = 1,
                  train_config: Optional[dict[str, Any]] = None, deadline: Optional[float] = None,
-                 history_path: Optional[str] = None,
+                 history_path: Optional[str] = None, aggregation: Optional[AggregationConfig] = None,
                  expert_of: Callable[[str], Optional[int]] = expert_of) -> None:
         if state_path and Path(state_path).exists():
             self.coordinator = AlignmentCoordinator.load(state_path, num_experts=num_experts)
@@ -89,7 +100,9 @@ class AlignedStrategy(Strategy):
         self.deadline = deadline
         self.expert_of = expert_of
         self.history_path = history_path
+        self.aggregation = aggregation or AggregationConfig()
         self.reports: dict[int, dict[str, Any]] = {}        # node id -> last capacity report
+        self.weight_caps: dict[str, float] = {}             # node id -> num-examples of its first accepted reply
         self.current: dict[str, np.ndarray] = {}
         self.history: dict[int, dict[str, Any]] = {}
 
@@ -114,14 +127,13 @@ class AlignedStrategy(Strategy):
         nodes = self._wait_for_nodes(grid)
         statuses = []
         for node in nodes:
-            status: dict[str, Any] = {"client_id": node}
-            rep = self.reports.get(node, {})
-            if "max-experts" in rep:
-                status["max_experts"] = int(rep["max-experts"])
-            if rep.get("routing") and len(rep["routing"]) == self.num_experts:
-                status["routing"] = [float(v) for v in rep["routing"]]
+            status: dict[str, Any] = {"client_id": node, **self.reports.get(node, {})}
             statuses.append(status)
-        plan = self.coordinator.plan_round(server_round, statuses, deadline=self.deadline)
+        replan = self.coordinator.pending is not None
+        if replan:
+            log(WARNING, "configure_train: round %s was planned and never aggregated; planning round %d instead",
+                self.coordinator.pending["round"], server_round)
+        plan = self.coordinator.plan_round(server_round, statuses, deadline=self.deadline, replan=replan)
         shared = {k: v for k, v in self.current.items() if self.expert_of(k) is None}
         messages = []
         planned = {}
@@ -140,50 +152,66 @@ class AlignedStrategy(Strategy):
             plan.planned_load, plan.status)
         return messages
 
+    def _reply(self, msg: Message) -> Reply:
+        """A Flower reply as a framework-neutral :class:`Reply` (records of the wrong type stay as-is)."""
+        node = int(msg.metadata.src_node_id)
+        if msg.has_error():
+            return Reply(node, error=str(msg.error.reason))
+        content = msg.content
+        arrays = content.get("arrays") if "arrays" in content else None
+        metrics = content.get("metrics") if "metrics" in content else None
+        if not isinstance(arrays, ArrayRecord):
+            return Reply(node, error=f"'arrays' must be an ArrayRecord; got {type(arrays).__name__}")
+        if not isinstance(metrics, MetricRecord):
+            return Reply(node, error=f"'metrics' must be a MetricRecord; got {type(metrics).__name__}")
+        try:
+            return Reply(node, arrays=to_numpy(arrays), metrics=dict(metrics))
+        except Exception as exc:           # an Array that does not deserialise is the client's fault
+            return Reply(node, error=f"arrays record cannot be read: {type(exc).__name__}: {exc}")
+
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
-        updates = []
-        reports, received = [], {}
-        for msg in replies:
-            node = int(msg.metadata.src_node_id)
-            if msg.has_error():
-                log(WARNING, "aggregate_train: node %d replied with an error: %s", node, msg.error.reason)
-                continue
-            metrics = msg.content.get("metrics", MetricRecord())
-            arrays = to_numpy(msg.content["arrays"])
-            experts = [int(e) for e in metrics.get("experts", [])]
-            updates.append((arrays, float(metrics.get("num-examples", 1)),
-                            dict(zip(experts, metrics.get("expert-samples", [])))))
-            self.reports[node] = {"max-experts": metrics.get("max-experts"), "routing": metrics.get("routing")}
-            self.reports[node] = {k: v for k, v in self.reports[node].items() if v is not None}
-            received[str(node)] = {"experts": experts, "keys": sorted(arrays)}
-            reports.append({
-                "client_id": node, "train_seconds": float(metrics.get("train-seconds", 0.0)),
-                "download_seconds": float(metrics.get("download-seconds", 0.0)),
-                "bytes_down": int(sum(v.nbytes for v in arrays.values())),
-                "routing": [float(v) for v in metrics["routing"]] if "routing" in metrics else None,
-                "experts": [{"expert": e, "samples": int(s), "mean_loss": float(lo), "accuracy": float(a)}
-                            for e, s, lo, a in zip(experts, metrics.get("expert-samples", []),
-                                                   metrics.get("expert-loss", []), metrics.get("expert-accuracy", []))]})
-        planned = set(self.history.get(server_round, {}).get("plan", {}))
-        reports = [r for r in reports if str(r["client_id"]) in planned]
-        summary = self.coordinator.observe_round(server_round, reports)
-        new, trained_set = average_by_owner(self.current, updates, self.expert_of)
+        plan = self.history.get(server_round, {}).get("plan", {})
+        checker = ReplyChecker(self.current, self.num_experts, owner=self.expert_of, config=self.aggregation)
+        replies = list(replies)
+        errors = [f"{m.error.code}: {m.error.reason}" for m in replies if m.has_error()]
+        for reason in errors:               # the error's source is the SuperLink, not always the node
+            log(WARNING, "aggregate_train: round %d: a reply is an error: %s", server_round, reason)
+        checked = checker.check_round([self._reply(m) for m in replies if not m.has_error()],
+                                      {node: p["experts"] for node, p in plan.items()}, self.weight_caps)
+        for node, reason in checked.rejected.items():
+            log(WARNING, "aggregate_train: round %d: rejected the reply of node %s: %s", server_round, node, reason)
+        received = {}
+        for rep in checked.accepted:
+            node = int(rep.client_id)
+            self.weight_caps.setdefault(str(node), float(rep.num_examples))
+            capacity = {"max_experts": rep.max_experts, "routing": rep.routing}
+            self.reports[node] = {k: v for k, v in capacity.items() if v is not None}
+            received[str(node)] = {"experts": [e.expert for e in rep.report.experts], "keys": sorted(rep.arrays)}
+        summary = self.coordinator.observe_round(server_round, [rep.report for rep in checked.accepted])
+        new, trained_set = aggregate(self.current, checked.accepted, self.expert_of, self.aggregation)
         trained = sorted(trained_set)
         changed = sorted({j for k in new if (j := self.expert_of(k)) is not None
                           and not np.array_equal(new[k], self.current[k])})
         entry = self.history.setdefault(server_round, {})
-        entry.update(received=received, dropouts=summary.dropouts, trained_experts=trained, changed_experts=changed,
-                     load=summary.expert_clients, load_cv=cv(np.array(summary.expert_clients)),
-                     mean_accuracy=summary.mean_accuracy)
+        entry.update(received=received, rejected=checked.rejected, errors=errors, dropouts=summary.dropouts,
+                     trained_experts=trained, changed_experts=changed, load=summary.expert_clients,
+                     load_cv=cv(np.array(summary.expert_clients)), mean_accuracy=summary.mean_accuracy)
         if self.state_path:
             self.coordinator.save(self.state_path)
         if self.history_path:
             self.write_history(self.history_path)
-        if not updates:
+        if not checked.accepted:
+            log(WARNING, "aggregate_train: round %d: NO VALID REPLY (%d planned, %d rejected, %d sent nothing); "
+                "the global model is unchanged", server_round, len(plan), len(checked.rejected),
+                len(summary.dropouts) - len(checked.rejected))
             return None, None
+        if summary.dropouts:
+            log(INFO, "aggregate_train: round %d: %d planned nodes failed (no reply, an error or rejected): %s", server_round,
+                len(summary.dropouts), summary.dropouts)
         self.current = new
-        metrics = MetricRecord({"nodes": len(reports), "dropouts": len(summary.dropouts),
+        metrics = MetricRecord({"nodes": len(checked.accepted), "dropouts": len(summary.dropouts),
+                                "rejected": len(checked.rejected),
                                 "load-cv": float(cv(np.array(summary.expert_clients))),
                                 "train-accuracy": float(summary.mean_accuracy or 0.0)})
         return to_record(new), metrics
@@ -200,15 +228,24 @@ class AlignedStrategy(Strategy):
                         dst_node_id=n) for n in nodes]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
+        """Accuracy and loss averaged by ``num-examples`` over valid replies; invalid ones are logged."""
         total, acc, loss = 0.0, 0.0, 0.0
+        cap = self.aggregation.max_examples
         for msg in replies:
             if msg.has_error():
                 continue
-            m = msg.content.get("metrics", MetricRecord())
-            n = float(m.get("num-examples", 0))
+            m = msg.content.get("metrics") if "metrics" in msg.content else None
+            values = [m.get(k) if isinstance(m, MetricRecord) else None for k in ("num-examples", "accuracy", "loss")]
+            n, a, lo = values
+            ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values)
+            if not ok or not (1 <= n <= cap and n == int(n) and 0 <= a <= 1 and lo >= 0):
+                log(WARNING, "aggregate_evaluate: round %d: rejected the reply of node %s: need num-examples in "
+                    "[1, %d], accuracy in [0, 1], loss >= 0; got %s", server_round, msg.metadata.src_node_id,
+                    cap, values)
+                continue
             total += n
-            acc += n * float(m.get("accuracy", 0.0))
-            loss += n * float(m.get("loss", 0.0))
+            acc += n * a
+            loss += n * lo
         if total == 0:
             return None
         out = {"accuracy": acc / total, "loss": loss / total}

@@ -1,0 +1,261 @@
+"""Client replies of an aligned round: validation and per-expert aggregation, framework-neutral.
+
+Every framework adapter (Flower, NVFlare) turns its messages into :class:`Reply` objects and
+calls the same two functions:
+
+- :meth:`ReplyChecker.check_round` checks each reply against the round's plan and the model's
+  schema before anything is used.  A reply passes only if its node was planned and replied once;
+  every array key exists in the model, belongs to the shared part or to an expert the reply lists,
+  has the model's shape, a numeric dtype and finite values; the experts it lists were assigned to
+  it, and each one comes with all of its arrays; counts are integers with
+  ``1 <= num-examples <= max_examples`` and ``expert-samples <= num-examples``; losses, seconds
+  and routing are finite and non-negative, accuracies lie in [0, 1]; ``max-experts`` is an
+  integer in [0, 10**6].  A failed reply is rejected with the reason (it counts as a failed
+  client); the others go on.
+- :func:`aggregate` averages each key over the accepted replies that sent it: shared keys by
+  ``num-examples``, an expert's keys by the samples routed to it (at least 1), each weight capped
+  by the client's ``weight_cap``; or, robustly, the coordinate-wise ``median`` or
+  ``trimmed_mean`` (unweighted, ``trim`` of the values cut at each end).  ``clip_norm`` first
+  scales each reply's update (its arrays minus the current ones, as one vector) to that L2 norm
+  at most.  Keys nobody sent keep their current value.
+
+Reply metrics use the keys of the Flower integration: ``num-examples``, ``experts``,
+``expert-samples``, ``expert-loss``, ``expert-accuracy``, ``train-seconds``,
+``download-seconds``, ``max-experts``, ``routing``; other keys are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import ReplyError, describe
+from ..problem import MAX_MAGNITUDE
+from ..rounds import ClientReport, Label
+
+MAX_DECLARED_EXPERTS = 10 ** 6
+
+
+class AggregationConfig(BaseModel):
+    """How accepted replies are combined, and the largest sample count a reply may claim."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["mean", "median", "trimmed_mean"] = Field(
+        "mean", description="weighted mean, or coordinate-wise median / trimmed mean (robust, unweighted)")
+    trim: float = Field(0.2, ge=0, lt=0.5, description="share cut at each end by trimmed_mean")
+    clip_norm: Optional[float] = Field(None, gt=0, allow_inf_nan=False,
+                                       description="L2 cap on each reply's update (None: no clipping)")
+    max_examples: int = Field(1_000_000, ge=1, description="a reply claiming more num-examples is rejected")
+
+
+@dataclass
+class Reply:
+    """One client's reply as the framework delivered it (``error``: a transport-level failure)."""
+
+    client_id: Label
+    arrays: Any = None
+    metrics: Any = None
+    error: Optional[str] = None
+
+
+@dataclass
+class ValidReply:
+    """A reply that passed every check: float arrays, capped weights, and its coordinator report."""
+
+    client_id: Label
+    arrays: dict[str, np.ndarray]
+    num_examples: int
+    weight: float
+    expert_weights: dict[int, float]
+    report: ClientReport
+    max_experts: Optional[int] = None
+    routing: Optional[list[float]] = None
+
+
+@dataclass
+class RoundReplies:
+    accepted: list[ValidReply] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)     # str(client id) -> reason
+
+
+def _count(metrics: Mapping[str, Any], key: str, *, low: int, high: float, required: bool = True) -> Optional[int]:
+    if key not in metrics:
+        if required:
+            raise ReplyError(f"metric {key!r} is missing")
+        return None
+    v = metrics[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v) \
+            or v != int(v) or not low <= v <= high:
+        raise ReplyError(f"metric {key!r} must be an integer in [{low}, {high:g}]; got {describe(v)}")
+    return int(v)
+
+
+def _numbers(metrics: Mapping[str, Any], key: str, n: Optional[int], *, low: float, high: float,
+             integer: bool = False) -> list[float]:
+    v = metrics[key]
+    if isinstance(v, (str, bytes)) or not isinstance(v, Iterable):
+        raise ReplyError(f"metric {key!r} must be a list of numbers; got {describe(v)}")
+    values = list(v)
+    if n is not None and len(values) != n:
+        raise ReplyError(f"metric {key!r} must have {n} entries; got {len(values)}")
+    for x in values:
+        if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)) or not math.isfinite(x) \
+                or not low <= x <= high or (integer and x != int(x)):
+            kind = "integers" if integer else "numbers"
+            raise ReplyError(f"metric {key!r} must hold {kind} in [{low:g}, {high:g}]; got {describe(x)}")
+    return [float(x) for x in values]
+
+
+def _seconds(metrics: Mapping[str, Any], key: str) -> float:
+    v = metrics.get(key, 0.0)
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v) \
+            or not 0 <= v <= MAX_MAGNITUDE:
+        raise ReplyError(f"metric {key!r} must be finite seconds >= 0; got {describe(v)}")
+    return float(v)
+
+
+class ReplyChecker:
+    """Checks replies against the model ``schema`` (the current arrays) and the round's plan."""
+
+    def __init__(self, schema: Mapping[str, np.ndarray], num_experts: int, *,
+                 owner: Callable[[str], Optional[int]], config: AggregationConfig = AggregationConfig()) -> None:
+        self.schema = {k: np.asarray(v) for k, v in schema.items()}
+        self.E = int(num_experts)
+        self.owner = owner
+        self.config = config
+        self.expert_keys: dict[int, set[str]] = {}
+        for k in self.schema:
+            j = owner(k)
+            if j is not None:
+                self.expert_keys.setdefault(j, set()).add(k)
+
+    def check(self, reply: Reply, planned: Optional[list[int]], weight_cap: Optional[float] = None) -> ValidReply:
+        """The checked reply, or ReplyError naming the first problem."""
+        if reply.error is not None:
+            raise ReplyError(f"replied with an error: {reply.error}")
+        if not planned:
+            raise ReplyError("was not planned to train in this round")
+        metrics, arrays = reply.metrics, reply.arrays
+        if not isinstance(metrics, Mapping):
+            raise ReplyError(f"has no metrics record; got {describe(metrics)}")
+        if not isinstance(arrays, Mapping):
+            raise ReplyError(f"has no arrays record; got {describe(arrays)}")
+        n = _count(metrics, "num-examples", low=1, high=self.config.max_examples)
+        if "experts" not in metrics:
+            raise ReplyError("metric 'experts' is missing")
+        experts = [int(e) for e in _numbers(metrics, "experts", None, low=0, high=self.E - 1, integer=True)]
+        if len(set(experts)) != len(experts):
+            raise ReplyError(f"metric 'experts' lists an expert twice: {experts}")
+        extra = sorted(set(experts) - set(planned))
+        if extra:
+            raise ReplyError(f"lists expert {extra[0]}, which it was not assigned (assigned: {sorted(planned)})")
+        for key in ("expert-samples", "expert-loss", "expert-accuracy"):
+            if key not in metrics:
+                raise ReplyError(f"metric {key!r} is missing")
+        samples = _numbers(metrics, "expert-samples", len(experts), low=0, high=n, integer=True)
+        losses = _numbers(metrics, "expert-loss", len(experts), low=0, high=MAX_MAGNITUDE)
+        accuracy = _numbers(metrics, "expert-accuracy", len(experts), low=0, high=1)
+        train, download = _seconds(metrics, "train-seconds"), _seconds(metrics, "download-seconds")
+        max_experts = _count(metrics, "max-experts", low=0, high=MAX_DECLARED_EXPERTS, required=False)
+        routing = _numbers(metrics, "routing", self.E, low=0, high=MAX_MAGNITUDE) if "routing" in metrics else None
+
+        checked: dict[str, np.ndarray] = {}
+        for key, value in arrays.items():
+            if key not in self.schema:
+                raise ReplyError(f"array {describe(key)} is not part of the model")
+            j = self.owner(key)
+            if j is not None and j not in experts:
+                raise ReplyError(f"array {key!r} belongs to expert {j}, which the reply does not list "
+                                 f"(experts: {experts})")
+            arr = np.asarray(value)
+            want = self.schema[key]
+            if arr.shape != want.shape:
+                raise ReplyError(f"array {key!r} must have shape {want.shape}; got {arr.shape}")
+            if arr.dtype.kind not in "fiu":
+                raise ReplyError(f"array {key!r} must be numeric (float or integer); got dtype {arr.dtype}")
+            if not np.all(np.isfinite(arr)):
+                raise ReplyError(f"array {key!r} holds NaN or infinite values")
+            checked[key] = arr.astype(np.float64 if want.dtype.kind != "f" else want.dtype, copy=True)
+        for j in experts:
+            missing = sorted(self.expert_keys.get(j, set()) - set(checked))
+            if missing:
+                raise ReplyError(f"lists expert {j} but does not send its array {missing[0]!r}")
+        try:
+            report = ClientReport(
+                client_id=reply.client_id, train_seconds=train, download_seconds=download,
+                bytes_down=int(sum(v.nbytes for v in checked.values())), routing=routing,
+                experts=[{"expert": e, "samples": int(s), "mean_loss": lo, "accuracy": a}
+                         for e, s, lo, a in zip(experts, samples, losses, accuracy)])
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ReplyError(f"report field {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        cap = float(n if weight_cap is None else min(n, max(weight_cap, 1.0)))
+        return ValidReply(client_id=reply.client_id, arrays=checked, num_examples=n, weight=cap,
+                          expert_weights={e: min(max(s, 1.0), cap) for e, s in zip(experts, samples)},
+                          report=report, max_experts=max_experts, routing=routing)
+
+    def check_round(self, replies: Iterable[Reply], plan: Mapping[str, list[int]],
+                    weight_caps: Optional[Mapping[str, float]] = None) -> RoundReplies:
+        """Check every reply; ``plan`` maps str(client id) to its planned experts.
+
+        A client that replied more than once has all its replies rejected.
+        """
+        replies = list(replies)
+        counts = Counter(str(r.client_id) for r in replies)
+        out = RoundReplies()
+        caps = weight_caps or {}
+        for reply in replies:
+            key = str(reply.client_id)
+            if counts[key] > 1:
+                out.rejected[key] = f"replied {counts[key]} times in one round"
+                continue
+            try:
+                out.accepted.append(self.check(reply, plan.get(key), caps.get(key)))
+            except ReplyError as exc:
+                out.rejected[key] = str(exc)
+        return out
+
+
+def _clipped(current: Mapping[str, np.ndarray], reply: ValidReply, clip: float) -> dict[str, np.ndarray]:
+    deltas = {k: v - current[k] for k, v in reply.arrays.items()}
+    norm = math.sqrt(sum(float(np.sum(d * d)) for d in deltas.values()))
+    if norm <= clip:
+        return reply.arrays
+    scale = clip / norm
+    return {k: current[k] + scale * d for k, d in deltas.items()}
+
+
+def aggregate(current: Mapping[str, np.ndarray], accepted: list[ValidReply], owner: Callable[[str], Optional[int]],
+              config: AggregationConfig = AggregationConfig()) -> tuple[dict[str, np.ndarray], set[int]]:
+    """New parameters from the accepted replies, and the experts somebody trained."""
+    contributions: dict[str, list[tuple[np.ndarray, float]]] = {}
+    for reply in accepted:
+        arrays = reply.arrays if config.clip_norm is None else _clipped(current, reply, config.clip_norm)
+        for k, v in arrays.items():
+            j = owner(k)
+            w = reply.weight if j is None else reply.expert_weights[j]
+            contributions.setdefault(k, []).append((v, w))
+    new = {k: np.array(v, copy=True) for k, v in current.items()}
+    for k, items in contributions.items():
+        stack = np.stack([v for v, _ in items])
+        if config.method == "mean":
+            w = np.array([w for _, w in items])
+            value = np.tensordot(w / w.sum(), stack, axes=1)
+        elif config.method == "median":
+            value = np.median(stack, axis=0)
+        else:
+            m = len(items)
+            cut = min(int(math.floor(config.trim * m)), (m - 1) // 2)
+            value = np.sort(stack, axis=0)[cut:m - cut].mean(axis=0)
+        new[k] = value.astype(current[k].dtype, copy=False)
+    return new, {j for k in contributions if (j := owner(k)) is not None}
+
+
+__all__ = ["AggregationConfig", "Reply", "ReplyChecker", "RoundReplies", "ValidReply", "aggregate"]

@@ -1,0 +1,177 @@
+"""Crafted Flower replies through AlignedStrategy's own methods (configure_train -> aggregate_train).
+
+Run by tests/test_flower.py in a separate interpreter: importing flwr loads gRPC, after which
+this process could no longer fork solver workers for the other tests.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from alignment_solver.coordinator import CoordinatorConfig
+from alignment_solver.integrations.flower import AlignedStrategy, to_numpy, to_record
+from alignment_solver.integrations.replies import AggregationConfig
+from alignment_solver.training.model import init_params
+
+E, NODES = 4, [11, 12, 13, 14]
+TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1     # as inside a ServerApp
+
+
+class Grid:
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def model():
+    return init_params(5, 3, E, 0, np.random.default_rng(0))
+
+
+def strategy(tmp_path, **kw):
+    cfg = CoordinatorConfig(capacity={"default_capacity": 2, "max_capacity": 2})
+    return AlignedStrategy(num_experts=E, config=cfg, history_path=str(tmp_path / "h.json"),
+                           state_path=str(tmp_path / "s.json"), **kw)
+
+
+def configure(s, rnd, params):
+    msgs = list(s.configure_train(rnd, to_record(params), ConfigRecord({}), Grid(NODES)))
+    return {m.metadata.dst_node_id: m for m in msgs}
+
+
+def honest(msg, value=1.0, n=50):
+    received = to_numpy(msg.content["arrays"])
+    experts = list(msg.content["config"]["experts"])
+    arrays = {k: np.full_like(v, value) for k, v in received.items()}
+    metrics = {"num-examples": n, "experts": experts, "expert-samples": [n] * len(experts),
+               "expert-loss": [0.4] * len(experts), "expert-accuracy": [0.9] * len(experts), "train-seconds": 0.1}
+    return Message(content=RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord(metrics)}),
+                   reply_to=msg)
+
+
+def forged(msg, arrays=None, metrics=None, drop=(), **changes):
+    base = honest(msg)
+    a = to_numpy(base.content["arrays"])
+    m = dict(base.content["metrics"])
+    a.update(arrays or {})
+    m.update(metrics or {})
+    for k in drop:
+        a.pop(k, None)
+        m.pop(k, None)
+    return Message(content=RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in a.items()}),
+                                       "metrics": MetricRecord(m)}), reply_to=msg)
+
+
+def stranger(node=99):
+    fake = Message(content=RecordDict({"config": ConfigRecord({"experts": [0, 1, 2, 3]})}), dst_node_id=node,
+                   message_type=MessageType.TRAIN)
+    full = to_record({k: np.full_like(v, 777.0) for k, v in model().items()})
+    metrics = {"num-examples": 50, "experts": [0, 1, 2, 3], "expert-samples": [50] * 4, "expert-loss": [0.1] * 4,
+               "expert-accuracy": [1.0] * 4}
+    return Message(content=RecordDict({"arrays": full, "metrics": MetricRecord(metrics)}), reply_to=fake)
+
+
+def unassigned_expert(msg):
+    mine = set(msg.content["config"]["experts"])
+    other = next(j for j in range(E) if j not in mine)
+    return other
+
+
+ATTACKS = {
+    "unplanned node": lambda m: stranger(),
+    "unassigned expert arrays": lambda m: forged(m, arrays={f"expert{unassigned_expert(m)}.W": np.full((5, 3), 777.0)}),
+    "unassigned expert listed": lambda m: forged(m, metrics={"experts": [unassigned_expert(m)], "expert-samples": [5],
+                                                             "expert-loss": [0.1], "expert-accuracy": [1.0]}),
+    "huge num-examples": lambda m: forged(m, metrics={"num-examples": 10 ** 18}),
+    "negative num-examples": lambda m: forged(m, metrics={"num-examples": -50}),
+    "nan num-examples": lambda m: forged(m, metrics={"num-examples": float("nan")}),
+    "nan array": lambda m: forged(m, arrays={"gate.W": np.full((5, E), np.nan)}),
+    "inf array": lambda m: forged(m, arrays={"gate.b": np.full(E, np.inf)}),
+    "unknown key": lambda m: forged(m, arrays={"backdoor.W": np.ones(3)}),
+    "wrong-shape gate": lambda m: forged(m, arrays={"gate.W": np.ones((1, 1))}),
+    "negative expert-samples": lambda m: forged(m, metrics={"expert-samples": [-5, -5]}),
+    "nan accuracy": lambda m: forged(m, metrics={"expert-accuracy": [float("nan")] * 2}),
+    "nan seconds": lambda m: forged(m, metrics={"train-seconds": float("nan")}),
+    "routing of the wrong length": lambda m: forged(m, metrics={"routing": [1.0, 2.0]}),
+    "max-experts -1": lambda m: forged(m, metrics={"max-experts": -1}),
+    "max-experts 1e30": lambda m: forged(m, metrics={"max-experts": 1e30}),
+    "missing arrays record": lambda m: Message(content=RecordDict({"metrics": honest(m).content["metrics"]}),
+                                               reply_to=m),
+    "error reply": lambda m: Message(Error(code=0, reason="boom"), reply_to=m),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_one_bad_reply_is_rejected_and_the_round_goes_on(tmp_path, attack):
+    s = strategy(tmp_path)
+    params = model()
+    msgs = configure(s, 1, params)
+    victim = NODES[0]
+    bad = ATTACKS[attack](msgs[victim])
+    replies = [honest(msgs[n]) for n in NODES[1:] if n in msgs] + [bad]
+    arrays, metrics = s.aggregate_train(1, replies)
+    new = to_numpy(arrays)
+    assert set(new) == set(params)
+    for k, v in new.items():
+        assert v.shape == params[k].shape and np.all(np.isfinite(v)), k
+        assert not np.any(v == 777.0), k
+    trained = set().union(*(msgs[n].content["config"]["experts"] for n in NODES[1:] if n in msgs))
+    for j in range(E):
+        if j not in trained:
+            assert np.array_equal(new[f"expert{j}.W"], params[f"expert{j}.W"]), j
+    assert np.allclose(new["gate.W"], 1.0)               # only the honest replies moved it
+    entry = json.loads((tmp_path / "h.json").read_text())["1"]
+    if attack != "unplanned node":
+        assert victim in entry["dropouts"]
+    if attack == "error reply":
+        assert entry["errors"] == ["0: boom"] and metrics["rejected"] == 0
+    else:
+        assert ("99" if attack == "unplanned node" else str(victim)) in entry["rejected"], entry
+        assert metrics["rejected"] == 1
+    nxt = configure(s, 2, new)                              # the next round plans normally
+    assert nxt
+
+
+def test_duplicate_replies_are_rejected(tmp_path):
+    s = strategy(tmp_path)
+    msgs = configure(s, 1, model())
+    replies = [honest(msgs[n]) for n in NODES] + [honest(msgs[NODES[0]], value=5.0)]
+    arrays, metrics = s.aggregate_train(1, replies)
+    assert "replied 2 times" in s.history[1]["rejected"][str(NODES[0])]
+    assert np.allclose(to_numpy(arrays)["gate.W"], 1.0)
+
+
+def test_a_round_without_a_valid_reply_keeps_the_model_and_says_so(tmp_path, caplog):
+    s = strategy(tmp_path)
+    msgs = configure(s, 1, model())
+    with caplog.at_level("WARNING"):
+        out = s.aggregate_train(1, [forged(msgs[n], arrays={"gate.W": np.full((5, E), np.nan)}) for n in msgs])
+    assert out == (None, None)
+    assert len(s.history[1]["rejected"]) == len(msgs)
+    msgs = configure(s, 2, model())
+    assert s.aggregate_train(2, []) == (None, None)
+    assert sorted(s.history[2]["dropouts"]) == sorted(msgs)
+
+
+def test_inflated_counts_are_capped_by_the_first_report(tmp_path):
+    s = strategy(tmp_path)
+    msgs = configure(s, 1, model())
+    s.aggregate_train(1, [honest(msgs[n], n=50) for n in msgs])
+    msgs = configure(s, 2, model())
+    liar = NODES[0]
+    replies = [honest(msgs[n], value=1.0, n=50) for n in msgs if n != liar] + [honest(msgs[liar], 101.0, n=999_999)]
+    arrays, _ = s.aggregate_train(2, replies)
+    gate = to_numpy(arrays)["gate.W"][0, 0]
+    assert gate == pytest.approx((3 * 1.0 + 101.0) / 4)       # one vote of 50 samples, not 999,999
+
+
+def test_median_aggregation_resists_a_planned_outlier(tmp_path):
+    s = strategy(tmp_path, aggregation=AggregationConfig(method="median"))
+    msgs = configure(s, 1, model())
+    replies = [honest(msgs[n], 1.0) for n in msgs if n != NODES[0]] + [honest(msgs[NODES[0]], 500.0)]
+    arrays, _ = s.aggregate_train(1, replies)
+    assert np.allclose(to_numpy(arrays)["gate.W"], 1.0)

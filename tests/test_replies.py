@@ -1,0 +1,123 @@
+"""Framework-neutral reply validation and per-expert aggregation (integrations.replies)."""
+
+import numpy as np
+import pytest
+
+from alignment_solver.integrations.replies import AggregationConfig, Reply, ReplyChecker, aggregate
+from alignment_solver.training.model import expert_of
+
+E = 3
+MODEL = {"gate.W": np.zeros((4, E)), "gate.b": np.zeros(E),
+         **{f"expert{j}.{n}": np.full(s, float(j)) for j in range(E) for n, s in (("W", (4, 2)), ("b", (2,)))}}
+PLAN = {"1": [0], "2": [0, 1], "3": [1]}
+
+
+def reply(node=1, experts=(0,), value=1.0, n=10, **metrics):
+    arrays = {"gate.W": np.full((4, E), value), "gate.b": np.full(E, value)}
+    for j in experts:
+        arrays[f"expert{j}.W"] = np.full((4, 2), value)
+        arrays[f"expert{j}.b"] = np.full(2, value)
+    base = {"num-examples": n, "experts": list(experts), "expert-samples": [n] * len(experts),
+            "expert-loss": [0.5] * len(experts), "expert-accuracy": [0.8] * len(experts), "train-seconds": 1.0}
+    return Reply(node, arrays=arrays, metrics={**base, **metrics})
+
+
+def checker(**cfg):
+    return ReplyChecker(MODEL, E, owner=expert_of, config=AggregationConfig(**cfg))
+
+
+def with_arrays(r, **changes):
+    r.arrays = {**r.arrays, **changes}
+    return r
+
+
+@pytest.mark.parametrize("bad, words", [
+    (reply(node=99), "was not planned"),
+    (reply(experts=(0, 2)), "lists expert 2, which it was not assigned"),
+    (with_arrays(reply(), **{"expert2.W": np.zeros((4, 2))}), "belongs to expert 2, which the reply does not list"),
+    (with_arrays(reply(), **{"backdoor.W": np.zeros(3)}), "'backdoor.W' is not part of the model"),
+    (with_arrays(reply(), **{"gate.W": np.zeros((1, 1))}), r"must have shape \(4, 3\); got \(1, 1\)"),
+    (with_arrays(reply(), **{"gate.b": np.array([1.0, np.nan, 0])}), "NaN or infinite"),
+    (with_arrays(reply(), **{"gate.b": np.array([1.0, np.inf, 0])}), "NaN or infinite"),
+    (with_arrays(reply(), **{"gate.b": np.array(["a", "b", "c"])}), "must be numeric"),
+    (reply(n=10 ** 18), r"num-examples' must be an integer in \[1, 1e\+06\]"),
+    (reply(n=-5), "num-examples"), (reply(n=float("nan")), "num-examples"), (reply(n=2.5), "num-examples"),
+    (reply(**{"expert-samples": [-1]}), "expert-samples' must hold integers"),
+    (reply(**{"expert-samples": [11]}), r"expert-samples' must hold integers in \[0, 10\]"),
+    (reply(**{"expert-loss": [float("nan")]}), "expert-loss"),
+    (reply(**{"expert-accuracy": [1.5]}), "expert-accuracy"),
+    (reply(**{"train-seconds": float("nan")}), "train-seconds"),
+    (reply(**{"download-seconds": -1.0}), "download-seconds"),
+    (reply(**{"routing": [1.0, 2.0]}), "routing' must have 3 entries"),
+    (reply(**{"max-experts": -1}), "max-experts"), (reply(**{"max-experts": 1e30}), "max-experts"),
+    (reply(**{"experts": [0, 0], "expert-samples": [1, 1], "expert-loss": [0, 0], "expert-accuracy": [1, 1]}),
+     "lists an expert twice"),
+    (Reply(1, arrays=None, metrics={}), "has no metrics record|has no arrays record|num-examples"),
+    (Reply(1, error="timeout"), "replied with an error: timeout"),
+])
+def test_each_bad_reply_is_rejected_with_its_reason(bad, words):
+    out = checker().check_round([bad, reply(node=3, experts=(1,))], PLAN)
+    key = str(bad.client_id)
+    assert key in out.rejected and __import__("re").search(words, out.rejected[key]), out.rejected
+    assert [r.client_id for r in out.accepted] == [3]
+
+
+def test_a_listed_expert_must_come_with_its_arrays():
+    r = reply(experts=(0,))
+    del r.arrays["expert0.b"]
+    out = checker().check_round([r], PLAN)
+    assert "does not send its array 'expert0.b'" in out.rejected["1"]
+
+
+def test_duplicate_replies_are_all_rejected():
+    out = checker().check_round([reply(), reply(value=5.0), reply(node=3, experts=(1,))], PLAN)
+    assert out.rejected == {"1": "replied 2 times in one round"} and len(out.accepted) == 1
+
+
+def test_mean_is_weighted_per_owner_and_untrained_experts_keep_their_arrays():
+    out = checker().check_round([reply(1, (0,), 1.0, n=10), reply(2, (0, 1), 4.0, n=30),
+                                 reply(3, (1,), 2.0, n=10)], PLAN)
+    new, trained = aggregate(MODEL, out.accepted, expert_of)
+    assert trained == {0, 1}
+    assert np.allclose(new["gate.W"], (10 * 1 + 30 * 4 + 10 * 2) / 50)
+    assert np.allclose(new["expert0.W"], (10 * 1 + 30 * 4) / 40)
+    assert np.allclose(new["expert1.W"], (30 * 4 + 10 * 2) / 40)
+    assert np.array_equal(new["expert2.W"], MODEL["expert2.W"])
+
+
+def test_weight_caps_bound_a_client_that_inflates_its_count():
+    plan = {str(i): [0] for i in range(4)}
+    honest = [reply(i, (0,), 1.0, n=100) for i in range(3)]
+    liar = reply(3, (0,), 777.0, n=1_000_000)
+    out = checker().check_round(honest + [liar], plan, weight_caps={"3": 100.0})
+    new, _ = aggregate(MODEL, out.accepted, expert_of)
+    assert np.allclose(new["gate.W"], (3 * 1 + 777) / 4)        # capped: one vote of 100, not 10^6
+
+
+@pytest.mark.parametrize("method, expected", [("median", 1.0), ("trimmed_mean", 1.0), ("mean", None)])
+def test_robust_methods_ignore_one_outlier(method, expected):
+    plan = {str(i): [0] for i in range(5)}
+    replies = [reply(i, (0,), 1.0) for i in range(4)] + [reply(4, (0,), 1e6)]
+    out = checker(method=method, trim=0.2).check_round(replies, plan)
+    new, _ = aggregate(MODEL, out.accepted, expert_of, AggregationConfig(method=method, trim=0.2))
+    if expected is None:
+        assert new["gate.W"][0, 0] > 1e5
+    else:
+        assert np.allclose(new["gate.W"], expected) and np.allclose(new["expert0.W"], expected)
+
+
+def test_clipping_bounds_each_update_norm():
+    plan = {"1": [0]}
+    out = checker().check_round([reply(1, (0,), 100.0)], plan)
+    cfg = AggregationConfig(clip_norm=1.0)
+    new, _ = aggregate(MODEL, out.accepted, expert_of, cfg)
+    delta = np.concatenate([(new[k] - MODEL[k]).ravel() for k in out.accepted[0].arrays])
+    assert np.linalg.norm(delta) == pytest.approx(1.0)
+
+
+def test_the_report_carries_the_validated_figures():
+    out = checker().check_round([reply(2, (0, 1), n=20, **{"routing": [1, 2, 3], "max-experts": 2})], PLAN)
+    rep = out.accepted[0]
+    assert rep.report.client_id == 2 and [e.expert for e in rep.report.experts] == [0, 1]
+    assert rep.max_experts == 2 and rep.routing == [1.0, 2.0, 3.0]
+    assert rep.report.bytes_down == sum(v.nbytes for v in rep.arrays.values())
