@@ -180,6 +180,10 @@ def _coordinator_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _needs_train_extra(module: str, what: str) -> str:
+    return f"{what} needs {module}, which is not installed: pip install 'alignment-solver[train]'"
+
+
 def _simulate_cmd(args: argparse.Namespace) -> int:
     from .training.simulate import SimConfig, simulate, table
 
@@ -187,7 +191,10 @@ def _simulate_cmd(args: argparse.Namespace) -> int:
         base = {}
         if args.config:
             if args.config.endswith((".yaml", ".yml")):
-                import yaml
+                try:
+                    import yaml
+                except ImportError:
+                    return _fail(_needs_train_extra("pyyaml", f"the YAML config {args.config}"))
 
                 base = yaml.safe_load(_read_text(args.config, "config")) or {}
             else:
@@ -205,10 +212,18 @@ def _simulate_cmd(args: argparse.Namespace) -> int:
         return _fail(f"file not found: {exc.filename}")
     except (ValidationError, ValueError) as exc:
         return _fail(_one_line(exc, "simulate config"))
+    if cfg.dataset == "digits":
+        try:
+            import sklearn  # noqa: F401
+        except ImportError:
+            return _fail(_needs_train_extra("scikit-learn", "the digits dataset (--dataset digits, the default)")
+                         + "; or run --dataset synthetic")
     out = simulate(cfg)
     print(table(cfg, out["summary"]))
-    print(f"wrote {out['folder']}/ (metrics.csv, summary.json, {', '.join(Path(p).name for p in out['plots'])}) "
-          f"in {out['seconds']:.1f} s")
+    written = ", ".join(["metrics.csv", "summary.json", *(Path(p).name for p in out["plots"])])
+    print(f"wrote {out['folder']}/ ({written}) in {out['seconds']:.1f} s")
+    if "note" in out:
+        print(f"alignment-solver: {out['note']}", file=sys.stderr)
     return 0
 
 
@@ -237,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--config", help="SimConfig as a JSON or YAML file; flags override it")
     sm.add_argument("--dataset", choices=["digits", "synthetic", "npz"], help="default digits (bundled)")
     sm.add_argument("--npz-path", dest="npz_path", help="a .npz with arrays x (N, D) and y (N,) for --dataset npz")
+    sm.add_argument("--synthetic-samples", dest="synthetic_samples", type=int,
+                    help="samples of --dataset synthetic (default 20000)")
+    sm.add_argument("--synthetic-domains", dest="synthetic_domains", type=int,
+                    help="domains of --dataset synthetic (default 4)")
     sm.add_argument("--partition", choices=["iid", "dirichlet", "classes", "domains"], help="default dirichlet")
     sm.add_argument("--alpha", type=float, help="Dirichlet concentration (default 0.3)")
     sm.add_argument("--classes-per-client", dest="classes_per_client", type=int, help="for --partition classes")
@@ -250,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--dropout", type=float, help="chance a planned client sends nothing (0.0)")
     sm.add_argument("--rounds", type=int, help="training rounds (default 30)")
     sm.add_argument("--local-epochs", dest="local_epochs", type=int, help="local epochs per round (2)")
+    sm.add_argument("--batch-size", dest="batch_size", type=int, help="local mini-batch size (32)")
     sm.add_argument("--lr", type=float, help="local learning rate (0.5)")
     sm.add_argument("--tolerance", type=float, help="load band half-width (0.1)")
     sm.add_argument("--solver-time-limit", dest="solver_time_limit", type=float,

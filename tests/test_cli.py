@@ -170,3 +170,32 @@ def test_plan_twice_needs_replan_and_corrupt_state_names_the_field(tmp_path):
     state.write_text(json.dumps(data))
     one_line_error(run("observe", "--state", str(state), "--reports", "-", stdin="[]"),
                    "state field held[0] (rows)[0] must lie in [0, 1]; got -1")
+
+
+def without_train_extra(*args, cwd):
+    """The CLI in a fresh interpreter where scikit-learn, matplotlib and PyYAML cannot be imported."""
+    code = ("import sys; sys.modules.update(sklearn=None, matplotlib=None, yaml=None); "
+            "from alignment_solver.cli import main; sys.exit(main(sys.argv[1:]))")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_simulate_without_the_train_extra_says_what_to_install(tmp_path):
+    one_line_error(without_train_extra("simulate", cwd=tmp_path), "scikit-learn", "alignment-solver[train]")
+    (tmp_path / "c.yaml").write_text("rounds: 2\n")
+    one_line_error(without_train_extra("simulate", "--config", "c.yaml", cwd=tmp_path), "pyyaml", "[train]")
+    proc = without_train_extra("simulate", "--dataset", "synthetic", "--rounds", "2", "--synthetic-samples", "500",
+                               "--output", "runs", "--name", "s", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "final acc" in proc.stdout and "plots skipped: matplotlib is not installed" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "runs" / "s").iterdir()) == ["metrics.csv", "summary.json"]
+    assert "\r" not in proc.stderr and proc.stderr.count("[") >= 2        # progress as lines without a TTY
+
+
+def test_every_simulate_option_has_a_flag():
+    from alignment_solver.cli import build_parser
+    from alignment_solver.training.simulate import SimConfig
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["simulate"]
+    dests = {a.dest for a in sub._actions}
+    assert set(SimConfig.model_fields) <= dests, set(SimConfig.model_fields) - dests

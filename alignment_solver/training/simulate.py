@@ -240,34 +240,50 @@ def table(cfg: SimConfig, summary: dict[str, dict[str, Any]]) -> str:
 
 
 def plot(cfg: SimConfig, rows: list[dict], folder: Path) -> list[Path]:
+    """``accuracy.png`` (test accuracy per round) and ``load_heatmap.png`` (clients per expert and
+    round, one colour scale shared by every strategy).  Rounds are numbered from 1 in both."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4))
     for s in cfg.strategies:
         mine = [r for r in rows if r["strategy"] == s]
-        ax.plot([r["round"] + 1 for r in mine], [r["accuracy"] for r in mine], label=s)
-    ax.axhline(cfg.target_accuracy, color="grey", linestyle=":", label="target")
+        ax.plot([r["round"] + 1 for r in mine], [r["accuracy"] for r in mine], marker="o", markersize=3, label=s)
+    ax.axhline(cfg.target_accuracy, color="grey", linestyle=":", label=f"target {cfg.target_accuracy:.0%}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(0.5, cfg.rounds + 0.5)
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy")
     ax.set_title(f"{cfg.dataset}, {cfg.partition}, {cfg.clients} clients x {cfg.experts} experts")
+    ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     paths.append(folder / "accuracy.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
-    fig, axes = plt.subplots(1, len(cfg.strategies), figsize=(4 * len(cfg.strategies), 3.6), squeeze=False)
-    for ax, s in zip(axes[0], cfg.strategies):
-        load = np.array([r["load"] for r in rows if r["strategy"] == s]).T
-        im = ax.imshow(load, aspect="auto", cmap="viridis", interpolation="nearest")
-        ax.set_title(f"{s}: clients per expert")
+
+    loads = {s: np.array([r["load"] for r in rows if r["strategy"] == s], dtype=float).T for s in cfg.strategies}
+    top = max(1.0, max(float(v.max()) for v in loads.values() if v.size))
+    cols = min(3, len(cfg.strategies))
+    nrows = math.ceil(len(cfg.strategies) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols + 1.2, 3.4 * nrows), squeeze=False,
+                             layout="constrained")
+    for ax, s in zip(axes.ravel(), cfg.strategies):
+        im = ax.imshow(loads[s], aspect="auto", cmap="viridis", interpolation="nearest", vmin=0, vmax=top,
+                       extent=(0.5, cfg.rounds + 0.5, cfg.experts - 0.5, -0.5))
+        ax.set_title(s)
         ax.set_xlabel("round")
         ax.set_ylabel("expert")
-        fig.colorbar(im, ax=ax)
-    fig.tight_layout()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes.ravel()[len(cfg.strategies):]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="clients training the expert (same scale in every panel)")
+    fig.suptitle("expert load per round")
     paths.append(folder / "load_heatmap.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
@@ -296,6 +312,10 @@ def simulate(cfg: SimConfig, *, write: bool = True, show_progress: bool = True) 
                 writer.writerow([r[k] for k in fields if not k.startswith("load_e")] + r["load"])
         (folder / "summary.json").write_text(json.dumps({"config": result["config"], "summary": summary,
                                                          "seconds": result["seconds"]}, indent=2))
-        result["plots"] = [str(p) for p in plot(cfg, rows, folder)]
+        try:
+            result["plots"] = [str(p) for p in plot(cfg, rows, folder)]
+        except ImportError:
+            result["plots"] = []
+            result["note"] = "plots skipped: matplotlib is not installed (pip install 'alignment-solver[train]')"
         result["folder"] = str(folder)
     return result
