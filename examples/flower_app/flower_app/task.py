@@ -36,9 +36,10 @@ DEFAULTS = {"num-server-rounds": 3, "num-experts": 4, "tolerance": 0.2, "round-t
 def settings(context) -> dict:
     """Run config over the defaults (``run_simulation`` passes an empty run config).
 
-    ``FLOWER_APP_HISTORY`` / ``FLOWER_APP_ROUNDS`` / ``FLOWER_APP_GARBAGE_PARTITION`` in the
-    environment fill in the history path, the number of rounds and the partition whose client
-    sends forged replies (robustness tests; -1: none) when the run config does not set them.
+    ``FLOWER_APP_HISTORY`` / ``FLOWER_APP_ROUNDS`` / ``FLOWER_APP_ROUND_TIMEOUT`` /
+    ``FLOWER_APP_GARBAGE_PARTITION`` in the environment fill in the history path, the number of
+    rounds, the round timeout and the partition whose client sends forged replies (robustness
+    tests; -1: none) when the run config does not set them.
     """
     import os
 
@@ -47,6 +48,8 @@ def settings(context) -> dict:
         out["history-path"] = os.environ.get("FLOWER_APP_HISTORY", "")
     if "num-server-rounds" not in context.run_config and os.environ.get("FLOWER_APP_ROUNDS"):
         out["num-server-rounds"] = int(os.environ["FLOWER_APP_ROUNDS"])
+    if "round-timeout" not in context.run_config and os.environ.get("FLOWER_APP_ROUND_TIMEOUT"):
+        out["round-timeout"] = float(os.environ["FLOWER_APP_ROUND_TIMEOUT"])
     if "garbage-partition" not in context.run_config and os.environ.get("FLOWER_APP_GARBAGE_PARTITION"):
         out["garbage-partition"] = int(os.environ["FLOWER_APP_GARBAGE_PARTITION"])
     return out
