@@ -212,11 +212,11 @@ def _simulate_cmd(args: argparse.Namespace) -> int:
         return _fail(f"file not found: {exc.filename}")
     except (ValidationError, ValueError) as exc:
         return _fail(_one_line(exc, "simulate config"))
-    if cfg.dataset == "digits":
+    if cfg.dataset in ("digits", "shifted_digits"):
         try:
             import sklearn  # noqa: F401
         except ImportError:
-            return _fail(_needs_train_extra("scikit-learn", "the digits dataset (--dataset digits, the default)")
+            return _fail(_needs_train_extra("scikit-learn", f"the {cfg.dataset} dataset (digits is the default)")
                          + "; or run --dataset synthetic")
     out = simulate(cfg)
     print(table(cfg, out["summary"]))
@@ -250,12 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_backends_cmd)
     sm = sub.add_parser("simulate", help="federated MoE training: compare alignment strategies end to end")
     sm.add_argument("--config", help="SimConfig as a JSON or YAML file; flags override it")
-    sm.add_argument("--dataset", choices=["digits", "synthetic", "npz"], help="default digits (bundled)")
+    sm.add_argument("--dataset", choices=["digits", "shifted_digits", "synthetic", "npz"],
+                    help="default digits (bundled); shifted_digits: digits under per-domain concept shift")
     sm.add_argument("--npz-path", dest="npz_path", help="a .npz with arrays x (N, D) and y (N,) for --dataset npz")
     sm.add_argument("--synthetic-samples", dest="synthetic_samples", type=int,
                     help="samples of --dataset synthetic (default 20000)")
     sm.add_argument("--synthetic-domains", dest="synthetic_domains", type=int,
                     help="domains of --dataset synthetic (default 4)")
+    sm.add_argument("--shifted-domains", dest="shifted_domains", type=int,
+                    help="domains of --dataset shifted_digits, 1..6 (default 4)")
+    sm.add_argument("--domain-sizes", dest="domain_sizes", choices=["equal", "unequal"],
+                    help="domain shares of the domain datasets: equal (default) or 1, 1/2, 1/3, ...")
+    sm.add_argument("--domains-per-client", dest="domains_per_client", type=int,
+                    help="--partition domains: each client owns 1..this many domains (default 2; 1: one each)")
     sm.add_argument("--partition", choices=["iid", "dirichlet", "classes", "domains"], help="default dirichlet")
     sm.add_argument("--alpha", type=float, help="Dirichlet concentration (default 0.3)")
     sm.add_argument("--classes-per-client", dest="classes_per_client", type=int, help="for --partition classes")

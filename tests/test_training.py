@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from alignment_solver.training.data import load_digits, load_npz, make_synthetic, partition
+from alignment_solver.training.data import (DOMAIN_TRANSFORMS, load_digits, load_npz, load_shifted_digits,
+                                            make_synthetic, partition)
 from alignment_solver.training.model import MoE, init_params
 from alignment_solver.training.simulate import SimConfig, World, simulate
 
@@ -56,6 +57,44 @@ def test_partitions_cover_and_skew():
     synth = make_synthetic(2000, rng, domains=3)
     doms = partition(synth, 10, "domains", rng)
     assert max(len(np.unique(synth.domain_train[p])) for p in doms) <= 2
+
+
+def _softmax_regression_accuracy(x, y, xt, yt, classes, epochs=60, lr=0.5):
+    """One linear softmax model by full-batch gradient descent (the single-expert baseline)."""
+    W, b = np.zeros((x.shape[1], classes)), np.zeros(classes)
+    onehot = np.eye(classes)[y]
+    for _ in range(epochs * 5):
+        z = x @ W + b
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        W -= lr * x.T @ (p - onehot) / len(y)
+        b -= lr * (p - onehot).mean(axis=0)
+    return float(((xt @ W + b).argmax(axis=1) == yt).mean())
+
+
+def test_shifted_digits_needs_one_model_per_domain():
+    data = load_shifted_digits(np.random.default_rng(0), domains=4)
+    assert data.x_train.shape[1] == 64 and data.classes == 10 and len(DOMAIN_TRANSFORMS) == 6
+    dom, rng = data.domain_train, np.random.default_rng(1)
+    cut = rng.random(len(dom)) < 0.75
+    x, y = data.x_train, data.y_train
+    one = _softmax_regression_accuracy(x[cut], y[cut], x[~cut], y[~cut], 10)
+    per = np.mean([_softmax_regression_accuracy(x[cut & (dom == k)], y[cut & (dom == k)],
+                                                x[~cut & (dom == k)], y[~cut & (dom == k)], 10) for k in range(4)])
+    assert per > 0.85 and one < per - 0.2, (one, per)
+
+
+def test_unequal_domains_and_one_domain_per_client():
+    rng = np.random.default_rng(0)
+    data = load_shifted_digits(rng, domains=4, sizes="unequal")
+    counts = np.bincount(data.domain_train, minlength=4)
+    assert counts[0] > counts[1] > counts[2] > counts[3] > 0, counts
+    synth = make_synthetic(4000, rng, domains=4, sizes="unequal")
+    assert np.bincount(synth.domain_train)[0] > 1.5 * np.bincount(synth.domain_train)[3]
+    parts = partition(data, 12, "domains", rng, domains_per_client=1)
+    assert all(len(np.unique(data.domain_train[p])) == 1 for p in parts if len(p) > 2)
+    with pytest.raises(ValueError, match="1..6 domains"):
+        load_shifted_digits(rng, domains=7)
 
 
 def test_npz_loader_errors(tmp_path):

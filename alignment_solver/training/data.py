@@ -1,9 +1,15 @@
 """Datasets and client partitions for the training loop.
 
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 samples, ships in the wheel).
+- ``shifted_digits``: the same digits under concept shift: each sample belongs to one of up to six
+  domains, and each domain has its own input transform (identity, mirror, inverted ink,
+  transpose, upside down, rotated 180 degrees) and its own label permutation (domain 0 keeps the
+  labels).  One linear model cannot fit every domain at once; one per domain can.
 - ``synthetic``: clients draw from a few hidden domains, each with its own linear decision rule
-  over its own region of input space, so expert specialisation is real and its truth known
-  (``Dataset.domain`` holds each sample's domain).
+  over its own region of input space, so expert specialisation is real and its truth known.
+
+Both domain datasets set ``Dataset.domain_train`` (each training sample's domain); their domains
+are equal in size or, with ``sizes="unequal"``, shared in proportion to 1, 1/2, 1/3, ...
 - ``npz``: a user's own file with arrays ``x`` (N, D) and ``y`` (N,) integer labels.
 
 Partitions of the training set over clients: ``iid``, ``dirichlet`` (per-class proportions
@@ -75,20 +81,61 @@ def load_npz(path: str | Path, rng: np.random.Generator, test: float = 0.25) -> 
     return _split(x, y.astype(np.int64), rng, test, Path(path).stem)
 
 
+DOMAIN_TRANSFORMS = ("identity", "mirror", "invert", "transpose", "upside_down", "rotate180")
+
+
+def domain_shares(domains: int, sizes: str = "equal") -> np.ndarray:
+    """Share of the samples in each domain: equal, or proportional to 1, 1/2, 1/3, ..."""
+    if sizes not in ("equal", "unequal"):
+        raise ValueError(f"sizes must be 'equal' or 'unequal'; got {sizes!r}")
+    w = np.ones(domains) if sizes == "equal" else 1.0 / np.arange(1, domains + 1)
+    return w / w.sum()
+
+
+def _transform(images: np.ndarray, how: str) -> np.ndarray:
+    return {"identity": lambda a: a, "mirror": lambda a: a[:, :, ::-1], "invert": lambda a: 1.0 - a,
+            "transpose": lambda a: np.transpose(a, (0, 2, 1)), "upside_down": lambda a: a[:, ::-1, :],
+            "rotate180": lambda a: a[:, ::-1, ::-1]}[how](images)
+
+
+def load_shifted_digits(rng: np.random.Generator, *, domains: int = 4, sizes: str = "equal",
+                        test: float = 0.25) -> Dataset:
+    """Digits under concept shift: per domain an input transform and a label permutation."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    if not 1 <= domains <= len(DOMAIN_TRANSFORMS):
+        raise ValueError(f"shifted_digits has 1..{len(DOMAIN_TRANSFORMS)} domains; got {domains}")
+    d = sk_digits()
+    images = d.images / 16.0
+    domain = rng.choice(domains, size=len(images), p=domain_shares(domains, sizes))
+    perms = np.stack([np.arange(10)] + [rng.permutation(10) for _ in range(domains - 1)])
+    x = np.empty((len(images), 64))
+    for k in range(domains):
+        rows = domain == k
+        x[rows] = _transform(images[rows], DOMAIN_TRANSFORMS[k]).reshape(-1, 64)
+    y = perms[domain, d.target]
+    return _split(x, y.astype(np.int64), rng, test, "shifted_digits", domain)
+
+
 def make_synthetic(samples: int, rng: np.random.Generator, *, domains: int = 4, dim: int = 20, classes: int = 5,
-                   test: float = 0.2) -> Dataset:
+                   test: float = 0.2, sizes: str = "equal") -> Dataset:
     """Samples from ``domains`` hidden domains, each a Gaussian blob with its own linear labeller."""
     centres = rng.normal(0, 3.0, (domains, dim))
     rules = rng.normal(0, 1.0, (domains, dim, classes))
-    domain = rng.integers(0, domains, samples)
+    domain = rng.choice(domains, size=samples, p=domain_shares(domains, sizes)) if sizes != "equal" \
+        else rng.integers(0, domains, samples)
     x = centres[domain] + rng.normal(0, 1.0, (samples, dim))
     y = np.einsum("nd,ndc->nc", x - centres[domain], rules[domain]).argmax(axis=1)
     return _split(x, y.astype(np.int64), rng, test, "synthetic", domain)
 
 
 def partition(data: Dataset, clients: int, how: str, rng: np.random.Generator, *, alpha: float = 0.3,
-              classes_per_client: int = 2) -> list[np.ndarray]:
-    """Indices of the training samples held by each client (every client gets at least 2)."""
+              classes_per_client: int = 2, domains_per_client: int = 2) -> list[np.ndarray]:
+    """Indices of the training samples held by each client (every client gets at least 2).
+
+    ``domains``: each client owns 1..``domains_per_client`` domains (1: exactly one) and shares
+    each domain's samples evenly with the other clients that own it.
+    """
     y = data.y_train
     n = len(y)
     if how == "iid":
@@ -108,9 +155,10 @@ def partition(data: Dataset, clients: int, how: str, rng: np.random.Generator, *
         parts = _deal(y, data.classes, owned, rng)
     elif how == "domains":
         if data.domain_train is None:
-            raise ValueError("partition 'domains' needs the synthetic dataset")
+            raise ValueError("partition 'domains' needs a dataset with domains (synthetic or shifted_digits)")
         D = int(data.domain_train.max()) + 1
-        owned = [rng.choice(D, size=int(rng.integers(1, 3)), replace=False) for _ in range(clients)]
+        most = min(domains_per_client, D)
+        owned = [rng.choice(D, size=int(rng.integers(1, most + 1)), replace=False) for _ in range(clients)]
         parts = _deal(data.domain_train, D, owned, rng)
     else:
         raise ValueError(f"partition must be one of ['iid', 'dirichlet', 'classes', 'domains']; got {how!r}")

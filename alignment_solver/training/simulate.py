@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..coordinator import AlignmentCoordinator, CoordinatorConfig
 from ..load_monitor import cv
 from ..progress import Progress
-from .data import Dataset, load_digits, load_npz, make_synthetic, partition
+from .data import Dataset, load_digits, load_npz, load_shifted_digits, make_synthetic, partition
 from .model import MoE, Params, average_by_owner, expert_keys, init_params
 from .strategies import STRATEGIES, make_assign
 
@@ -36,10 +36,13 @@ class SimConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset: Literal["digits", "synthetic", "npz"] = "digits"
+    dataset: Literal["digits", "shifted_digits", "synthetic", "npz"] = "digits"
     npz_path: Optional[str] = None
     synthetic_samples: int = Field(20000, ge=100)
     synthetic_domains: int = Field(4, ge=1)
+    shifted_domains: int = Field(4, ge=1, le=6, description="domains of shifted_digits")
+    domain_sizes: Literal["equal", "unequal"] = Field("equal", description="domain shares: equal or 1, 1/2, 1/3...")
+    domains_per_client: int = Field(2, ge=1, description="partition 'domains': each client owns 1..this many")
     partition: Literal["iid", "dirichlet", "classes", "domains"] = "dirichlet"
     alpha: float = Field(0.3, gt=0, description="Dirichlet concentration")
     classes_per_client: int = Field(2, ge=1)
@@ -70,6 +73,9 @@ class SimConfig(BaseModel):
                              f"a client cannot train more experts than exist")
         if self.min_capacity > self.max_capacity:
             raise ValueError(f"min_capacity ({self.min_capacity}) must be <= max_capacity ({self.max_capacity})")
+        if self.partition == "domains" and self.dataset not in ("synthetic", "shifted_digits"):
+            raise ValueError(f"partition 'domains' needs a dataset with domains (synthetic or shifted_digits); "
+                             f"got dataset {self.dataset!r}")
         if self.dataset == "npz" and not self.npz_path:
             raise ValueError("dataset 'npz' needs npz_path")
         if self.name is not None and (not self.name or self.name in (".", "..") or "/" in self.name
@@ -90,7 +96,9 @@ def load_data(cfg: SimConfig, rng: np.random.Generator) -> Dataset:
         return load_digits(rng)
     if cfg.dataset == "npz":
         return load_npz(cfg.npz_path, rng)
-    return make_synthetic(cfg.synthetic_samples, rng, domains=cfg.synthetic_domains)
+    if cfg.dataset == "shifted_digits":
+        return load_shifted_digits(rng, domains=cfg.shifted_domains, sizes=cfg.domain_sizes)
+    return make_synthetic(cfg.synthetic_samples, rng, domains=cfg.synthetic_domains, sizes=cfg.domain_sizes)
 
 
 class World:
@@ -100,7 +108,7 @@ class World:
         rng = np.random.default_rng(cfg.seed)
         self.data = load_data(cfg, rng)
         parts = partition(self.data, cfg.clients, cfg.partition, rng, alpha=cfg.alpha,
-                          classes_per_client=cfg.classes_per_client)
+                          classes_per_client=cfg.classes_per_client, domains_per_client=cfg.domains_per_client)
         self.train, self.val = [], []
         for p in parts:
             p = rng.permutation(p)
