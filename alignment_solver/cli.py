@@ -278,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--local-epochs", dest="local_epochs", type=int, help="local epochs per round (2)")
     sm.add_argument("--batch-size", dest="batch_size", type=int, help="local mini-batch size (32)")
     sm.add_argument("--lr", type=float, help="local learning rate (0.5)")
+    sm.add_argument("--route-weight", dest="route_weight", type=float,
+                    help="weight of a routing loss that lets single-expert clients train the gate (default 0)")
+    sm.add_argument("--gate-average", dest="gate_average", choices=["all", "updated"],
+                    help="average the gate over every trained client (default) or only those that updated it")
     sm.add_argument("--tolerance", type=float, help="load band half-width (0.1)")
     sm.add_argument("--solver-time-limit", dest="solver_time_limit", type=float,
                     help="per-round solve time limit in seconds (default none: solve to optimality)")

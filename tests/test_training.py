@@ -14,25 +14,29 @@ from alignment_solver.training.model import MoE, init_params
 from alignment_solver.training.simulate import SimConfig, World, simulate
 
 
-@pytest.mark.parametrize("hidden", [0, 6])
-def test_gradients_match_finite_differences(hidden):
+@pytest.mark.parametrize("hidden, route, allowed", [
+    (0, 0.0, [True, True, False, True]), (6, 0.0, [True, True, False, True]),
+    (0, 0.7, [True, True, False, True]), (0, 0.7, [False, True, False, False])])
+def test_gradients_match_finite_differences(hidden, route, allowed):
     rng = np.random.default_rng(0)
     model = MoE(4, hidden=hidden, top_k=2)
     p = init_params(5, 3, 4, hidden, rng)
     for k in p:
         p[k] = p[k] + rng.normal(0, 0.3, p[k].shape)
     x, y = rng.normal(size=(9, 5)), rng.integers(0, 3, 9)
-    allowed = np.array([True, True, False, True])
-    _, grads, _ = model.loss_and_grad(p, x, y, allowed)
+    allowed = np.array(allowed)
+    _, grads, _ = model.loss_and_grad(p, x, y, allowed, route_weight=route)
+    if route and allowed.sum() == 1:
+        assert np.abs(grads["gate.W"]).max() > 1e-3          # a single-expert client still teaches the router
     assert "expert2.W" not in grads and "expert2.W1" not in grads       # masked expert gets nothing
     for key, g in grads.items():
         num = np.zeros_like(p[key])
         for idx in np.ndindex(p[key].shape):
             old = p[key][idx]
             p[key][idx] = old + 1e-6
-            up = model.loss_and_grad(p, x, y, allowed)[0]
+            up = model.loss_and_grad(p, x, y, allowed, route_weight=route)[0]
             p[key][idx] = old - 1e-6
-            down = model.loss_and_grad(p, x, y, allowed)[0]
+            down = model.loss_and_grad(p, x, y, allowed, route_weight=route)[0]
             p[key][idx] = old
             num[idx] = (up - down) / 2e-6
         assert np.allclose(num, g, atol=1e-7), key
@@ -164,3 +168,19 @@ def test_simulate_cli_rejects_bad_flags_before_training(tmp_path):
     ok = run("--config", str(tmp_path / "cfg.yaml"), "--output", str(tmp_path), "--name", "t")
     assert ok.returncode == 0, ok.stderr
     assert "aligned" in ok.stdout and (tmp_path / "t" / "metrics.csv").exists()
+
+
+def test_a_gate_without_gradient_is_not_averaged_in_when_asked():
+    from alignment_solver.training.simulate import SimConfig, local_train
+
+    rng = np.random.default_rng(0)
+    model = MoE(4)
+    p = init_params(5, 3, 4, 0, rng)
+    x, y = rng.normal(size=(30, 5)), rng.integers(0, 3, 30)
+    keys = lambda cfg, experts: set(local_train(model, p, x, y, experts, cfg, np.random.default_rng(1))[0])  # noqa: E731
+    assert "gate.W" in keys(SimConfig(), [2])                                  # default: every client returns it
+    assert "gate.W" not in keys(SimConfig(gate_average="updated"), [2])          # one expert: no gradient, not sent
+    assert "gate.W" in keys(SimConfig(gate_average="updated"), [1, 2])
+    local, _ = local_train(model, p, x, y, [2], SimConfig(gate_average="updated", route_weight=0.5),
+                           np.random.default_rng(1))
+    assert not np.allclose(local["gate.W"], p["gate.W"])                       # the routing loss teaches it

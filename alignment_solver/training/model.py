@@ -124,8 +124,13 @@ class MoE:
         return self.forward(p, x, allowed)[0].argmax(axis=1)
 
     def loss_and_grad(self, p: Params, x: np.ndarray, y: np.ndarray, allowed: Optional[np.ndarray] = None,
-                      train: Optional[set[str]] = None):
-        """Mean loss and gradients of the parameters in ``train`` (None: all)."""
+                      train: Optional[set[str]] = None, route_weight: float = 0.0):
+        """Mean loss and gradients of the parameters in ``train`` (None: all).
+
+        ``route_weight`` > 0 adds ``route_weight * mean(-log sum_{j allowed} softmax(logits)_j)``,
+        a routing loss over all E experts that pulls the gate towards the allowed experts; unlike
+        the mixture loss it has a gradient when only one expert is allowed.
+        """
         n = x.shape[0]
         probs, w, q, sel, cache = self.forward(p, x, allowed)
         py = np.maximum(probs[np.arange(n), y], 1e-300)
@@ -135,6 +140,13 @@ class MoE:
         grads: Params = {}
         want = (lambda k: True) if train is None else (lambda k: k in train)
         dlogits = np.where(sel, w - r, 0.0) / n
+        if route_weight and allowed is not None:
+            logits = x @ p["gate.W"] + p["gate.b"]
+            full = _softmax(logits, axis=1)
+            inside = np.where(allowed[None, :], full, 0.0)
+            mass = np.maximum(inside.sum(axis=1, keepdims=True), 1e-300)
+            loss += route_weight * float(-np.log(mass).mean())
+            dlogits = dlogits + route_weight * (full - inside / mass) / n
         if want("gate.W"):
             grads["gate.W"] = x.T @ dlogits
         if want("gate.b"):

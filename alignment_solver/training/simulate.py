@@ -58,6 +58,9 @@ class SimConfig(BaseModel):
     local_epochs: int = Field(2, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.5, gt=0)
+    route_weight: float = Field(0.0, ge=0, description="routing loss weight: single-expert clients teach the gate")
+    gate_average: Literal["all", "updated"] = Field(
+        "all", description="average the gate over every trained client, or only those whose gate had a gradient")
     tolerance: float = Field(0.1, ge=0)
     solver_time_limit: Optional[float] = Field(None, gt=0, description="per-round solve limit (CP-SAT for budgets)")
     target_accuracy: float = Field(0.9, gt=0, le=1)
@@ -127,10 +130,17 @@ def _nbytes(p: Params, keys: list[str]) -> int:
 
 def local_train(model: MoE, params: Params, x: np.ndarray, y: np.ndarray, experts: list[int], cfg: SimConfig,
                 rng: np.random.Generator) -> tuple[Params, dict[str, Any]]:
-    """Train the gate and the assigned experts on one client's data; return them and the report."""
+    """Train the gate and the assigned experts on one client's data; return them and the report.
+
+    The gate gets a gradient only with two or more experts, or with ``cfg.route_weight`` > 0;
+    with ``cfg.gate_average="updated"`` a client whose gate got none does not return it, so the
+    gate is averaged over the clients that actually updated it (``"all"``: every client returns it).
+    """
     allowed = np.zeros(model.E, dtype=bool)
     allowed[experts] = True
-    keys = ["gate.W", "gate.b"] + [k for j in experts for k in expert_keys(j, model.hidden)]
+    learns = len(experts) > 1 or cfg.route_weight > 0
+    gate = ["gate.W", "gate.b"] if learns or cfg.gate_average == "all" else []
+    keys = gate + [k for j in experts for k in expert_keys(j, model.hidden)]
     local = {k: params[k].copy() for k in keys}
     view = {**params, **local}
     train = set(keys)
@@ -138,7 +148,7 @@ def local_train(model: MoE, params: Params, x: np.ndarray, y: np.ndarray, expert
         order = rng.permutation(len(y))
         for start in range(0, len(y), cfg.batch_size):
             b = order[start:start + cfg.batch_size]
-            _, grads, _ = model.loss_and_grad(view, x[b], y[b], allowed, train)
+            _, grads, _ = model.loss_and_grad(view, x[b], y[b], allowed, train, route_weight=cfg.route_weight)
             for k, g in grads.items():
                 local[k] -= cfg.lr * g
             view.update(local)
