@@ -175,3 +175,21 @@ def test_median_aggregation_resists_a_planned_outlier(tmp_path):
     replies = [honest(msgs[n], 1.0) for n in msgs if n != NODES[0]] + [honest(msgs[NODES[0]], 500.0)]
     arrays, _ = s.aggregate_train(1, replies)
     assert np.allclose(to_numpy(arrays)["gate.W"], 1.0)
+
+
+def test_a_restarted_server_continues_from_its_state(tmp_path):
+    s = strategy(tmp_path)
+    for rnd in (1, 2):
+        msgs = configure(s, rnd, model())
+        s.aggregate_train(rnd, [honest(msgs[n]) for n in msgs])
+    again = strategy(tmp_path)                     # a new run on the same state file: Flower counts from 1
+    msgs = configure(again, 1, model())
+    again.aggregate_train(1, [honest(msgs[n]) for n in msgs])
+    assert again.coordinator.last_round == 4 and len(again.coordinator.monitor.history) == 3   # rounds 1, 2, 4
+    crashed = strategy(tmp_path)
+    configure(crashed, 1, model())                 # round 6 planned and saved, never aggregated (the server died)
+    assert crashed.coordinator.pending["round"] == 6
+    resumed = strategy(tmp_path)
+    msgs = configure(resumed, 1, model())          # re-plans past the abandoned round, with a warning
+    resumed.aggregate_train(1, [honest(msgs[n]) for n in msgs])
+    assert resumed.coordinator.last_round == 8 and len(resumed.coordinator.monitor.history) == 4

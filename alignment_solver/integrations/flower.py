@@ -75,7 +75,9 @@ class AlignedStrategy(Strategy):
       reply (and every claim at ``aggregation.max_examples``).  Accepted replies become
       ``observe_round`` reports; planned nodes without one (no reply, an error, rejected) are
       dropouts.  A round without any accepted reply leaves the model unchanged and logs so.
-      The coordinator state is checkpointed to ``state_path``.
+      The coordinator state is checkpointed to ``state_path``; a strategy started on an existing
+      state continues its round numbers (Flower's round ``r`` is coordinator round
+      ``r + offset``).
     - ``configure_evaluate`` / ``aggregate_evaluate``: the full model to every node (or
       ``fraction_evaluate`` of them); ``accuracy`` and ``loss`` averaged by ``num-examples``.
 
@@ -92,6 +94,10 @@ class AlignedStrategy(Strategy):
             self.coordinator = AlignmentCoordinator.load(state_path, num_experts=num_experts)
         else:
             self.coordinator = AlignmentCoordinator(num_experts, config=config)
+        # Flower numbers each run's rounds from 1; a restarted server continues the coordinator's.
+        done = max(self.coordinator.last_round, -1 if self.coordinator.pending is None
+                   else self.coordinator.pending["round"])
+        self.offset = done + 1
         self.num_experts = num_experts
         self.state_path = state_path
         self.fraction_evaluate = fraction_evaluate
@@ -133,7 +139,8 @@ class AlignedStrategy(Strategy):
         if replan:
             log(WARNING, "configure_train: round %s was planned and never aggregated; planning round %d instead",
                 self.coordinator.pending["round"], server_round)
-        plan = self.coordinator.plan_round(server_round, statuses, deadline=self.deadline, replan=replan)
+        plan = self.coordinator.plan_round(server_round + self.offset, statuses, deadline=self.deadline,
+                                           replan=replan)
         shared = {k: v for k, v in self.current.items() if self.expert_of(k) is None}
         messages = []
         planned = {}
@@ -148,6 +155,8 @@ class AlignedStrategy(Strategy):
             planned[str(pc.client_id)] = {"experts": pc.experts, "capacity": pc.capacity}
         self.history[server_round] = {"nodes": nodes, "plan": planned, "status": plan.status,
                                       "planned_load": plan.planned_load}
+        if self.state_path:
+            self.coordinator.save(self.state_path)
         log(INFO, "configure_train: planned %d of %d nodes, planned load %s (%s)", len(messages), len(nodes),
             plan.planned_load, plan.status)
         return messages
@@ -188,7 +197,7 @@ class AlignedStrategy(Strategy):
             capacity = {"max_experts": rep.max_experts, "routing": rep.routing}
             self.reports[node] = {k: v for k, v in capacity.items() if v is not None}
             received[str(node)] = {"experts": [e.expert for e in rep.report.experts], "keys": sorted(rep.arrays)}
-        summary = self.coordinator.observe_round(server_round, [rep.report for rep in checked.accepted])
+        summary = self.coordinator.observe_round(server_round + self.offset, [rep.report for rep in checked.accepted])
         new, trained_set = aggregate(self.current, checked.accepted, self.expert_of, self.aggregation)
         trained = sorted(trained_set)
         changed = sorted({j for k in new if (j := self.expert_of(k)) is not None
