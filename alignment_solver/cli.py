@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from .backends import REGISTRY, available_backends
-from .errors import AlignmentError, describe
+from .errors import AlignmentError, describe, read_text
 from .problem import AlignmentProblem
 from .solve import solve
 
@@ -42,16 +42,7 @@ class InputError(Exception):
 
 
 def _read_text(path: str, what: str) -> str:
-    if path == "-":
-        return sys.stdin.read()
-    try:
-        return Path(path).read_text()
-    except FileNotFoundError:
-        raise InputError(f"{what} file {path} does not exist") from None
-    except IsADirectoryError:
-        raise InputError(f"{what} file {path} is a directory; give a JSON file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {what} file {path}: {exc}") from None
+    return sys.stdin.read() if path == "-" else read_text(path, what, InputError)
 
 
 def _read_json(path: str, what: str) -> Any:

@@ -35,7 +35,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from .capacity import CapacityConfig, CapacityProfiler
-from .errors import ReportError, RoundError, StateError
+from .errors import ReportError, RoundError, StateError, read_text
 from .load_monitor import ExpertLoadMonitor, MonitorConfig, cv
 from .problem import MAX_COUNT, AlignmentProblem
 from .result import AlignmentResult, SolveStatus
@@ -343,14 +343,7 @@ class AlignmentCoordinator:
     @classmethod
     def load(cls, path: Union[str, Path], *, num_experts: Optional[int] = None) -> "AlignmentCoordinator":
         """Restore a coordinator saved with :meth:`save`; raises StateError naming what is wrong."""
-        try:
-            text = Path(path).read_text()
-        except FileNotFoundError:
-            raise StateError(f"state file {path} does not exist") from None
-        except IsADirectoryError:
-            raise StateError(f"state file {path} is a directory, not a file") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise StateError(f"cannot read state file {path}: {exc}") from None
+        text = read_text(path, "state", StateError)
         try:
             state = json.loads(text)
         except json.JSONDecodeError as exc:

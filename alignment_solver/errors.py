@@ -22,6 +22,9 @@ result, never exceptions.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 class AlignmentError(Exception):
     """Base class of every error raised on purpose by alignment-solver."""
@@ -61,6 +64,18 @@ class StateError(AlignmentError, ValueError):
 
 class ReplyError(AlignmentError, ValueError):
     """One client's reply failed validation; the message says which field and why."""
+
+
+def read_text(path: "str | os.PathLike", what: str, error: type[Exception] = ValueError) -> str:
+    """The text of the ``what`` file at ``path``; ``error`` says, in one line, why it cannot be read."""
+    try:
+        return Path(path).read_text()
+    except FileNotFoundError:
+        raise error(f"{what} file {path} does not exist") from None
+    except IsADirectoryError:
+        raise error(f"{what} file {path} is a directory, not a file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"cannot read {what} file {path}: {exc}") from None
 
 
 def describe(value: object, limit: int = 80) -> str:
