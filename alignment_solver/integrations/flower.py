@@ -44,7 +44,7 @@ from flwr.supercore import log
 from ..coordinator import AlignmentCoordinator, CoordinatorConfig
 from ..load_monitor import cv
 from ..training.model import expert_of
-from .replies import AggregationConfig, Reply, ReplyChecker, aggregate
+from .replies import AggregationConfig, Reply, ReplyChecker, aggregate, finite_number
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: record[k].numpy() for k in record.keys()}
@@ -246,7 +246,7 @@ class AlignedStrategy(Strategy):
             m = msg.content.get("metrics") if "metrics" in msg.content else None
             values = [m.get(k) if isinstance(m, MetricRecord) else None for k in ("num-examples", "accuracy", "loss")]
             n, a, lo = values
-            ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values)
+            ok = all(finite_number(v) for v in values)
             if not ok or not (1 <= n <= cap and n == int(n) and 0 <= a <= 1 and lo >= 0):
                 log(WARNING, "aggregate_evaluate: round %d: rejected the reply of node %s: need num-examples in "
                     "[1, %d], accuracy in [0, 1], loss >= 0; got %s", server_round, msg.metadata.src_node_id,

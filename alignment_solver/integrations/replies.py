@@ -85,14 +85,18 @@ class RoundReplies:
     rejected: dict[str, str] = field(default_factory=dict)     # str(client id) -> reason
 
 
+def finite_number(v: Any) -> bool:
+    """A real, finite number (int or float, numpy included; not a bool)."""
+    return not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating)) and math.isfinite(v)
+
+
 def _count(metrics: Mapping[str, Any], key: str, *, low: int, high: float, required: bool = True) -> Optional[int]:
     if key not in metrics:
         if required:
             raise ReplyError(f"metric {key!r} is missing")
         return None
     v = metrics[key]
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v) \
-            or v != int(v) or not low <= v <= high:
+    if not finite_number(v) or v != int(v) or not low <= v <= high:
         raise ReplyError(f"metric {key!r} must be an integer in [{low}, {high:g}]; got {describe(v)}")
     return int(v)
 
@@ -106,8 +110,7 @@ def _numbers(metrics: Mapping[str, Any], key: str, n: Optional[int], *, low: flo
     if n is not None and len(values) != n:
         raise ReplyError(f"metric {key!r} must have {n} entries; got {len(values)}")
     for x in values:
-        if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)) or not math.isfinite(x) \
-                or not low <= x <= high or (integer and x != int(x)):
+        if not finite_number(x) or not low <= x <= high or (integer and x != int(x)):
             kind = "integers" if integer else "numbers"
             raise ReplyError(f"metric {key!r} must hold {kind} in [{low:g}, {high:g}]; got {describe(x)}")
     return [float(x) for x in values]
@@ -115,8 +118,7 @@ def _numbers(metrics: Mapping[str, Any], key: str, n: Optional[int], *, low: flo
 
 def _seconds(metrics: Mapping[str, Any], key: str) -> float:
     v = metrics.get(key, 0.0)
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v) \
-            or not 0 <= v <= MAX_MAGNITUDE:
+    if not finite_number(v) or not 0 <= v <= MAX_MAGNITUDE:
         raise ReplyError(f"metric {key!r} must be finite seconds >= 0; got {describe(v)}")
     return float(v)
 
@@ -258,4 +260,4 @@ def aggregate(current: Mapping[str, np.ndarray], accepted: list[ValidReply], own
     return new, {j for k in contributions if (j := owner(k)) is not None}
 
 
-__all__ = ["AggregationConfig", "Reply", "ReplyChecker", "RoundReplies", "ValidReply", "aggregate"]
+__all__ = ["AggregationConfig", "Reply", "ReplyChecker", "RoundReplies", "ValidReply", "aggregate", "finite_number"]
