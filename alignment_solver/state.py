@@ -58,11 +58,11 @@ def _numbers(raw: Any, where: str, shape: tuple[int, ...], *, integer: bool, low
     if arr.size == 0 and 0 in shape:
         return np.zeros(shape, dtype=np.int64 if integer else float)
     if arr.dtype.kind in "iub" or arr.dtype == object:
-        flat = [v for row in raw for v in row] if len(shape) == 2 and arr.ndim == 2 else raw
-        bad = next((v for v in flat if isinstance(v, bool)), None)
-        if bad is not None:
+        rows = raw if len(shape) == 2 and arr.ndim == 2 else [raw]
+        if any(bool in set(map(type, row)) for row in rows):         # JSON true/false would pass as 1/0
             raise StateError(f"state field {where} must hold {'integers' if integer else 'numbers'}, "
-                             f"not booleans; got {bad}")
+                             f"not booleans; got {next(v for row in rows for v in row if isinstance(v, bool))}")
+        flat = [v for row in rows for v in row] if arr.dtype == object else []
         if arr.dtype == object and integer and all(isinstance(v, int) for v in flat):
             arr = np.array([v if abs(v) < 2 ** 62 else (2 ** 62 if v > 0 else -2 ** 62) for v in flat],
                            dtype=np.int64).reshape(arr.shape)
