@@ -1,6 +1,6 @@
 # `make run` and `make test` each create .venv when it is missing and install what they need:
 # `make run` the package with the `train` extra (about 600 MB), `make test` every extra
-# (pulp, train, flower, dev: about 1.1 GB, Ray included).
+# (pulp, train, flower, nvflare, dev: about 1.3 GB, Ray included).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -18,7 +18,7 @@ $(RUN_STAMP): setup.cfg pyproject.toml | $(VENV)/bin/python
 	touch $(RUN_STAMP)
 
 $(STAMP): setup.cfg pyproject.toml | $(VENV)/bin/python
-	$(BIN)/python -m pip install --quiet -e '.[pulp,train,flower,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[pulp,train,flower,nvflare,dev]'
 	touch $(STAMP) $(RUN_STAMP)
 
 run: $(RUN_STAMP)

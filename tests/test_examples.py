@@ -78,3 +78,35 @@ def test_flower_app_readme_recipe(workdir, which, history):
             break
         time.sleep(0.5)
     assert not leftovers, leftovers
+
+
+needs_nvflare = pytest.mark.skipif(importlib.util.find_spec("nvflare") is None, reason="needs the nvflare extra")
+
+
+@needs_nvflare
+@pytest.mark.parametrize("which", [0, 1], ids=["simulator", "poc"])
+def test_nvflare_job_readme_recipe(workdir, which):
+    blocks = bash_blocks(ROOT / "examples" / "nvflare_job" / "README.md")
+    assert len(blocks) == 2
+    (workdir / "home").mkdir()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "HOME": str(workdir / "home"), "FED_PORT": str(free_port()), "ADMIN_PORT": str(free_port())}
+    proc = run_block(blocks[which], workdir, env, timeout=2400)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    found = list(workdir.glob("nvflare-sim/server/simulate_job/aligned_history.json" if which == 0
+                              else "nvflare-result/*/workspace/aligned_history.json"))
+    assert len(found) == 1, proc.stdout[-4000:]
+    history = json.loads(found[0].read_text())
+    assert [int(r) for r in history] == [-1, 0, 1, 2]
+    assert all(h["received"] and not h["dropouts"] and h["changed_experts"] == h["trained_experts"]
+               for r, h in history.items() if r != "-1")
+    assert history["2"]["central"]["accuracy"] > history["-1"]["central"]["accuracy"] + 0.3
+    assert "'-1': {'accuracy'" in proc.stdout                 # the recipe's last line printed the curve
+    if which == 1:
+        for _ in range(120):
+            left = subprocess.run(["pgrep", "-af", str(workdir / "nvflare-poc")], capture_output=True,
+                                  text=True).stdout
+            if not left:
+                break
+            time.sleep(0.5)
+        assert not left, left

@@ -41,3 +41,19 @@ def test_the_example_round_ships_inside_the_package():
     from importlib import resources
 
     assert resources.files("alignment_solver").joinpath("examples/round.json").is_file()
+
+
+def test_flower_and_nvflare_plugins_load_in_one_process():
+    """Both framework extras share one environment (protobuf 6.x, as flwr needs)."""
+    pytest.importorskip("flwr")
+    pytest.importorskip("nvflare")
+    code = """
+import google.protobuf
+import alignment_solver.integrations.flower as fl
+import alignment_solver.integrations.nvflare as nv
+from nvflare.app_common.abstract.fl_model import FLModel
+assert fl.ReplyChecker is nv.ReplyChecker and fl.aggregate is nv.aggregate
+print(google.protobuf.__version__)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().startswith("6."), proc.stderr[-2000:]

@@ -42,9 +42,11 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from ..coordinator import AlignmentCoordinator, CoordinatorConfig
+from ..errors import ReplyError
 from ..load_monitor import cv
 from ..training.model import expert_of
-from .replies import AggregationConfig, Reply, ReplyChecker, aggregate, finite_number
+from .local import evaluate_arrays, train_arrays
+from .replies import AggregationConfig, Reply, ReplyChecker, aggregate, check_evaluation
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: record[k].numpy() for k in record.keys()}
@@ -239,18 +241,15 @@ class AlignedStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
         """Accuracy and loss averaged by ``num-examples`` over valid replies; invalid ones are logged."""
         total, acc, loss = 0.0, 0.0, 0.0
-        cap = self.aggregation.max_examples
         for msg in replies:
             if msg.has_error():
                 continue
             m = msg.content.get("metrics") if "metrics" in msg.content else None
-            values = [m.get(k) if isinstance(m, MetricRecord) else None for k in ("num-examples", "accuracy", "loss")]
-            n, a, lo = values
-            ok = all(finite_number(v) for v in values)
-            if not ok or not (1 <= n <= cap and n == int(n) and 0 <= a <= 1 and lo >= 0):
-                log(WARNING, "aggregate_evaluate: round %d: rejected the reply of node %s: need num-examples in "
-                    "[1, %d], accuracy in [0, 1], loss >= 0; got %s", server_round, msg.metadata.src_node_id,
-                    cap, values)
+            try:
+                n, a, lo = check_evaluation(m if isinstance(m, MetricRecord) else None, self.aggregation.max_examples)
+            except ReplyError as exc:
+                log(WARNING, "aggregate_evaluate: round %d: rejected the reply of node %s: %s", server_round,
+                    msg.metadata.src_node_id, exc)
                 continue
             total += n
             acc += n * a
@@ -276,40 +275,17 @@ def train_reply(msg: Message, x: np.ndarray, y: np.ndarray, *, num_experts: int,
                 lr: float = 0.5, epochs: int = 2, batch_size: int = 32, max_experts: Optional[int] = None,
                 seed: int = 0) -> Message:
     """Train the received gate and experts of the numpy MoE on ``(x, y)`` and build the reply."""
-    from ..training.model import MoE
-    from ..training.simulate import SimConfig, local_train, routing_histogram
-
-    params = to_numpy(msg.content["arrays"])
     cfg_record = msg.content["config"]
-    experts = [int(e) for e in cfg_record["experts"]]
-    model = MoE(num_experts, hidden=hidden, top_k=top_k)
-    cfg = SimConfig(lr=lr, local_epochs=epochs, batch_size=batch_size, experts=num_experts,
-                    max_capacity=min(3, num_experts), min_capacity=1)
-    rng = np.random.default_rng([seed, int(cfg_record.get("server-round", 0))])
-    started = time.perf_counter()
-    local, rep = local_train(model, params, x, y, experts, cfg, rng)
-    seconds = time.perf_counter() - started
-    metrics: dict[str, Any] = {
-        "num-examples": int(len(y)), "experts": experts,
-        "expert-samples": [e["samples"] for e in rep["experts"]],
-        "expert-loss": [e["mean_loss"] for e in rep["experts"]],
-        "expert-accuracy": [e["accuracy"] for e in rep["experts"]],
-        "train-seconds": float(seconds), "routing": routing_histogram(model, {**params, **local}, x),
-        "received-keys": len(params)}
-    if max_experts is not None:
-        metrics["max-experts"] = int(max_experts)
+    local, metrics = train_arrays(to_numpy(msg.content["arrays"]), [int(e) for e in cfg_record["experts"]], x, y,
+                                  num_experts=num_experts, server_round=int(cfg_record.get("server-round", 0)),
+                                  hidden=hidden, top_k=top_k, lr=lr, epochs=epochs, batch_size=batch_size,
+                                  max_experts=max_experts, seed=seed)
     return Message(content=RecordDict({"arrays": to_record(local), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 def evaluate_reply(msg: Message, x: np.ndarray, y: np.ndarray, *, num_experts: int, hidden: int = 0,
                    top_k: int = 2) -> Message:
     """Evaluate the full received model on ``(x, y)``: accuracy, loss and num-examples."""
-    from ..training.model import MoE
-
-    params = to_numpy(msg.content["arrays"])
-    model = MoE(num_experts, hidden=hidden, top_k=top_k)
-    probs = model.forward(params, x)[0]
-    loss = float(-np.log(np.maximum(probs[np.arange(len(y)), y], 1e-12)).mean())
-    acc = float((probs.argmax(axis=1) == y).mean())
-    return Message(content=RecordDict({"metrics": MetricRecord({"accuracy": acc, "loss": loss,
-                                                                 "num-examples": int(len(y))})}), reply_to=msg)
+    metrics = evaluate_arrays(to_numpy(msg.content["arrays"]), x, y, num_experts=num_experts, hidden=hidden,
+                              top_k=top_k)
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -225,6 +225,20 @@ class ReplyChecker:
         return out
 
 
+def check_evaluation(metrics: Any, max_examples: int) -> tuple[int, float, float]:
+    """``(num-examples, accuracy, loss)`` of an evaluation reply, or ReplyError naming the bad value."""
+    if not isinstance(metrics, Mapping):
+        raise ReplyError(f"has no metrics record; got {describe(metrics)}")
+    n = _count(metrics, "num-examples", low=1, high=max_examples)
+    for key, high in (("accuracy", 1.0), ("loss", MAX_MAGNITUDE)):
+        if key not in metrics:
+            raise ReplyError(f"metric {key!r} is missing")
+        v = metrics[key]
+        if not finite_number(v) or not 0 <= v <= high:
+            raise ReplyError(f"metric {key!r} must be a number in [0, {high:g}]; got {describe(v)}")
+    return n, float(metrics["accuracy"]), float(metrics["loss"])
+
+
 def _clipped(current: Mapping[str, np.ndarray], reply: ValidReply, clip: float) -> dict[str, np.ndarray]:
     deltas = {k: v - current[k] for k, v in reply.arrays.items()}
     norm = math.sqrt(sum(float(np.sum(d * d)) for d in deltas.values()))
@@ -260,4 +274,5 @@ def aggregate(current: Mapping[str, np.ndarray], accepted: list[ValidReply], own
     return new, {j for k in contributions if (j := owner(k)) is not None}
 
 
-__all__ = ["AggregationConfig", "Reply", "ReplyChecker", "RoundReplies", "ValidReply", "aggregate", "finite_number"]
+__all__ = ["AggregationConfig", "Reply", "ReplyChecker", "RoundReplies", "ValidReply", "aggregate", "check_evaluation",
+           "finite_number"]

@@ -1,0 +1,326 @@
+"""NVIDIA FLARE plug-in: an aligned server workflow on the ModelController API, and a client helper.
+
+Parameters travel as the ``params`` dict of an ``FLModel``, keyed as in the Flower plug-in: a key
+``expert{j}.<name>`` belongs to expert ``j``, every other key is shared.  Each round
+:class:`AlignedController` sends each planned site its own ``train`` task: an ``FLModel`` with the
+shared arrays and only that site's experts, and ``meta = {"experts": [...], "round": r}``.  A
+site replies with the arrays it trained and the metrics of the Flower plug-in (``num-examples``,
+``experts``, ``expert-samples``, ``expert-loss``, ``expert-accuracy``, ``train-seconds``,
+optional ``max-experts`` and ``routing``).  Replies are checked and aggregated by
+:mod:`alignment_solver.integrations.replies`, the same code the Flower strategy calls.
+
+On the site, :func:`train_model` / :func:`evaluate_model` turn a received ``FLModel`` into the
+reply, and :func:`run_client` is the whole Client API loop (``flare.init`` / ``receive`` /
+``send``) for the numpy MoE of :mod:`alignment_solver.training`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.workflows.model_controller import ModelController
+
+from ..coordinator import AlignmentCoordinator, CoordinatorConfig
+from ..errors import ReplyError
+from ..load_monitor import cv
+from ..state import write_atomic
+from ..training.model import expert_of
+from .local import evaluate_arrays, received_experts, train_arrays
+from .replies import AggregationConfig, Reply, ReplyChecker, aggregate, check_evaluation
+
+TRAIN_TASK = "train"
+EVALUATE_TASK = "validate"
+
+
+def load_callable(spec: str) -> Callable[..., Any]:
+    """The function named ``"package.module:function"``; ValueError naming ``spec`` otherwise."""
+    module, sep, name = spec.partition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"a function must be named as 'package.module:function'; got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot load {spec!r}: {type(exc).__name__}: {exc}") from None
+    if not callable(fn):
+        raise ValueError(f"{spec!r} is not callable")
+    return fn
+
+
+class AlignedController(ModelController):
+    """Client-expert alignment for federated MoE training, as an NVFlare server workflow.
+
+    Contract, per round ``r`` of ``num_rounds`` (NVFlare's 0-based round; the coordinator's round
+    is ``r + offset``, where ``offset`` continues an existing state file):
+
+    - the connected sites (sorted by name; NVFlare's dead-client list left out) are the available
+      clients, each with its last capacity
+      report (``max-experts``, ``routing``); ``AlignmentCoordinator.plan_round`` decides;
+    - each site with experts gets its own ``train`` task (shared arrays plus only its experts,
+      ``meta["experts"]``), all sent at once, each with ``train_timeout`` seconds;
+    - replies are checked by ``ReplyChecker``: rejected ones are logged with the reason and kept in
+      ``history[r]["rejected"]``; sites that sent nothing, an error or a rejected reply are
+      dropouts; accepted replies are aggregated per expert (``aggregate``) and observed;
+    - the coordinator state is saved to ``state_path`` and the history to ``history_path``
+      (relative paths lie in the job's run folder); then every site gets a ``validate`` task with
+      the full model (``evaluate_timeout``), and ``central_evaluation`` (if named) scores the
+      model on the server.  The final arrays are written to ``model_path`` (``.npz``).
+
+    Constructor arguments are plain values, so the job configuration can carry them:
+    ``initial_model`` and ``central_evaluation`` name functions as ``"package.module:function"``
+    (the first takes ``num_experts`` and returns the initial arrays, the second takes the arrays and
+    returns a dict of metrics);
+    ``coordinator_config`` and ``aggregation_config`` are the fields of :class:`CoordinatorConfig` and
+    :class:`AggregationConfig`.
+    """
+
+    def __init__(self, *, num_experts: int, initial_model: str, num_rounds: int = 3,
+                 central_evaluation: str = "", coordinator_config: Optional[dict] = None,
+                 aggregation_config: Optional[dict] = None, min_clients: int = 1, wait_for_clients: float = 60.0,
+                 train_timeout: int = 600, evaluate_timeout: int = 60, deadline: Optional[float] = None,
+                 state_path: str = "aligned_state.json", history_path: str = "aligned_history.json",
+                 model_path: str = "aligned_model.npz") -> None:
+        super().__init__(persistor_id="", ignore_result_error=True)
+        self._num_experts = int(num_experts)
+        self._initial_model = initial_model
+        self._num_rounds = int(num_rounds)
+        self._central_evaluation = central_evaluation
+        self._coordinator_config = dict(coordinator_config or {})
+        self._aggregation_config = dict(aggregation_config or {})
+        self._min_clients = int(min_clients)
+        self._wait_for_clients = float(wait_for_clients)
+        self._train_timeout = int(train_timeout)
+        self._evaluate_timeout = int(evaluate_timeout)
+        self._deadline = deadline
+        self._state_path = state_path
+        self._history_path = history_path
+        self._model_path = model_path
+        self.aggregation = AggregationConfig(**self._aggregation_config)
+        self.config = CoordinatorConfig(**self._coordinator_config)
+        self.coordinator: Optional[AlignmentCoordinator] = None
+        self.offset = 0
+        self.current: dict[str, np.ndarray] = {}
+        self.reports: dict[str, dict[str, Any]] = {}
+        self.weight_caps: dict[str, float] = {}
+        self.history: dict[int, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._replies: list[Reply] = []
+
+    # ---- paths and set-up ---------------------------------------------------------------------
+    def _path(self, name: str) -> Optional[Path]:
+        if not name:
+            return None
+        p = Path(name)
+        return p if p.is_absolute() else Path(self.get_run_dir()) / p
+
+    def _setup(self) -> None:
+        state = self._path(self._state_path)
+        if state is not None and state.exists():
+            self.coordinator = AlignmentCoordinator.load(state, num_experts=self._num_experts)
+        else:
+            self.coordinator = AlignmentCoordinator(self._num_experts, config=self.config)
+        done = max(self.coordinator.last_round, -1 if self.coordinator.pending is None
+                   else self.coordinator.pending["round"])
+        self.offset = done + 1
+        arrays = load_callable(self._initial_model)(self._num_experts)
+        if not isinstance(arrays, Mapping) or not arrays:
+            raise ValueError(f"initial_model {self._initial_model!r} must return a non-empty dict of arrays")
+        self.current = {str(k): np.asarray(v) for k, v in arrays.items()}
+
+    def _connected(self) -> list[str]:
+        """Sites NVFlare knows and does not deem disconnected, sorted by name."""
+        return sorted(c.name for c in self.engine.get_clients() if self.get_client_disconnect_time(c.name) is None)
+
+    def _wait_for_sites(self) -> list[str]:
+        """Wait up to ``wait_for_clients`` seconds for ``min_clients`` connected sites."""
+        stop = time.monotonic() + self._wait_for_clients
+        while True:
+            sites = self._connected()
+            if len(sites) >= self._min_clients or time.monotonic() >= stop or self.abort_signal.triggered:
+                return sites
+            time.sleep(0.5)
+
+    def _save(self) -> None:
+        state = self._path(self._state_path)
+        if state is not None:
+            self.coordinator.save(state)
+        history = self._path(self._history_path)
+        if history is not None:
+            write_atomic(history, json.dumps({str(k): v for k, v in sorted(self.history.items())}, indent=1,
+                                             default=float))
+
+    # ---- the workflow -------------------------------------------------------------------------
+    def run(self) -> None:
+        self._setup()
+        evaluate = load_callable(self._central_evaluation) if self._central_evaluation else None
+        if evaluate is not None:
+            self.history.setdefault(-1, {})["central"] = dict(evaluate(self.current))
+        sites = self._wait_for_sites()
+        if len(sites) < self._min_clients:
+            self.warning(f"only {len(sites)} of min_clients={self._min_clients} sites connected; training with them")
+        for r in range(self._num_rounds):
+            if self.abort_signal.triggered:
+                self.warning(f"round {r}: the job was aborted")
+                break
+            self._train_round(r)
+            self._evaluate_round(r)
+            if evaluate is not None:
+                self.history[r]["central"] = dict(evaluate(self.current))
+                self.info(f"round {r}: central evaluation {self.history[r]['central']}")
+            self._save()
+        model = self._path(self._model_path)
+        if model is not None:
+            model.parent.mkdir(parents=True, exist_ok=True)
+            with open(model, "wb") as fh:
+                np.savez(fh, **self.current)
+        self.info(f"finished {self._num_rounds} rounds")
+
+    def _collect(self, result: FLModel) -> None:
+        site = str(result.meta.get("client_name", "?"))
+        with self._lock:
+            self._replies.append(Reply(site, arrays=result.params, metrics=result.metrics))
+
+    def _wait_for_tasks(self) -> None:
+        while self.get_num_standing_tasks() > 0:
+            if self.abort_signal.triggered:
+                self.cancel_all_tasks()
+                return
+            time.sleep(self._task_check_period)
+
+    def _train_round(self, r: int) -> None:
+        sites = self._connected()
+        statuses = [{"client_id": s, **self.reports.get(s, {})} for s in sites]
+        replan = self.coordinator.pending is not None
+        plan = self.coordinator.plan_round(r + self.offset, statuses, deadline=self._deadline, replan=replan)
+        shared = {k: v for k, v in self.current.items() if expert_of(k) is None}
+        planned = {str(pc.client_id): [int(e) for e in pc.experts] for pc in plan.clients if pc.experts}
+        self.history[r] = {"coordinator_round": r + self.offset, "sites": sites, "plan": planned,
+                           "capacity": {str(pc.client_id): pc.capacity for pc in plan.clients},
+                           "status": plan.status, "planned_load": plan.planned_load}
+        self._save()
+        self.info(f"round {r}: planned {len(planned)} of {len(sites)} sites: {planned} ({plan.status})")
+        with self._lock:
+            self._replies = []
+        for site, experts in planned.items():
+            mine = {k: v for k, v in self.current.items() if expert_of(k) in experts}
+            data = FLModel(params_type=ParamsType.FULL, params={**shared, **mine}, current_round=r,
+                           total_rounds=self._num_rounds, meta={"experts": experts, "round": r})
+            self.send_model(task_name=TRAIN_TASK, data=data, targets=[site], timeout=self._train_timeout,
+                            callback=self._collect)
+        self._wait_for_tasks()
+        with self._lock:
+            replies, self._replies = self._replies, []
+        checker = ReplyChecker(self.current, self._num_experts, owner=expert_of, config=self.aggregation)
+        checked = checker.check_round(replies, planned, self.weight_caps)
+        for site, reason in checked.rejected.items():
+            self.warning(f"round {r}: rejected the reply of site {site}: {reason}")
+        received = {}
+        for rep in checked.accepted:
+            site = str(rep.client_id)
+            self.weight_caps.setdefault(site, float(rep.num_examples))
+            capacity = {"max_experts": rep.max_experts, "routing": rep.routing}
+            self.reports[site] = {k: v for k, v in capacity.items() if v is not None}
+            received[site] = [e.expert for e in rep.report.experts]
+        summary = self.coordinator.observe_round(r + self.offset, [rep.report for rep in checked.accepted])
+        new, trained = aggregate(self.current, checked.accepted, expert_of, self.aggregation)
+        changed = sorted({j for k in new if (j := expert_of(k)) is not None
+                          and not np.array_equal(new[k], self.current[k])})
+        self.history[r].update(received=received, rejected=checked.rejected, dropouts=[str(d) for d in summary.dropouts],
+                               trained_experts=sorted(trained), changed_experts=changed,
+                               load=summary.expert_clients, load_cv=cv(np.array(summary.expert_clients)),
+                               mean_accuracy=summary.mean_accuracy)
+        if summary.dropouts:
+            self.warning(f"round {r}: planned sites failed (no reply, an error or rejected): {summary.dropouts}")
+        if not checked.accepted:
+            self.warning(f"round {r}: NO VALID REPLY; the global model is unchanged")
+        self.current = new
+        self._save()
+
+    def _evaluate_round(self, r: int) -> None:
+        if self._evaluate_timeout <= 0:
+            return
+        sites = self._connected()
+        if not sites:
+            return
+        data = FLModel(params_type=ParamsType.FULL, params=dict(self.current), current_round=r,
+                       total_rounds=self._num_rounds, meta={"round": r})
+        results = self.send_model_and_wait(task_name=EVALUATE_TASK, data=data, targets=sites,
+                                           timeout=self._evaluate_timeout)
+        total, acc, loss = 0.0, 0.0, 0.0
+        for res in results:
+            try:
+                n, a, lo = check_evaluation(res.metrics, self.aggregation.max_examples)
+            except ReplyError as exc:
+                self.warning(f"round {r}: rejected the evaluation of site {res.meta.get('client_name')}: {exc}")
+                continue
+            total, acc, loss = total + n, acc + n * a, loss + n * lo
+        if total:
+            self.history[r]["evaluate"] = {"accuracy": acc / total, "loss": loss / total, "sites": len(results)}
+            self.info(f"round {r}: federated evaluation {self.history[r]['evaluate']}")
+
+
+# ---- site side --------------------------------------------------------------------------------
+def train_model(model: FLModel, x: np.ndarray, y: np.ndarray, *, num_experts: int, hidden: int = 0,
+                top_k: int = 2, lr: float = 0.5, epochs: int = 2, batch_size: int = 32,
+                max_experts: Optional[int] = None, seed: int = 0) -> FLModel:
+    """Train the experts in ``model.meta["experts"]`` and return the reply.
+
+    The site first checks that it received exactly the arrays of those experts (plus shared
+    ones) and raises ValueError otherwise, so a wrong delivery fails the task instead of training.
+    """
+    experts = [int(e) for e in (model.meta or {}).get("experts", [])]
+    got = received_experts(model.params)
+    if got != sorted(experts):
+        raise ValueError(f"received the arrays of experts {got} but was assigned {sorted(experts)}")
+    local, metrics = train_arrays(model.params, experts, x, y, num_experts=num_experts,
+                                  server_round=int(model.current_round or 0), hidden=hidden, top_k=top_k, lr=lr,
+                                  epochs=epochs, batch_size=batch_size, max_experts=max_experts, seed=seed)
+    metrics["received-experts"] = got
+    return FLModel(params_type=ParamsType.FULL, params=local, metrics=metrics)
+
+
+def evaluate_model(model: FLModel, x: np.ndarray, y: np.ndarray, *, num_experts: int, hidden: int = 0,
+                   top_k: int = 2) -> FLModel:
+    """Evaluate the full received model on ``(x, y)``."""
+    return FLModel(params={}, metrics=evaluate_arrays(model.params, x, y, num_experts=num_experts, hidden=hidden,
+                                                      top_k=top_k))
+
+
+def run_client(data: Callable[[str], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], *, num_experts: int,
+               max_experts: Optional[Callable[[str], int]] = None,
+               on_train: Optional[Callable[[str, FLModel], None]] = None, **train_kwargs: Any) -> None:
+    """The Client API loop of a site: ``data(site)`` gives ``(x_train, y_train, x_val, y_val)``.
+
+    ``train`` tasks go to :func:`train_model` (reporting ``max_experts(site)`` as the site's
+    capacity, if given), ``validate`` tasks to :func:`evaluate_model`; ``on_train(site, model)``
+    (optional) is called with each received training model first.
+    """
+    import nvflare.client as flare
+
+    flare.init()
+    site = flare.get_site_name()
+    x, y, xv, yv = data(site)
+    capacity = None if max_experts is None else int(max_experts(site))
+    while flare.is_running():
+        model = flare.receive()
+        if model is None:
+            break
+        if flare.is_train():
+            if on_train is not None:
+                on_train(site, model)
+            flare.send(train_model(model, x, y, num_experts=num_experts, max_experts=capacity, **train_kwargs))
+        elif flare.is_evaluate():
+            flare.send(evaluate_model(model, xv, yv, num_experts=num_experts,
+                                      **{k: v for k, v in train_kwargs.items() if k in ("hidden", "top_k")}))
+        else:
+            flare.send(FLModel(params={}, metrics={}))
+
+
+__all__ = ["AlignedController", "evaluate_model", "load_callable", "run_client", "train_model"]

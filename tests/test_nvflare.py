@@ -1,0 +1,207 @@
+"""NVFlare plug-in: site-side helpers, a simulator run, and a POC deployment with a site killed in round 2."""
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("nvflare") is None, reason="needs the nvflare extra")
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = ROOT / "examples" / "nvflare_job"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_for(tmp_path: Path) -> dict:
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    return {**os.environ, "HOME": str(home), "NVFLARE_POC_WORKSPACE": str(tmp_path / "poc"),
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+
+
+def site_records(log: Path) -> dict[str, list[dict]]:
+    return {p.stem: [json.loads(line) for line in p.read_text().splitlines()] for p in sorted(log.glob("*.jsonl"))}
+
+
+def check_history(history: dict, records: dict[str, list[dict]], rounds: int, capacities: dict[str, int]) -> None:
+    """What must hold in any run: deliveries match the plan, capacities hold, only trained experts change."""
+    assert [int(r) for r in history] == list(range(-1, rounds)), sorted(history)
+    for r in range(rounds):
+        h = history[str(r)]
+        for site, experts in h["plan"].items():
+            assert len(experts) <= min(h["capacity"][site], capacities[site]), (r, site, experts)
+        for site, got in h["received"].items():
+            assert got == h["plan"][site], (r, site)
+        assert h["changed_experts"] == h["trained_experts"], (r, h)
+        for site, lines in records.items():                    # what the site itself saw
+            line = [x for x in lines if x["round"] == r]
+            if site in h["plan"]:
+                assert line and line[0]["received"] == line[0]["experts"] == h["plan"][site], (r, site, line)
+            else:
+                assert not line, (r, site, line)
+
+
+# ---- site-side helpers ------------------------------------------------------------------------
+def test_train_model_refuses_a_delivery_that_does_not_match_the_plan():
+    from nvflare.app_common.abstract.fl_model import FLModel
+
+    from alignment_solver.integrations.nvflare import evaluate_model, train_model
+    from alignment_solver.training.model import init_params
+
+    rng = np.random.default_rng(0)
+    params = init_params(5, 3, 4, 0, rng)
+    x, y = rng.normal(size=(40, 5)), rng.integers(0, 3, 40)
+    sent = {k: v for k, v in params.items() if not k.startswith("expert") or k.startswith(("expert1.", "expert2."))}
+    with pytest.raises(ValueError, match=r"received the arrays of experts \[1, 2\] but was assigned \[1\]"):
+        train_model(FLModel(params=sent, meta={"experts": [1]}, current_round=0), x, y, num_experts=4)
+    reply = train_model(FLModel(params=sent, meta={"experts": [2, 1]}, current_round=0), x, y, num_experts=4,
+                        max_experts=2)
+    assert reply.metrics["experts"] == [2, 1] and reply.metrics["received-experts"] == [1, 2]
+    assert reply.metrics["max-experts"] == 2 and reply.metrics["num-examples"] == 40
+    assert {k.split(".")[0] for k in reply.params} <= {"gate", "expert1", "expert2"}
+    ev = evaluate_model(FLModel(params=params), x, y, num_experts=4).metrics
+    assert ev["num-examples"] == 40 and 0 <= ev["accuracy"] <= 1 and ev["loss"] > 0
+
+
+def test_load_callable_names_what_is_wrong():
+    from alignment_solver.integrations.nvflare import load_callable
+
+    assert load_callable("math:sqrt")(4.0) == 2.0
+    with pytest.raises(ValueError, match="'package.module:function'; got 'math.sqrt'"):
+        load_callable("math.sqrt")
+    with pytest.raises(ValueError, match="cannot load 'math:nope'"):
+        load_callable("math:nope")
+    with pytest.raises(ValueError, match="'math:pi' is not callable"):
+        load_callable("math:pi")
+
+
+# ---- simulator --------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_simulator_four_sites_three_rounds(tmp_path):
+    log = tmp_path / "log"
+    cmd = [sys.executable, str(JOB / "job.py"), "--simulate", str(tmp_path / "sim"), "--sites", "5", "--rounds", "3",
+           "--experts", "6", "--capacities", "1,2,1,3,1", "--log", str(log)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=1200)
+    out = tmp_path / "sim" / "server" / "simulate_job"
+    assert (out / "aligned_history.json").exists(), (proc.stdout + proc.stderr)[-4000:]
+    history = json.loads((out / "aligned_history.json").read_text())
+    records = site_records(log)
+    assert sorted(records) == [f"site-{k}" for k in range(1, 6)]
+    check_history(history, records, 3, {"site-1": 1, "site-2": 2, "site-3": 1, "site-4": 3, "site-5": 1})
+    assert all(not history[str(r)]["dropouts"] and not history[str(r)]["rejected"] for r in range(3))
+    assert any(len(history[str(r)]["trained_experts"]) < 6 for r in range(3))   # idle experts stay unchanged
+    central = [history[str(r)]["central"]["accuracy"] for r in range(-1, 3)]
+    assert central[-1] > central[0] + 0.3, central
+    from alignment_solver import AlignmentCoordinator
+
+    restored = AlignmentCoordinator.load(out / "aligned_state.json", num_experts=6)
+    assert restored.last_round == 2 and restored.pending is None
+    sys.path.insert(0, str(JOB))
+    try:
+        import digits_task
+    finally:
+        sys.path.remove(str(JOB))
+    with np.load(out / "aligned_model.npz") as npz:
+        final = dict(npz)
+    assert sorted(final) == sorted(digits_task.initial_model(6))
+    assert digits_task.central_evaluation(final)["accuracy"] == central[-1]
+
+
+# ---- POC deployment ---------------------------------------------------------------------------
+def _run(cmd: list[str], env: dict, cwd: Path, timeout: float = 600) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
+    return proc.stdout
+
+
+def _processes(marker: str):
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if any(marker in part for part in (p.info["cmdline"] or [])):
+            found.append(p)
+    return found
+
+
+def _kill_site(prod: Path, site: str) -> int:
+    """SIGKILL every process of a site (its restart loop, client and job processes)."""
+    victims = set(_processes(str(prod / site)))
+    for p in list(victims):
+        try:
+            victims |= set(p.children(recursive=True))
+        except Exception:
+            pass
+    for p in victims:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except Exception:
+            pass
+    return len(victims)
+
+
+@pytest.mark.slow
+def test_poc_deployment_survives_a_site_killed_in_round_two(tmp_path):
+    env = env_for(tmp_path)
+    ports = {"@FED_PORT@": str(free_port()), "@ADMIN_PORT@": str(free_port())}
+    text = (JOB / "poc_project.yml").read_text()
+    for k, v in ports.items():
+        text = text.replace(k, v)
+    (tmp_path / "project.yml").write_text(text)
+    nvflare = str(BIN / "nvflare")
+    _run([nvflare, "poc", "prepare", "-i", "project.yml", "--force"], env, tmp_path)
+    prod = tmp_path / "poc" / "aligned_poc" / "prod_00"
+    # After the workflow ends the server waits for the dead site's heartbeat timeout (600 s by default).
+    fed = prod / "server" / "startup" / "fed_server.json"
+    conf = json.loads(fed.read_text())
+    conf["servers"][0]["heart_beat_timeout"] = 20
+    fed.write_text(json.dumps(conf, indent=2))
+    log = tmp_path / "log"
+    try:
+        _run([nvflare, "poc", "start", "-ex", "admin@nvidia.com", "--timeout", "300"], env, tmp_path)
+        _run([sys.executable, str(JOB / "job.py"), "--export", "jobs", "--sites", "3", "--min-clients", "2",
+              "--rounds", "4", "--train-timeout", "60", "--train-delay", "3", "--log", str(log)], env, tmp_path)
+        out = _run([nvflare, "job", "submit", "-j", "jobs/aligned_digits"], env, tmp_path)
+        job_id = re.search(r"job_id:\s*(\S+)", out).group(1)
+        site3 = log / "site-3.jsonl"
+        deadline = time.monotonic() + 900
+        while not (site3.exists() and any(json.loads(x)["round"] == 1 for x in site3.read_text().splitlines())):
+            assert time.monotonic() < deadline, "site-3 never received its round-2 task"
+            time.sleep(0.2)
+        assert _kill_site(prod, "site-3") >= 2
+        waited = subprocess.run([nvflare, "job", "wait", job_id, "--timeout", "1500"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=1600)
+        _run([nvflare, "job", "download", job_id, "-o", "result", "--force"], env, tmp_path)
+    finally:
+        subprocess.run([nvflare, "poc", "stop"], cwd=tmp_path, env=env, capture_output=True, timeout=300)
+    history = json.loads((tmp_path / "result" / job_id / "workspace" / "aligned_history.json").read_text())
+    assert "COMPLETED" in waited.stdout, waited.stdout + waited.stderr
+    records = site_records(log)
+    check_history(history, records, 4, {"site-1": 1, "site-2": 2, "site-3": 3})
+    assert history["0"]["dropouts"] == []
+    assert history["1"]["dropouts"] == ["site-3"] and "site-3" not in history["1"]["received"]
+    for r in range(1, 4):                               # the others go on; site-3 never comes back
+        assert {"site-1", "site-2"} <= set(history[str(r)]["received"]), history[str(r)]
+        assert "site-3" not in history[str(r)]["received"]
+    assert history["3"]["central"]["accuracy"] > history["-1"]["central"]["accuracy"] + 0.3
+    for _ in range(120):                                # poc stop may take a moment to end everything
+        left = _processes(str(prod))
+        if not left:
+            break
+        time.sleep(0.5)
+    assert not left, [" ".join(p.cmdline()) for p in left]
