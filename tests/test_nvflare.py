@@ -92,10 +92,10 @@ def test_load_callable_names_what_is_wrong():
 
 # ---- simulator --------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_simulator_four_sites_three_rounds(tmp_path):
+def test_simulator_five_sites_three_rounds_one_forging(tmp_path):
     log = tmp_path / "log"
     cmd = [sys.executable, str(JOB / "job.py"), "--simulate", str(tmp_path / "sim"), "--sites", "5", "--rounds", "3",
-           "--experts", "6", "--capacities", "1,2,1,3,1", "--log", str(log)]
+           "--experts", "6", "--capacities", "1,2,1,3,1", "--log", str(log), "--forge", "site-5"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=1200)
     out = tmp_path / "sim" / "server" / "simulate_job"
     assert (out / "aligned_history.json").exists(), (proc.stdout + proc.stderr)[-4000:]
@@ -103,7 +103,10 @@ def test_simulator_four_sites_three_rounds(tmp_path):
     records = site_records(log)
     assert sorted(records) == [f"site-{k}" for k in range(1, 6)]
     check_history(history, records, 3, {"site-1": 1, "site-2": 2, "site-3": 1, "site-4": 3, "site-5": 1})
-    assert all(not history[str(r)]["dropouts"] and not history[str(r)]["rejected"] for r in range(3))
+    for r in range(3):                                  # site-5's NaN replies are rejected and count as dropouts
+        h = history[str(r)]
+        assert list(h["rejected"]) == ["site-5"] and "holds NaN" in h["rejected"]["site-5"], h["rejected"]
+        assert h["dropouts"] == ["site-5"] and sorted(h["received"]) == [f"site-{k}" for k in range(1, 5)]
     assert any(len(history[str(r)]["trained_experts"]) < 6 for r in range(3))   # idle experts stay unchanged
     central = [history[str(r)]["central"]["accuracy"] for r in range(-1, 3)]
     assert central[-1] > central[0] + 0.3, central

@@ -295,12 +295,14 @@ def evaluate_model(model: FLModel, x: np.ndarray, y: np.ndarray, *, num_experts:
 
 def run_client(data: Callable[[str], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], *, num_experts: int,
                max_experts: Optional[Callable[[str], int]] = None,
-               on_train: Optional[Callable[[str, FLModel], None]] = None, **train_kwargs: Any) -> None:
+               on_train: Optional[Callable[[str, FLModel], None]] = None,
+               on_reply: Optional[Callable[[str, FLModel], FLModel]] = None, **train_kwargs: Any) -> None:
     """The Client API loop of a site: ``data(site)`` gives ``(x_train, y_train, x_val, y_val)``.
 
     ``train`` tasks go to :func:`train_model` (reporting ``max_experts(site)`` as the site's
     capacity, if given), ``validate`` tasks to :func:`evaluate_model`; ``on_train(site, model)``
-    (optional) is called with each received training model first.
+    (optional) is called with each received training model first, and ``on_reply(site, reply)``
+    (optional) may replace the training reply before it is sent.
     """
     import nvflare.client as flare
 
@@ -315,7 +317,8 @@ def run_client(data: Callable[[str], tuple[np.ndarray, np.ndarray, np.ndarray, n
         if flare.is_train():
             if on_train is not None:
                 on_train(site, model)
-            flare.send(train_model(model, x, y, num_experts=num_experts, max_experts=capacity, **train_kwargs))
+            reply = train_model(model, x, y, num_experts=num_experts, max_experts=capacity, **train_kwargs)
+            flare.send(reply if on_reply is None else on_reply(site, reply))
         elif flare.is_evaluate():
             flare.send(evaluate_model(model, xv, yv, num_experts=num_experts,
                                       **{k: v for k, v in train_kwargs.items() if k in ("hidden", "top_k")}))

@@ -1,6 +1,7 @@
 """Site script (NVFlare Client API): trains the experts the server assigned, evaluates the model.
 
-``--log DIR`` appends one JSON line per received training task to ``DIR/<site>.jsonl`` (round,
+``--forge SITE`` makes that site answer every training task with NaN arrays (robustness tests:
+the server must reject the reply and go on).  ``--log DIR`` appends one JSON line per received training task to ``DIR/<site>.jsonl`` (round,
 assigned experts, experts whose arrays arrived, process id): the site-side record the tests read.
 """
 
@@ -10,7 +11,9 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 from digits_task import site_data, site_index
+from nvflare.app_common.abstract.fl_model import FLModel
 
 from alignment_solver.integrations.local import received_experts
 from alignment_solver.integrations.nvflare import run_client
@@ -23,6 +26,7 @@ def main() -> None:
     ap.add_argument("--capacities", default="1,2,3", help="max experts per site, cycled over site-1, site-2, ...")
     ap.add_argument("--train-delay", type=float, default=0.0, help="seconds to sleep before training (tests)")
     ap.add_argument("--log", default="", help="folder for the per-site record of received tasks")
+    ap.add_argument("--forge", default="", help="site that replies with NaN arrays (robustness tests)")
     args = ap.parse_args()
     caps = [int(c) for c in args.capacities.split(",")]
 
@@ -42,7 +46,12 @@ def main() -> None:
     def capacity(site):
         return caps[site_index(site) % len(caps)]
 
-    run_client(data, num_experts=args.experts, max_experts=capacity, on_train=on_train)
+    def forged(site, reply):
+        if site != args.forge:
+            return reply
+        return FLModel(params={k: np.full_like(v, np.nan) for k, v in reply.params.items()}, metrics=reply.metrics)
+
+    run_client(data, num_experts=args.experts, max_experts=capacity, on_train=on_train, on_reply=forged)
 
 
 if __name__ == "__main__":

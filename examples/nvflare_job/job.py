@@ -16,7 +16,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def build(sites: int, rounds: int, *, experts: int = 4, min_clients: int = 0, capacities: str = "1,2,3",
-          train_timeout: int = 600, train_delay: float = 0.0, log: str = "", tolerance: float = 0.2) -> FedJob:
+          train_timeout: int = 600, train_delay: float = 0.0, log: str = "", forge: str = "",
+          tolerance: float = 0.2) -> FedJob:
     """The job; NVFlare aborts it when fewer than ``min_clients`` sites stay alive (0: all ``sites``)."""
     job = FedJob(name="aligned_digits", min_clients=min_clients or sites)
     job.set_app_packages(["alignment_solver"])      # installed on every site: not copied into the job
@@ -31,6 +32,8 @@ def build(sites: int, rounds: int, *, experts: int = 4, min_clients: int = 0, ca
         args += f" --train-delay {train_delay}"
     if log:
         args += f" --log {log}"
+    if forge:
+        args += f" --forge {forge}"
     runner = ScriptRunner(script=str(HERE / "client.py"), script_args=args, framework=FrameworkType.NUMPY)
     job.to_clients(runner)
     job.to_clients(str(HERE / "digits_task.py"))
@@ -51,10 +54,11 @@ def main() -> None:
     ap.add_argument("--train-timeout", type=int, default=600, help="seconds a site has for one training task")
     ap.add_argument("--train-delay", type=float, default=0.0, help="seconds each site sleeps before training")
     ap.add_argument("--log", default="", help="folder where each site records the tasks it received")
+    ap.add_argument("--forge", default="", help="site that replies with NaN arrays (robustness tests)")
     args = ap.parse_args()
     job = build(args.sites, args.rounds, experts=args.experts, min_clients=args.min_clients,
                 capacities=args.capacities, train_timeout=args.train_timeout,
-                train_delay=args.train_delay, log=args.log)
+                train_delay=args.train_delay, log=args.log, forge=args.forge)
     if args.export:
         job.export_job(args.export)
         print(f"job written to {Path(args.export) / job.name}")
