@@ -169,10 +169,11 @@ def test_poc_deployment_survives_a_site_killed_in_round_two(tmp_path):
     nvflare = str(BIN / "nvflare")
     _run([nvflare, "poc", "prepare", "-i", "project.yml", "--force"], env, tmp_path)
     prod = tmp_path / "poc" / "aligned_poc" / "prod_00"
-    # After the workflow ends the server waits for the dead site's heartbeat timeout (600 s by default).
+    # After the workflow ends the server waits for the dead site's heartbeat timeout (600 s by default);
+    # 40 s is four of a live site's 10 s heartbeats.
     fed = prod / "server" / "startup" / "fed_server.json"
     conf = json.loads(fed.read_text())
-    conf["servers"][0]["heart_beat_timeout"] = 20
+    conf["servers"][0]["heart_beat_timeout"] = 40
     fed.write_text(json.dumps(conf, indent=2))
     log = tmp_path / "log"
     try:
