@@ -121,3 +121,17 @@ def test_the_report_carries_the_validated_figures():
     assert rep.report.client_id == 2 and [e.expert for e in rep.report.experts] == [0, 1]
     assert rep.max_experts == 2 and rep.routing == [1.0, 2.0, 3.0]
     assert rep.report.bytes_down == sum(v.nbytes for v in rep.arrays.values())
+
+
+def test_check_evaluation_names_the_bad_metric():
+    from alignment_solver.errors import ReplyError
+    from alignment_solver.integrations.replies import check_evaluation
+
+    assert check_evaluation({"num-examples": 5, "accuracy": 0.5, "loss": 1.0}, 10) == (5, 0.5, 1.0)
+    for metrics, match in [({"num-examples": 5, "accuracy": 1.5, "loss": 1.0}, "'accuracy' must be a number in"),
+                           ({"num-examples": 11, "accuracy": 0.5, "loss": 1.0}, "'num-examples' must be an integer"),
+                           ({"num-examples": 5, "accuracy": 0.5, "loss": float("nan")}, "'loss'"),
+                           ({"num-examples": 5, "accuracy": 0.5}, "'loss' is missing"),
+                           (None, "has no metrics record")]:
+        with pytest.raises(ReplyError, match=match):
+            check_evaluation(metrics, 10)

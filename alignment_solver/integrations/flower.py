@@ -46,7 +46,8 @@ from ..errors import ReplyError
 from ..load_monitor import cv
 from ..training.model import expert_of
 from .local import evaluate_arrays, train_arrays
-from .replies import AggregationConfig, Reply, ReplyChecker, aggregate, check_evaluation
+from .replies import (AggregationConfig, Reply, ReplyChecker, aggregate, capacity_report, changed_experts,
+                      check_evaluation)
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: record[k].numpy() for k in record.keys()}
@@ -196,14 +197,12 @@ class AlignedStrategy(Strategy):
         for rep in checked.accepted:
             node = int(rep.client_id)
             self.weight_caps.setdefault(str(node), float(rep.num_examples))
-            capacity = {"max_experts": rep.max_experts, "routing": rep.routing}
-            self.reports[node] = {k: v for k, v in capacity.items() if v is not None}
+            self.reports[node] = capacity_report(rep)
             received[str(node)] = {"experts": [e.expert for e in rep.report.experts], "keys": sorted(rep.arrays)}
         summary = self.coordinator.observe_round(server_round + self.offset, [rep.report for rep in checked.accepted])
         new, trained_set = aggregate(self.current, checked.accepted, self.expert_of, self.aggregation)
         trained = sorted(trained_set)
-        changed = sorted({j for k in new if (j := self.expert_of(k)) is not None
-                          and not np.array_equal(new[k], self.current[k])})
+        changed = changed_experts(self.current, new, self.expert_of)
         entry = self.history.setdefault(server_round, {})
         entry.update(received=received, rejected=checked.rejected, errors=errors, dropouts=summary.dropouts,
                      trained_experts=trained, changed_experts=changed, load=summary.expert_clients,

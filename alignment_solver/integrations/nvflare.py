@@ -34,7 +34,8 @@ from ..load_monitor import cv
 from ..state import write_atomic
 from ..training.model import expert_of
 from .local import evaluate_arrays, received_experts, train_arrays
-from .replies import AggregationConfig, Reply, ReplyChecker, aggregate, check_evaluation
+from .replies import (AggregationConfig, Reply, ReplyChecker, aggregate, capacity_report, changed_experts,
+                      check_evaluation)
 
 TRAIN_TASK = "train"
 EVALUATE_TASK = "validate"
@@ -225,13 +226,11 @@ class AlignedController(ModelController):
         for rep in checked.accepted:
             site = str(rep.client_id)
             self.weight_caps.setdefault(site, float(rep.num_examples))
-            capacity = {"max_experts": rep.max_experts, "routing": rep.routing}
-            self.reports[site] = {k: v for k, v in capacity.items() if v is not None}
+            self.reports[site] = capacity_report(rep)
             received[site] = [e.expert for e in rep.report.experts]
         summary = self.coordinator.observe_round(r + self.offset, [rep.report for rep in checked.accepted])
         new, trained = aggregate(self.current, checked.accepted, expert_of, self.aggregation)
-        changed = sorted({j for k in new if (j := expert_of(k)) is not None
-                          and not np.array_equal(new[k], self.current[k])})
+        changed = changed_experts(self.current, new, expert_of)
         self.history[r].update(received=received, rejected=checked.rejected, dropouts=[str(d) for d in summary.dropouts],
                                trained_experts=sorted(trained), changed_experts=changed,
                                load=summary.expert_clients, load_cv=cv(np.array(summary.expert_clients)),

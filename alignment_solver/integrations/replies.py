@@ -225,6 +225,17 @@ class ReplyChecker:
         return out
 
 
+def capacity_report(reply: ValidReply) -> dict[str, Any]:
+    """What an accepted reply says about the client's next round (``max_experts``, ``routing``)."""
+    return {k: v for k, v in (("max_experts", reply.max_experts), ("routing", reply.routing)) if v is not None}
+
+
+def changed_experts(current: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray],
+                    owner: Callable[[str], Optional[int]]) -> list[int]:
+    """The experts with at least one array that differs between ``current`` and ``new``, sorted."""
+    return sorted({j for k in new if (j := owner(k)) is not None and not np.array_equal(new[k], current[k])})
+
+
 def check_evaluation(metrics: Any, max_examples: int) -> tuple[int, float, float]:
     """``(num-examples, accuracy, loss)`` of an evaluation reply, or ReplyError naming the bad value."""
     if not isinstance(metrics, Mapping):
@@ -274,5 +285,5 @@ def aggregate(current: Mapping[str, np.ndarray], accepted: list[ValidReply], own
     return new, {j for k in contributions if (j := owner(k)) is not None}
 
 
-__all__ = ["AggregationConfig", "Reply", "ReplyChecker", "RoundReplies", "ValidReply", "aggregate", "check_evaluation",
-           "finite_number"]
+__all__ = ["AggregationConfig", "Reply", "ReplyChecker", "RoundReplies", "ValidReply", "aggregate", "capacity_report",
+           "changed_experts", "check_evaluation", "finite_number"]
