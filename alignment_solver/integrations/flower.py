@@ -44,6 +44,7 @@ from flwr.supercore import log
 from ..coordinator import AlignmentCoordinator, CoordinatorConfig
 from ..errors import ReplyError
 from ..load_monitor import cv
+from ..state import write_atomic
 from ..training.model import expert_of
 from .local import evaluate_arrays, train_arrays
 from .replies import (AggregationConfig, Reply, ReplyChecker, aggregate, capacity_report, changed_experts,
@@ -263,10 +264,7 @@ class AlignedStrategy(Strategy):
 
     def write_history(self, path: str | Path) -> None:
         """Save ``history`` as JSON (atomically: a reader never sees half a file)."""
-        tmp = Path(f"{path}.tmp")
-        tmp.write_text(json.dumps({str(k): v for k, v in sorted(self.history.items())}, indent=1,
-                                         default=float))
-        tmp.replace(path)
+        write_atomic(path, json.dumps({str(k): v for k, v in sorted(self.history.items())}, indent=1, default=float))
 
 
 # ---- client side ------------------------------------------------------------------------------

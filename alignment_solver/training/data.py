@@ -170,6 +170,21 @@ def partition(data: Dataset, clients: int, how: str, rng: np.random.Generator, *
     return out
 
 
+def site_split(data: Dataset, index: int, sites: int, seed: int, *, alpha: float = 0.5,
+               train: float = 0.8) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(x_train, y_train, x_val, y_val)`` of site ``index`` of ``sites`` in a federated example.
+
+    The training set is split Dirichlet(``alpha``) by label (seeded by ``seed + 1``, so every
+    process computes the same split); the site's share is shuffled (``seed + 2 + index``) and cut
+    ``train`` / rest (at least one sample each).
+    """
+    parts = partition(data, sites, "dirichlet", np.random.default_rng(seed + 1), alpha=alpha)
+    idx = np.random.default_rng(seed + 2 + index).permutation(parts[index])
+    cut = max(1, int(train * len(idx)))
+    tr, va = idx[:cut], idx[cut:] if cut < len(idx) else idx[:1]
+    return data.x_train[tr], data.y_train[tr], data.x_train[va], data.y_train[va]
+
+
 def _deal(group: np.ndarray, groups: int, owned: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
     """Split each group's samples evenly among the clients that own that group."""
     parts: list[list[int]] = [[] for _ in owned]

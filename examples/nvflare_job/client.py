@@ -1,8 +1,9 @@
 """Site script (NVFlare Client API): trains the experts the server assigned, evaluates the model.
 
 ``--forge SITE`` makes that site answer every training task with NaN arrays (robustness tests:
-the server must reject the reply and go on).  ``--log DIR`` appends one JSON line per received training task to ``DIR/<site>.jsonl`` (round,
-assigned experts, experts whose arrays arrived, process id): the site-side record the tests read.
+the server must reject the reply and go on).  ``--log DIR`` appends one JSON line per received
+training task to ``DIR/<site>.jsonl`` (round, assigned experts, experts whose arrays arrived,
+process id): the site-side record the tests read.
 """
 
 import argparse

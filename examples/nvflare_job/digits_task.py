@@ -9,7 +9,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from alignment_solver.training.data import load_digits, partition
+from alignment_solver.training.data import load_digits, site_split
 from alignment_solver.training.model import MoE, init_params
 
 SEED = 0
@@ -33,12 +33,7 @@ def site_data(site: str, sites: int, seed: int = SEED):
     k = site_index(site)
     if k >= sites:
         raise ValueError(f"site {site!r} is outside the {sites} sites of the split")
-    data = _digits(seed)
-    parts = partition(data, sites, "dirichlet", np.random.default_rng(seed + 1), alpha=0.5)
-    idx = np.random.default_rng(seed + 2 + k).permutation(parts[k])
-    cut = max(1, int(0.8 * len(idx)))
-    tr, va = idx[:cut], idx[cut:] if cut < len(idx) else idx[:1]
-    return data.x_train[tr], data.y_train[tr], data.x_train[va], data.y_train[va]
+    return site_split(_digits(seed), k, sites, seed)
 
 
 def initial_model(num_experts: int) -> dict:

@@ -4,7 +4,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from alignment_solver.training.data import load_digits, partition
+from alignment_solver.training.data import load_digits, site_split
 
 
 @lru_cache(maxsize=1)
@@ -17,11 +17,7 @@ def _digits(seed: int):
 def node_data(partition_id: int, num_partitions: int, seed: int = 0):
     """(x_train, y_train, x_val, y_val) of one node; every node computes the same split."""
     data, _ = _digits(seed)
-    parts = partition(data, num_partitions, "dirichlet", np.random.default_rng(seed + 1), alpha=0.5)
-    idx = np.random.default_rng(seed + 2 + partition_id).permutation(parts[partition_id])
-    cut = max(1, int(0.8 * len(idx)))
-    tr, va = idx[:cut], idx[cut:] if cut < len(idx) else idx[:1]
-    return data.x_train[tr], data.y_train[tr], data.x_train[va], data.y_train[va]
+    return site_split(data, partition_id, num_partitions, seed)
 
 
 def test_data(seed: int = 0):
