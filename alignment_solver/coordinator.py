@@ -63,6 +63,11 @@ class CoordinatorConfig(BaseModel):
     fallback: Literal["greedy", "none"] = Field(
         "greedy", description="when the solve finds nothing (e.g. its time limit), plan with the greedy backend")
     expert_memory: Optional[list[NonNegative]] = Field(None, description="(E,) memory of each expert: budget rows")
+    expert_cost: float = Field(0.0, ge=0, le=1e6, description=(
+        "fitness an expert must beat to be planned beyond min_experts; > 0 also sizes the load band to "
+        "that demand, with lower end 0 (demand-sized plans; 0: fill capacity, every expert in the band)"))
+    probes: int = Field(0, ge=0, le=MAX_EXPERTS, description=(
+        "experts each planned client evaluates on held-out data without training (least measured first)"))
 
 
 class AlignmentCoordinator:
@@ -177,24 +182,45 @@ class AlignmentCoordinator:
         x = result.assignment if result.has_solution else np.zeros(problem.fitness.shape, dtype=bool)
         held_rows, held_experts = np.nonzero(x)
         experts = [e.tolist() for e in np.split(held_experts, np.searchsorted(held_rows, np.arange(1, len(ids))))]
+        probes = self._probes(rows, x, problem.fitness)
         plan = RoundPlan(
             round=round, status=result.status.value, backend=result.backend, objective=result.objective,
             gap=result.gap, solve_seconds=result.solve_seconds + result.build_seconds, deadline=deadline,
-            clients=[PlannedClient(client_id=c, experts=e, capacity=int(k))
-                     for c, e, k in zip(ids, experts, problem.capacity_array)],
+            clients=[PlannedClient(client_id=c, experts=e, capacity=int(k), probe=p)
+                     for c, e, k, p in zip(ids, experts, problem.capacity_array, probes)],
             expert_min_load=problem.min_load_array.tolist(), expert_max_load=problem.max_load_array.tolist(),
             planned_load=x.sum(axis=0).astype(int).tolist(), planned_cv=cv(x.sum(axis=0)),
             explanation=result.explanation)
         plan._result = result
         self.pending = {"round": round, "deadline": deadline, "experts": {str(r): e for r, e in zip(rows, experts)}}
+        if self.config.probes:
+            self.pending["probes"] = {str(r): p for r, p in zip(rows, probes)}
         return plan
+
+    def _probes(self, rows: np.ndarray, x: np.ndarray, fitness: np.ndarray) -> list[list[int]]:
+        """Per client, ``config.probes`` experts it does not train: least measured first, then the
+        highest fitness, then the lowest index (deterministic)."""
+        k = min(self.config.probes, self.E)
+        if k == 0:
+            return [[] for _ in rows]
+        out = []
+        for i, row in enumerate(rows):
+            order = np.lexsort((np.arange(self.E), -fitness[i], self.scorer.N[row]))
+            out.append([int(e) for e in order if not x[i, e]][:k])
+        return out
 
     def build_problem(self, round: int, rows: np.ndarray, deadline: Optional[float]) -> AlignmentProblem:
         """The round's problem for the clients in ``rows`` (state is not changed)."""
         cap = np.minimum(self.profiler.capacity(rows, deadline), self.E)
-        fitness = self.scorer.fitness(rows, round) + self.monitor.fitness_boost(float(cap.sum()))[None, :]
-        lower, upper = self.monitor.bounds(float(cap.sum()), self.config.tolerance)
         low = np.minimum(self.config.min_experts, cap)
+        fitness = self.scorer.fitness(rows, round) - self.config.expert_cost
+        demand = float(cap.sum())
+        if self.config.expert_cost > 0:       # the band follows the pairs worth their cost
+            demand = float(np.clip((fitness > 0).sum(axis=1), low, cap).sum())
+        fitness = fitness + self.monitor.fitness_boost(demand)[None, :]
+        lower, upper = self.monitor.bounds(demand, self.config.tolerance)
+        if self.config.expert_cost > 0:       # experts may idle when fewer are needed
+            lower = np.zeros_like(lower)
         fields: dict[str, Any] = {}
         if self.config.expert_memory is not None:
             usage = np.asarray(self.config.expert_memory, dtype=float)
@@ -240,6 +266,13 @@ class AlignmentCoordinator:
                     elif e not in planned:
                         problems.append(f"client {cid!r} reported expert {e}, which it was not assigned "
                                         f"(assigned: {planned})")
+                asked = self.pending.get("probes", {}).get(str(row), [])
+                probed = [e.expert for e in rep.probes]
+                if len(set(probed)) != len(probed):
+                    problems.append(f"client {cid!r} reported a probe more than once: {probed}")
+                extra = [e for e in probed if e not in asked]
+                if extra:
+                    problems.append(f"client {cid!r} reported probes {extra} it was not asked for (asked: {asked})")
                 if rep.routing is not None and len(rep.routing) != self.E:
                     problems.append(f"client {cid!r}: routing must have {self.E} entries; got {len(rep.routing)}")
                 parsed.append((row, rep))
@@ -257,6 +290,7 @@ class AlignmentCoordinator:
         samples = np.zeros(self.E)
         upd_rows, upd_experts, losses, accs = [], [], [], []
         unfinished, reported_rows = [], set()
+        probes: list[tuple[int, Any]] = []
         down = up = 0
         for row, rep in parsed:
             reported_rows.add(row)
@@ -266,6 +300,7 @@ class AlignmentCoordinator:
             self._routing(row, rep.routing, "routing")
             down += rep.bytes_down
             up += rep.bytes_up
+            probes.extend((row, pr) for pr in rep.probes)     # measured before training: kept if unfinished
             if not rep.finished:
                 unfinished.append(rep.client_id)
                 continue
@@ -284,6 +319,12 @@ class AlignmentCoordinator:
             if row not in reported_rows and experts:
                 self.profiler.dropout(row, len(experts))
                 dropouts.append(self.client_ids[row])
+        mean_accuracy = float(np.mean(accs)) if accs else None
+        for row, pr in probes:
+            upd_rows.append(row)
+            upd_experts.append(pr.expert)
+            losses.append(pr.mean_loss)
+            accs.append(pr.accuracy)
         if upd_rows:
             self.scorer.update(np.array(upd_rows), np.array(upd_experts), np.array(losses), np.array(accs))
         self.monitor.record(round, clients, samples)
@@ -295,7 +336,7 @@ class AlignmentCoordinator:
                             cv_round=stats["cv_round"], cv_cumulative=stats["cv_cumulative"],
                             max_min_round=ratio if np.isfinite(ratio) else None,
                             rounds_since_trained=self.monitor.rounds_since_trained(round).astype(int).tolist(),
-                            mean_accuracy=float(np.mean(accs)) if accs else None, bytes_down=down, bytes_up=up)
+                            mean_accuracy=mean_accuracy, bytes_down=down, bytes_up=up)
 
     # ---- persistence --------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:

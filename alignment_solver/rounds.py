@@ -2,7 +2,8 @@
 
 ``ClientStatus`` (a client available now, with an optional fresh self-report) goes into
 ``AlignmentCoordinator.plan_round``, which returns a ``RoundPlan``; each client's
-``ClientReport`` (with one ``ExpertReport`` per expert it trained) goes into ``observe_round``,
+``ClientReport`` (one ``ExpertReport`` per expert it trained, and per expert it was asked to
+probe) goes into ``observe_round``,
 which returns a ``RoundSummary``.  Experts are indices ``0..E-1``.
 """
 
@@ -58,12 +59,15 @@ class ClientReport(_Model):
     bytes_up: int = Field(0, ge=0, le=MAX_BYTES)
     routing: Optional[list[NonNegative]] = None
     experts: list[ExpertReport] = Field(default_factory=list)
+    probes: list[ExpertReport] = Field(
+        default_factory=list, description="fitness of experts the plan asked it to probe (evaluated, not trained)")
 
 
 class PlannedClient(_Model):
     client_id: Label
     experts: list[int]
     capacity: int
+    probe: list[int] = Field(default_factory=list, description="experts to evaluate on held-out data, not train")
 
 
 class RoundPlan(_Model):

@@ -1,9 +1,10 @@
 """Dynamic fitness scoring: how well each client's data suits each expert, learnt from training.
 
-State per (client, expert): ``Q`` (smoothed score) and ``N`` (times trained).  After a round each
-trained pair gives a score ``s``: its accuracy on the samples routed to the expert
-(``mode="accuracy"``) or ``exp(-alpha * mean_loss)`` (``mode="loss"``), and
-``Q <- (1 - beta) Q + beta s``; pairs not trained keep their value.  Untried pairs start from a
+State per (client, expert): ``Q`` (smoothed score) and ``N`` (times measured).  After a round each
+trained or probed pair gives a score ``s``: the accuracy the client reported for the expert
+(``mode="accuracy"``) or ``exp(-alpha * mean_loss)`` (``mode="loss"``).  A pair's first score
+replaces its prior (so measured pairs share one scale); later ones smooth it,
+``Q <- (1 - beta) Q + beta s``; pairs not measured keep their value.  Untried pairs start from a
 prior: the share of the client's samples the gate routes to each expert, when reported, else
 ``neutral``.  ``fitness(rows, round)`` adds the exploration bonus
 ``exploration * sqrt(ln(round + 2) / (N + 1))`` (never stored in ``Q``; 0 turns it off).
@@ -58,9 +59,9 @@ class FitnessScorer:
         return np.exp(-self.config.alpha * np.asarray(mean_loss, dtype=float))
 
     def update(self, rows: np.ndarray, experts: np.ndarray, mean_loss: np.ndarray, accuracy: np.ndarray) -> None:
-        """EMA update of the trained pairs ``(rows[i], experts[i])``; each pair at most once."""
+        """EMA update of the measured pairs ``(rows[i], experts[i])``; each pair at most once."""
         s = self.score(mean_loss, accuracy)
-        b = self.config.beta
+        b = np.where(self.N[rows, experts] == 0, 1.0, self.config.beta)
         self.Q[rows, experts] = (1 - b) * self.Q[rows, experts] + b * s
         self.N[rows, experts] += 1
 

@@ -162,26 +162,32 @@ def check_state(state: Any, *, window: int) -> dict[str, Any]:
 
     pending = _get(state, "pending")
     if pending is not None:
-        if not isinstance(pending, dict) or set(pending) != {"round", "deadline", "experts"}:
-            raise StateError("state field pending must be null or an object with keys round, deadline, experts; "
-                             f"got {describe(pending)}")
+        if not isinstance(pending, dict) or not {"round", "deadline", "experts"} <= set(pending) \
+                or not set(pending) <= {"round", "deadline", "experts", "probes"}:
+            raise StateError("state field pending must be null or an object with keys round, deadline, experts "
+                             f"(and optionally probes); got {describe(pending)}")
         _integer(pending["round"], "pending.round", last_round + 1, MAX_COUNT)
         deadline = pending["deadline"]
         if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
                                      or not 0 < deadline < 1e15):
             raise StateError(f"state field pending.deadline must be null or seconds > 0; got {describe(deadline)}")
-        experts = pending["experts"]
-        if not isinstance(experts, dict):
-            raise StateError(f"state field pending.experts must be an object; got {describe(experts)}")
-        for key, planned in experts.items():
-            if not (key.isdigit() and int(key) < n and str(int(key)) == key):
-                raise StateError(f"state field pending.experts has key {key!r}; keys are client rows 0..{n - 1}")
-            arr = _numbers(planned, f"pending.experts[{key!r}]", (len(planned) if isinstance(planned, list) else -1,),
-                           integer=True, low=0, high=E - 1)
-            if len(set(arr.tolist())) != len(arr):
-                raise StateError(f"state field pending.experts[{key!r}] lists an expert twice: {planned}")
+        for field in ("experts", "probes"):
+            _check_rows(pending.get(field, {}), f"pending.{field}", n, E)
     out["pending"] = pending
     return out
+
+
+def _check_rows(table: Any, field: str, n: int, E: int) -> None:
+    """``table`` maps client rows ("0".."n-1") to lists of distinct experts 0..E-1."""
+    if not isinstance(table, dict):
+        raise StateError(f"state field {field} must be an object; got {describe(table)}")
+    for key, planned in table.items():
+        if not (key.isdigit() and int(key) < n and str(int(key)) == key):
+            raise StateError(f"state field {field} has key {key!r}; keys are client rows 0..{n - 1}")
+        arr = _numbers(planned, f"{field}[{key!r}]", (len(planned) if isinstance(planned, list) else -1,),
+                       integer=True, low=0, high=E - 1)
+        if len(set(arr.tolist())) != len(arr):
+            raise StateError(f"state field {field}[{key!r}] lists an expert twice: {planned}")
 
 
 # ---- lock and atomic write -------------------------------------------------------------------

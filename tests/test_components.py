@@ -14,9 +14,9 @@ def test_ema_accuracy_mode():
     s = FitnessScorer(3, ScorerConfig(beta=0.3, neutral=0.5, exploration=0))
     s.grow(2)
     s.update(np.array([0]), np.array([1]), np.array([0.0]), np.array([0.9]))
-    assert s.Q[0, 1] == pytest.approx(0.7 * 0.5 + 0.3 * 0.9)          # 0.62
+    assert s.Q[0, 1] == pytest.approx(0.9)                             # the first score replaces the prior
     s.update(np.array([0]), np.array([1]), np.array([0.0]), np.array([0.1]))
-    assert s.Q[0, 1] == pytest.approx(0.7 * 0.62 + 0.3 * 0.1)         # 0.464
+    assert s.Q[0, 1] == pytest.approx(0.7 * 0.9 + 0.3 * 0.1)          # 0.66
     assert s.Q[0, 0] == 0.5 and s.Q[1].tolist() == [0.5] * 3             # untrained pairs keep their value
     assert s.N[0].tolist() == [0, 2, 0]
 
@@ -25,7 +25,9 @@ def test_ema_loss_mode():
     s = FitnessScorer(2, ScorerConfig(mode="loss", alpha=2.0, beta=0.5, neutral=0.0, exploration=0))
     s.grow(1)
     s.update(np.array([0]), np.array([0]), np.array([0.5]), np.array([0.0]))
-    assert s.Q[0, 0] == pytest.approx(0.5 * math.exp(-1.0))
+    assert s.Q[0, 0] == pytest.approx(math.exp(-1.0))
+    s.update(np.array([0]), np.array([0]), np.array([0.0]), np.array([0.0]))
+    assert s.Q[0, 0] == pytest.approx(0.5 * math.exp(-1.0) + 0.5)
 
 
 def test_routing_prior_only_for_untried_pairs():

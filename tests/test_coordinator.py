@@ -13,6 +13,7 @@ from alignment_solver.backends.base import Backend
 from alignment_solver.coordinator import AlignmentCoordinator, CoordinatorConfig, ReportError, RoundError, StateError
 from alignment_solver.result import AlignmentResult
 from alignment_solver.rounds import RoundPlan
+from alignment_solver.training.strategies import make_assign
 
 
 def reports_for(plan, accuracy, rng=None, finished=True, seconds=1.0):
@@ -246,3 +247,51 @@ def test_a_round_goes_ahead_when_the_solver_finds_nothing(accuracy, monkeypatch)
     assert sum(plan.planned_load) > 0 and [v for v in plan.result.violations() if "_load" not in v] == []
     off = AlignmentCoordinator(4, config=config.model_copy(update={"fallback": "none"}))
     assert sum(off.plan_round(0, clients).planned_load) == 0
+
+
+def test_probes_measure_untried_experts_on_the_trained_scale(tmp_path):
+    """Each planned client is asked to probe the experts it measured least; probe scores enter
+    fitness like trained ones, a probe it was not asked for is refused, and the state keeps the
+    pending probes across save/load."""
+    truth = np.array([[0.9, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.9]])
+    coord = AlignmentCoordinator(4, config=CoordinatorConfig(probes=2, tolerance=1.0, scorer={"exploration": 0}))
+    plan = coord.plan_round(0, [0, 1])
+    for pc in plan.clients:
+        assert len(pc.probe) == 2 and not set(pc.probe) & set(pc.experts)
+    coord.save(tmp_path / "s.json")
+    coord = AlignmentCoordinator.load(tmp_path / "s.json")
+    bad = reports_for(plan, truth)
+    other = next(e for e in range(4) if e not in plan.clients[0].probe + plan.clients[0].experts)
+    bad[0]["probes"] = [{"expert": other, "mean_loss": 0.1, "accuracy": 0.9}]
+    with pytest.raises(ReportError, match="not asked for"):
+        coord.observe_round(0, bad)
+    for r in range(4):
+        plan = plan if r == 0 else coord.plan_round(r, [0, 1])
+        reps = reports_for(plan, truth)
+        for rep, pc in zip(reps, plan.clients):
+            rep["probes"] = [{"expert": e, "mean_loss": 0.5, "accuracy": float(truth[pc.client_id, e])}
+                             for e in pc.probe]
+        coord.observe_round(r, reps)
+    assert (coord.scorer.N > 0).all()                             # every pair measured
+    assert coord.scorer.Q == pytest.approx(truth)                 # first scores replace the prior
+
+
+def test_expert_cost_sizes_plans_to_demand():
+    """With an expert cost, a client gets only the experts worth it (at least min_experts); the
+    band's upper end follows that demand and its lower end is 0, so experts may idle."""
+    E = 8
+    coord = AlignmentCoordinator(E, config=CoordinatorConfig(expert_cost=0.5, capacity={"max_capacity": 3,
+                                                                                       "default_capacity": 3},
+                                                             scorer={"exploration": 0}, switch_penalty=0))
+    coord._ensure(list(range(4)))
+    coord.scorer.Q[:] = 0.1
+    coord.scorer.N[:] = 1
+    for c in range(4):
+        coord.scorer.Q[c, c] = 0.9                  # every client is worth its own expert
+    coord.scorer.Q[0, 5] = 0.8                      # client 0 is worth a second one
+    plan = coord.plan_round(0, list(range(4)))
+    assert {pc.client_id: pc.experts for pc in plan.clients} == {0: [0, 5], 1: [1], 2: [2], 3: [3]}
+    assert plan.planned_load == [1, 1, 1, 1, 0, 1, 0, 0]          # 5 pairs, not the 12 of full capacity
+    assert plan.expert_min_load == [0.0] * E and plan.expert_max_load == [1.0] * E
+    greedy = make_assign("greedy", np.random.default_rng(0))(coord.build_problem(1, np.arange(4), None))
+    assert greedy.sum(axis=1).tolist() == [2, 1, 1, 1]            # the greedy baseline is demand-sized too

@@ -4,7 +4,8 @@ Each baseline is an ``assign(problem) -> (C, E) bool`` rule handed to
 ``AlignmentCoordinator.plan_round``; the aligned strategies let the coordinator solve.
 
 - ``random``: each client its ``capacity`` experts uniformly at random.
-- ``greedy``: each client its top-``capacity`` experts by fitness (the FedMoE-style baseline).
+- ``greedy``: each client its top-``capacity`` experts by fitness (the FedMoE-style baseline),
+  skipping those with negative fitness (below the coordinator's ``expert_cost``) beyond ``min_experts``.
 - ``round_robin``: experts dealt out in turn across clients (load only, fitness ignored).
 - ``aligned``: the exact flow solve with the load band.
 - ``aligned_budget``: the same with per-client memory budgets (budget rows, CP-SAT).
@@ -36,7 +37,10 @@ def make_assign(name: str, rng: np.random.Generator) -> Optional[Assign]:
         return _top(score, problem.capacity_array)
 
     def greedy(problem: AlignmentProblem) -> np.ndarray:
-        return _top(np.where(problem.allowed_matrix, problem.fitness, -np.inf), problem.capacity_array)
+        score = np.where(problem.allowed_matrix, problem.fitness, -np.inf)
+        top = _top(score, problem.capacity_array)
+        keep = _top(score, problem.min_experts_array) | (score >= 0)      # negative fitness: not worth its cost
+        return top & keep
 
     def round_robin(problem: AlignmentProblem) -> np.ndarray:
         C, E = problem.fitness.shape
