@@ -273,11 +273,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weight of a routing loss that lets single-expert clients train the gate (default 0)")
     sm.add_argument("--gate-average", dest="gate_average", choices=["all", "updated"],
                     help="average the gate over every trained client (default) or only those that updated it")
+    sm.add_argument("--router", choices=["global", "local"],
+                    help="global: one averaged gate (default); local: each client keeps its own router")
+    sm.add_argument("--fitness", choices=["train", "heldout"],
+                    help="score experts on training samples after training (default) or held-out before it")
+    sm.add_argument("--fitness-mode", dest="fitness_mode", choices=["accuracy", "loss"],
+                    help="fitness from accuracy (default) or exp(-loss)")
+    sm.add_argument("--probes", type=int, help="untried experts each fitness-driven client scores per round (0)")
+    sm.add_argument("--exploration", type=float, help="UCB exploration coefficient (0.05)")
+    sm.add_argument("--expert-cost", dest="expert_cost", type=float,
+                    help="fitness an extra expert must beat: demand-sized plans (default 0: fill capacity)")
+    sm.add_argument("--devices", choices=["none", "strong"],
+                    help="device heterogeneity: none (default) or strong (speed and bandwidth lognormal(0, 1))")
+    sm.add_argument("--deadline", type=float, help="simulated seconds per round; later clients are dropped")
     sm.add_argument("--tolerance", type=float, help="load band half-width (0.1)")
     sm.add_argument("--solver-time-limit", dest="solver_time_limit", type=float,
                     help="per-round solve time limit in seconds (default none: solve to optimality)")
     sm.add_argument("--target-accuracy", dest="target_accuracy", type=float, help="for rounds-to-target (0.9)")
-    sm.add_argument("--strategies", nargs="+", help="among random greedy round_robin aligned aligned_budget")
+    sm.add_argument("--strategies", nargs="+", help="among random greedy round_robin aligned aligned_budget oracle fedavg")
     sm.add_argument("--seed", type=int, help="random seed (default 0)")
     sm.add_argument("--output", help="output folder (default runs)")
     sm.add_argument("--name", help="run name (default derived from the settings)")

@@ -184,3 +184,16 @@ def test_a_gate_without_gradient_is_not_averaged_in_when_asked():
     local, _ = local_train(model, p, x, y, [2], SimConfig(gate_average="updated", route_weight=0.5),
                            np.random.default_rng(1))
     assert not np.allclose(local["gate.W"], p["gate.W"])                       # the routing loss teaches it
+
+
+def test_nmi_matches_scikit_learn():
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from alignment_solver.training.simulate import nmi
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        a, b = rng.integers(0, 4, 200), rng.integers(0, 6, 200)
+        b[:100] = a[:100]
+        assert nmi(a, b) == pytest.approx(normalized_mutual_info_score(a, b))
+    assert nmi(np.zeros(5), np.zeros(5)) == 1.0

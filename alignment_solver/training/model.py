@@ -123,6 +123,23 @@ class MoE:
     def predict(self, p: Params, x: np.ndarray, allowed: Optional[np.ndarray] = None) -> np.ndarray:
         return self.forward(p, x, allowed)[0].argmax(axis=1)
 
+    def routing_loss(self, p: Params, x: np.ndarray, allowed: np.ndarray) -> tuple[float, np.ndarray]:
+        """``mean(-log sum_{j allowed} softmax(logits)_j)`` and its gradient in the gate logits."""
+        full = _softmax(x @ p["gate.W"] + p["gate.b"], axis=1)
+        inside = np.where(allowed[None, :], full, 0.0)
+        mass = np.maximum(inside.sum(axis=1, keepdims=True), 1e-300)
+        return float(-np.log(mass).mean()), (full - inside / mass) / x.shape[0]
+
+    def expert_scores(self, p: Params, x: np.ndarray, y: np.ndarray, experts: list[int]) -> list[dict]:
+        """Each expert alone on ``(x, y)``: ``{"expert", "mean_loss", "accuracy"}`` (no routing)."""
+        out = []
+        for j in experts:
+            q = _softmax(self._expert(p, j, x)[0], axis=1)
+            py = np.maximum(q[np.arange(len(y)), y], 1e-12)
+            out.append({"expert": int(j), "mean_loss": float(-np.log(py).mean()),
+                        "accuracy": float((q.argmax(axis=1) == y).mean())})
+        return out
+
     def loss_and_grad(self, p: Params, x: np.ndarray, y: np.ndarray, allowed: Optional[np.ndarray] = None,
                       train: Optional[set[str]] = None, route_weight: float = 0.0):
         """Mean loss and gradients of the parameters in ``train`` (None: all).
@@ -141,12 +158,9 @@ class MoE:
         want = (lambda k: True) if train is None else (lambda k: k in train)
         dlogits = np.where(sel, w - r, 0.0) / n
         if route_weight and allowed is not None:
-            logits = x @ p["gate.W"] + p["gate.b"]
-            full = _softmax(logits, axis=1)
-            inside = np.where(allowed[None, :], full, 0.0)
-            mass = np.maximum(inside.sum(axis=1, keepdims=True), 1e-300)
-            loss += route_weight * float(-np.log(mass).mean())
-            dlogits = dlogits + route_weight * (full - inside / mass) / n
+            rloss, rlogits = self.routing_loss(p, x, allowed)
+            loss += route_weight * rloss
+            dlogits = dlogits + route_weight * rlogits
         if want("gate.W"):
             grads["gate.W"] = x.T @ dlogits
         if want("gate.b"):

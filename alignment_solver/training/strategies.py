@@ -9,6 +9,12 @@ Each baseline is an ``assign(problem) -> (C, E) bool`` rule handed to
 - ``round_robin``: experts dealt out in turn across clients (load only, fitness ignored).
 - ``aligned``: the exact flow solve with the load band.
 - ``aligned_budget``: the same with per-client memory budgets (budget rows, CP-SAT).
+
+Two bounds that a real server could not run, for reference:
+
+- ``oracle``: each client the experts of its true domains (domain ``d`` -> expert ``d mod E``,
+  largest domain first, up to its capacity).
+- ``fedavg``: every client trains expert 0 only (single-expert FedAvg).
 """
 
 from __future__ import annotations
@@ -19,17 +25,22 @@ import numpy as np
 
 from ..problem import AlignmentProblem
 
-STRATEGIES = ("random", "greedy", "round_robin", "aligned", "aligned_budget")
+STRATEGIES = ("random", "greedy", "round_robin", "aligned", "aligned_budget", "oracle", "fedavg")
+FITNESS_DRIVEN = ("greedy", "aligned", "aligned_budget")
 
 Assign = Callable[[AlignmentProblem], np.ndarray]
 
 
-def make_assign(name: str, rng: np.random.Generator) -> Optional[Assign]:
-    """The rule for strategy ``name`` (None: the coordinator's own solve)."""
+def make_assign(name: str, rng: np.random.Generator,
+                domains: Optional[dict[object, list[int]]] = None) -> Optional[Assign]:
+    """The rule for strategy ``name`` (None: the coordinator's own solve).  ``oracle`` needs
+    ``domains``: each client id's true domains, largest first."""
     if name not in STRATEGIES:
         raise ValueError(f"strategy must be one of {list(STRATEGIES)}; got {name!r}")
     if name in ("aligned", "aligned_budget"):
         return None
+    if name == "oracle" and domains is None:
+        raise ValueError("strategy 'oracle' needs each client's true domains (a dataset with domains)")
     pointer = [0]
 
     def random(problem: AlignmentProblem) -> np.ndarray:
@@ -51,7 +62,21 @@ def make_assign(name: str, rng: np.random.Generator) -> Optional[Assign]:
                 pointer[0] += 1
         return x
 
-    return {"random": random, "greedy": greedy, "round_robin": round_robin}[name]
+    def oracle(problem: AlignmentProblem) -> np.ndarray:
+        C, E = problem.fitness.shape
+        x = np.zeros((C, E), dtype=bool)
+        for c, (cid, k) in enumerate(zip(problem.client_ids or range(C), problem.capacity_array)):
+            for e in list(dict.fromkeys(d % E for d in domains[cid]))[:int(k)]:
+                x[c, e] = True
+        return x
+
+    def fedavg(problem: AlignmentProblem) -> np.ndarray:
+        x = np.zeros(problem.fitness.shape, dtype=bool)
+        x[:, 0] = problem.capacity_array > 0
+        return x
+
+    return {"random": random, "greedy": greedy, "round_robin": round_robin, "oracle": oracle,
+            "fedavg": fedavg}[name]
 
 
 def _top(score: np.ndarray, capacity: np.ndarray) -> np.ndarray:
