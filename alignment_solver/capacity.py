@@ -9,7 +9,8 @@ seconds per expert downloaded, whether it finished) give, per client::
     capacity = min(limit, floor(deadline / seconds_per_expert), declared max, max_capacity)
 
 ``q`` (``quantile``, default 0.8) is pessimistic on purpose: a client is planned for its slow
-rounds, not its average.  Observation overrides the report, so a client claiming 10x the speed
+rounds, not its average.  An unfinished round's seconds count too when the client reports them,
+so a device too slow for even one expert before the deadline gets capacity 0.  Observation overrides the report, so a client claiming 10x the speed
 it delivers is planned by what it delivered.  A client never planned gets
 ``default_capacity`` (a safe default), or what its report supports against the deadline.  After
 that ``limit`` rules: a client that finishes keeps at least what it was given; one that fails to
@@ -95,7 +96,7 @@ class CapacityProfiler:
                 finished: bool, deadline: Optional[float]) -> None:
         """What the server saw of one planned client in one round."""
         self.planned[row] += 1
-        if assigned > 0 and finished:
+        if assigned > 0 and (finished or train_seconds + download_seconds > 0):
             i = self.slot[row] % self.config.window
             self.train[row, i] = train_seconds / assigned
             self.download[row, i] = download_seconds / assigned

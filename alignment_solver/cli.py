@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm = sub.add_parser("simulate", help="federated MoE training: compare alignment strategies end to end")
     sm.add_argument("--config", help="SimConfig as a JSON or YAML file; flags override it")
     sm.add_argument("--dataset", choices=["digits", "shifted_digits", "synthetic", "npz"],
-                    help="default digits (bundled); shifted_digits: digits under per-domain concept shift")
+                    help="default shifted_digits (bundled digits under per-domain concept shift); digits: plain")
     sm.add_argument("--npz-path", dest="npz_path", help="a .npz with arrays x (N, D) and y (N,) for --dataset npz")
     sm.add_argument("--synthetic-samples", dest="synthetic_samples", type=int,
                     help="samples of --dataset synthetic (default 20000)")
@@ -253,8 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--domain-sizes", dest="domain_sizes", choices=["equal", "unequal"],
                     help="domain shares of the domain datasets: equal (default) or 1, 1/2, 1/3, ...")
     sm.add_argument("--domains-per-client", dest="domains_per_client", type=int,
-                    help="--partition domains: each client owns 1..this many domains (default 2; 1: one each)")
-    sm.add_argument("--partition", choices=["iid", "dirichlet", "classes", "domains"], help="default dirichlet")
+                    help="--partition domains: each client owns 1..this many domains (default 1: one each)")
+    sm.add_argument("--partition", choices=["iid", "dirichlet", "classes", "domains"],
+                    help="default: domains for shifted_digits and synthetic, dirichlet otherwise")
     sm.add_argument("--alpha", type=float, help="Dirichlet concentration (default 0.3)")
     sm.add_argument("--classes-per-client", dest="classes_per_client", type=int, help="for --partition classes")
     sm.add_argument("--clients", type=int, help="number of clients (default 50)")
@@ -262,34 +263,34 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--top-k", dest="top_k", type=int, help="experts per sample in the routing (default 2)")
     sm.add_argument("--hidden", type=int, help="expert MLP hidden units; 0 = softmax regression (default)")
     sm.add_argument("--min-capacity", dest="min_capacity", type=int, help="fewest experts a client can hold (1)")
-    sm.add_argument("--max-capacity", dest="max_capacity", type=int, help="most experts a client can hold (3)")
+    sm.add_argument("--max-capacity", dest="max_capacity", type=int, help="most experts a client can hold (2)")
     sm.add_argument("--participation", type=float, help="share of clients available per round (1.0)")
     sm.add_argument("--dropout", type=float, help="chance a planned client sends nothing (0.0)")
-    sm.add_argument("--rounds", type=int, help="training rounds (default 30)")
+    sm.add_argument("--rounds", type=int, help="training rounds (default 20)")
     sm.add_argument("--local-epochs", dest="local_epochs", type=int, help="local epochs per round (2)")
     sm.add_argument("--batch-size", dest="batch_size", type=int, help="local mini-batch size (32)")
     sm.add_argument("--lr", type=float, help="local learning rate (0.5)")
     sm.add_argument("--route-weight", dest="route_weight", type=float,
-                    help="weight of a routing loss that lets single-expert clients train the gate (default 0)")
+                    help="weight of a routing loss that lets single-expert clients train the gate (default 0.5)")
     sm.add_argument("--gate-average", dest="gate_average", choices=["all", "updated"],
-                    help="average the gate over every trained client (default) or only those that updated it")
+                    help="average the gate over every trained client, or only those that updated it (default)")
     sm.add_argument("--router", choices=["global", "local"],
-                    help="global: one averaged gate (default); local: each client keeps its own router")
+                    help="global: one averaged gate; local: each client keeps its own router (default)")
     sm.add_argument("--fitness", choices=["train", "heldout"],
-                    help="score experts on training samples after training (default) or held-out before it")
+                    help="score experts on training samples after training, or held-out before it (default)")
     sm.add_argument("--fitness-mode", dest="fitness_mode", choices=["accuracy", "loss"],
                     help="fitness from accuracy (default) or exp(-loss)")
-    sm.add_argument("--probes", type=int, help="untried experts each fitness-driven client scores per round (0)")
+    sm.add_argument("--probes", type=int, help="untried experts each fitness-driven client scores per round (1)")
     sm.add_argument("--exploration", type=float, help="UCB exploration coefficient (0.05)")
     sm.add_argument("--expert-cost", dest="expert_cost", type=float,
-                    help="fitness an extra expert must beat: demand-sized plans (default 0: fill capacity)")
+                    help="fitness an extra expert must beat: demand-sized plans (default 0.3; 0: fill capacity)")
     sm.add_argument("--devices", choices=["none", "strong"],
-                    help="device heterogeneity: none (default) or strong (speed and bandwidth lognormal(0, 1))")
-    sm.add_argument("--deadline", type=float, help="simulated seconds per round; later clients are dropped")
-    sm.add_argument("--tolerance", type=float, help="load band half-width (0.1)")
+                    help="device heterogeneity: none, or strong (default: speed and bandwidth lognormal(0, 1))")
+    sm.add_argument("--deadline", type=float, help="simulated seconds per round, later clients are dropped (default 5; null in a config: none)")
+    sm.add_argument("--tolerance", type=float, help="load band half-width (0.3)")
     sm.add_argument("--solver-time-limit", dest="solver_time_limit", type=float,
                     help="per-round solve time limit in seconds (default none: solve to optimality)")
-    sm.add_argument("--target-accuracy", dest="target_accuracy", type=float, help="for rounds-to-target (0.9)")
+    sm.add_argument("--target-accuracy", dest="target_accuracy", type=float, help="for rounds and simulated seconds to target (0.75)")
     sm.add_argument("--strategies", nargs="+", help="among random greedy round_robin aligned aligned_budget oracle fedavg")
     sm.add_argument("--seed", type=int, help="random seed (default 0)")
     sm.add_argument("--output", help="output folder (default runs)")

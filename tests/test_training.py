@@ -124,8 +124,10 @@ def test_bad_config_is_refused_before_training(fields, words):
 
 
 def tiny(**kw):
-    base = dict(clients=12, experts=4, rounds=6, max_capacity=2, strategies=["random", "greedy", "round_robin",
-                                                                             "aligned", "aligned_budget"])
+    """The plain-digits loop of the earlier releases (one averaged gate, fitness on training data)."""
+    base = dict(dataset="digits", clients=12, experts=4, rounds=6, max_capacity=2, router="global", fitness="train",
+                probes=0, route_weight=0.0, gate_average="all", expert_cost=0.0, devices="none", deadline=None,
+                tolerance=0.1, strategies=["random", "greedy", "round_robin", "aligned", "aligned_budget"])
     base.update(kw)
     return SimConfig(**base)
 
@@ -143,7 +145,7 @@ def test_every_strategy_learns_and_respects_capacities():
 
 
 def test_aligned_keeps_the_load_band_and_same_seed_same_metrics(tmp_path):
-    cfg = SimConfig(clients=40, experts=4, rounds=5, strategies=["aligned"], output=str(tmp_path))
+    cfg = tiny(clients=40, rounds=5, max_capacity=3, strategies=["aligned"], output=str(tmp_path))
     a = simulate(cfg, show_progress=False)
     b = simulate(cfg, show_progress=False)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "solve_ms"} for r in rows]  # noqa: E731
@@ -178,12 +180,56 @@ def test_a_gate_without_gradient_is_not_averaged_in_when_asked():
     p = init_params(5, 3, 4, 0, rng)
     x, y = rng.normal(size=(30, 5)), rng.integers(0, 3, 30)
     keys = lambda cfg, experts: set(local_train(model, p, x, y, experts, cfg, np.random.default_rng(1))[0])  # noqa: E731
-    assert "gate.W" in keys(SimConfig(), [2])                                  # default: every client returns it
-    assert "gate.W" not in keys(SimConfig(gate_average="updated"), [2])          # one expert: no gradient, not sent
-    assert "gate.W" in keys(SimConfig(gate_average="updated"), [1, 2])
+    plain = dict(route_weight=0.0, router="global")
+    assert "gate.W" in keys(SimConfig(**plain, gate_average="all"), [2])        # "all": every client returns it
+    assert "gate.W" not in keys(SimConfig(**plain, gate_average="updated"), [2])  # one expert: no gradient, not sent
+    assert "gate.W" in keys(SimConfig(**plain, gate_average="updated"), [1, 2])
     local, _ = local_train(model, p, x, y, [2], SimConfig(gate_average="updated", route_weight=0.5),
                            np.random.default_rng(1))
     assert not np.allclose(local["gate.W"], p["gate.W"])                       # the routing loss teaches it
+
+
+def test_a_local_router_stays_with_its_client():
+    """router="local": the client's router takes the mixture gradient and is never sent; the global
+    gate copy it sends moved only by the routing loss toward its experts."""
+    from alignment_solver.training.simulate import SimConfig, local_train
+
+    rng = np.random.default_rng(0)
+    model = MoE(4)
+    p = init_params(5, 3, 4, 0, rng)
+    x, y = rng.normal(size=(30, 5)), rng.integers(0, 3, 30)
+    router = {k: p[k].copy() for k in ("gate.W", "gate.b")}
+    before = {k: v.copy() for k, v in router.items()}
+    local, _ = local_train(model, p, x, y, [1, 2], SimConfig(route_weight=0.0), np.random.default_rng(1), router)
+    assert set(local) == {"gate.W", "gate.b", "expert1.W", "expert1.b", "expert2.W", "expert2.b"}
+    assert not np.allclose(router["gate.W"], before["gate.W"])               # trained in place, kept locally
+    assert not np.allclose(local["gate.W"], router["gate.W"])                 # what is sent is another gate
+    share = lambda g: (np.exp(x @ g["gate.W"] + g["gate.b"])[:, [1, 2]].sum(1)  # noqa: E731
+                       / np.exp(x @ g["gate.W"] + g["gate.b"]).sum(1)).mean()
+    assert share(local) > share(p) + 0.1                                        # routed toward its experts
+
+
+def test_domain_loop_specialises_keeps_capacity_and_clock():
+    """The default loop on shifted digits: fitness-driven plans beat random and single-expert FedAvg,
+    the oracle bound is the best, nobody exceeds its capacity, late clients are dropped, and the
+    simulated clock and bytes add up."""
+    cfg = SimConfig(clients=30, rounds=12, strategies=["random", "greedy", "aligned", "oracle", "fedavg"])
+    out = simulate(cfg, write=False, show_progress=False)
+    world = World(cfg)
+    last = {s: [r for r in out["rows"] if r["strategy"] == s][-1] for s in cfg.strategies}
+    assert last["oracle"]["personalised_accuracy"] > 0.8
+    for s in ("greedy", "aligned", "oracle"):
+        assert last[s]["accuracy"] > last["fedavg"]["accuracy"] + 0.1, s
+        assert last[s]["accuracy"] > last["random"]["accuracy"] + 0.1, s
+    assert last["fedavg"]["untrained"] == cfg.experts - 1
+    for r in out["rows"]:
+        assert sum(r["load"]) <= world.capacity.sum()
+        assert r["round_seconds"] <= cfg.deadline + 1e-9
+    assert sum(r["late"] for r in out["rows"]) > 0                          # strong devices: some miss the deadline
+    for s in cfg.strategies:
+        mine = [r for r in out["rows"] if r["strategy"] == s]
+        assert mine[-1]["sim_seconds"] == pytest.approx(sum(r["round_seconds"] for r in mine))
+    assert out["summary"]["oracle"]["mb_moved"] < out["summary"]["random"]["mb_moved"]
 
 
 def test_nmi_matches_scikit_learn():
