@@ -45,4 +45,4 @@ def test_readme_block_runs_as_written(tmp_path, kind, code):
 def test_make_run_as_written():
     proc = subprocess.run(["make", "-s", "run"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "global acc" in proc.stdout and "wrote runs/digits-dirichlet-50x8-seed0/" in proc.stdout
+    assert "global acc" in proc.stdout and "wrote runs/shifted_digits-domains-50x8-seed0/" in proc.stdout

@@ -56,6 +56,9 @@ def corrupt(state, where, value):
     (("pending", "experts"), {"7": [0]}, "pending.experts has key '7'; keys are client rows 0..4"),
     (("pending", "experts"), {"0": [0, 0]}, r"pending.experts\['0'\] lists an expert twice"),
     (("pending", "experts"), {"0": [9]}, r"pending.experts\['0'\]\[0\] must lie in \[0, 3\]"),
+    (("pending", "probes"), {"0": [9]}, r"pending.probes\['0'\]\[0\] must lie in \[0, 3\]"),
+    (("pending", "probes"), [1], "pending.probes must be an object"),
+    (("pending", "extra"), 1, "pending must be null or an object with keys round, deadline, experts"),
     (("config", "tolerance"), -1, "config.tolerance: Input should be greater than or equal to 0"),
     (("version",), 2, "version must be 1; got 2"),
 ])
