@@ -20,6 +20,7 @@ on seeds 100-102 only.  Target of a cell and seed: 90 % of the oracle's final gl
 
     python benchmarks/strategies.py                       # half fraction, 5 seeds (about 20 min)
     python benchmarks/strategies.py --design full --seeds 5
+    python benchmarks/strategies.py --replot              # page and plots again from strategies.json
 """
 
 from __future__ import annotations
@@ -214,6 +215,7 @@ def plots(results: list[dict], folder: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     paths = []
+    colours = dict(zip(STRATEGIES, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     fig, axes = plt.subplots(1, len(TASKS), figsize=(4.2 * len(TASKS), 3.8), sharey=False)
     for ax, task in zip(axes, TASKS):
         mine = [r for r in results if r["cell"][0] == task and r["cell"][3] == "strong"]
@@ -223,12 +225,12 @@ def plots(results: list[dict], folder: Path) -> list[str]:
                 continue
             t = np.mean([c[:, 0] for c in curves], axis=0)
             a = np.mean([c[:, 1] for c in curves], axis=0)
-            ax.plot(t, a, label=s)
+            ax.plot(t, a, label=s, color=colours[s])
         ax.set_title(f"{task} (strong devices)")
         ax.set_xlabel("simulated seconds")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("global accuracy (mean over cells and seeds)")
-    axes[-1].legend()
+    axes[0].legend()
     fig.tight_layout()
     paths.append(folder / "strategies_time.png")
     fig.savefig(paths[-1], dpi=100)
@@ -263,19 +265,23 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "strategies.md"))
+    parser.add_argument("--replot", action="store_true",
+                        help="rebuild the page and plots from the raw JSON next to --out instead of running")
     args = parser.parse_args()
-    jobs = [(cell, seed) for cell in cells(args.design) for seed in range(args.seeds)]
-    bar = Progress(len(jobs))
-    results = []
-    with ProcessPoolExecutor(args.workers) as pool:
-        for res in pool.map(run, jobs):
-            bar.step(f"{'/'.join(res['cell'])} seed {res['seed']}")
-            results.append(res)
-    bar.close()
-    folder = Path(args.out).parent
     raw = Path(args.out).with_suffix(".json")
-    raw.write_text(json.dumps([{**r, "strategies": {s: {k: v for k, v in m.items() if k != "curve"}
-                                                    for s, m in r["strategies"].items()}} for r in results]))
+    if args.replot:
+        results = json.loads(raw.read_text())
+    else:
+        jobs = [(cell, seed) for cell in cells(args.design) for seed in range(args.seeds)]
+        bar = Progress(len(jobs))
+        results = []
+        with ProcessPoolExecutor(args.workers) as pool:
+            for res in pool.map(run, jobs):
+                bar.step(f"{'/'.join(res['cell'])} seed {res['seed']}")
+                results.append(res)
+        bar.close()
+        raw.write_text(json.dumps(results))
+    folder = Path(args.out).parent
     images = plots(results, folder)
     n_cells = len(cells(args.design))
     text = (f"# Strategy comparison on the federated MoE loop\n\nMachine: {machine()}. Command: "
