@@ -9,14 +9,15 @@ seconds per expert downloaded, whether it finished) give, per client::
     capacity = min(limit, floor(deadline / seconds_per_expert), declared max, max_capacity)
 
 ``q`` (``quantile``, default 0.8) is pessimistic on purpose: a client is planned for its slow
-rounds, not its average.  An unfinished round's seconds count too when the client reports them,
-so a device too slow for even one expert before the deadline gets capacity 0.  Observation overrides the report, so a client claiming 10x the speed
-it delivers is planned by what it delivered.  A client never planned gets
-``default_capacity`` (a safe default), or what its report supports against the deadline.  After
-that ``limit`` rules: a client that finishes keeps at least what it was given; one that fails to
-finish drops to one expert fewer than it was given; after ``recovery_rounds`` consecutive early
-finishes (within ``early_fraction`` of the deadline) it gains one more.  The memory budget is
-the ``1 - q`` quantile of reported memory (``default_memory`` until a client reports).
+rounds, not its average.  An unfinished round's seconds count too when the client reports them, so
+a device too slow for even one expert before the deadline gets capacity 0.  Observation overrides
+the report, so a client claiming 10x the speed it delivers is planned by what it delivered.  A
+client never planned gets ``default_capacity`` (a safe default), or what its report supports
+against the deadline.  After that ``limit`` rules: a client that finishes keeps at least what it
+was given; one that fails to finish drops to one expert fewer than it was given; after
+``recovery_rounds`` consecutive early finishes (within ``early_fraction`` of the deadline) it
+gains one more.  The memory budget is the ``1 - q`` quantile of reported memory
+(``default_memory`` until a client reports).
 """
 
 from __future__ import annotations

@@ -203,11 +203,10 @@ class AlignmentCoordinator:
         k = min(self.config.probes, self.E)
         if k == 0:
             return [[] for _ in rows]
-        out = []
-        for i, row in enumerate(rows):
-            order = np.lexsort((np.arange(self.E), -fitness[i], self.scorer.N[row]))
-            out.append([int(e) for e in order if not x[i, e]][:k])
-        return out
+        index = np.broadcast_to(np.arange(self.E), x.shape)
+        order = np.lexsort((index, -fitness, self.scorer.N[rows], x), axis=-1)[:, :k]   # trained experts last
+        keep = ~np.take_along_axis(x, order, axis=1)
+        return [o[m].tolist() for o, m in zip(order, keep)]
 
     def build_problem(self, round: int, rows: np.ndarray, deadline: Optional[float]) -> AlignmentProblem:
         """The round's problem for the clients in ``rows`` (state is not changed)."""

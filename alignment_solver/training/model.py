@@ -130,6 +130,11 @@ class MoE:
         mass = np.maximum(inside.sum(axis=1, keepdims=True), 1e-300)
         return float(-np.log(mass).mean()), (full - inside / mass) / x.shape[0]
 
+    @staticmethod
+    def gate_grads(x: np.ndarray, dlogits: np.ndarray) -> Params:
+        """Gradients of ``gate.W`` and ``gate.b`` from the gradient in the gate logits."""
+        return {"gate.W": x.T @ dlogits, "gate.b": dlogits.sum(axis=0)}
+
     def expert_scores(self, p: Params, x: np.ndarray, y: np.ndarray, experts: list[int]) -> list[dict]:
         """Each expert alone on ``(x, y)``: ``{"expert", "mean_loss", "accuracy"}`` (no routing)."""
         out = []
@@ -161,10 +166,7 @@ class MoE:
             rloss, rlogits = self.routing_loss(p, x, allowed)
             loss += route_weight * rloss
             dlogits = dlogits + route_weight * rlogits
-        if want("gate.W"):
-            grads["gate.W"] = x.T @ dlogits
-        if want("gate.b"):
-            grads["gate.b"] = dlogits.sum(axis=0)
+        grads.update({k: g for k, g in self.gate_grads(x, dlogits).items() if want(k)})
         for j in cache:
             keys = expert_keys(j, self.hidden)
             if not any(want(k) for k in keys):

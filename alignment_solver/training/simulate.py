@@ -204,9 +204,8 @@ def local_train(model: MoE, params: Params, x: np.ndarray, y: np.ndarray, expert
                 (mine if own and k in GATE else local)[k] -= cfg.lr * g
             if own and gate:
                 _, d = model.routing_loss(local, x[b], allowed)
-                weight = max(cfg.route_weight, 1.0)
-                local["gate.W"] -= cfg.lr * weight * (x[b].T @ d)
-                local["gate.b"] -= cfg.lr * weight * d.sum(axis=0)
+                for k, g in model.gate_grads(x[b], d).items():
+                    local[k] -= cfg.lr * max(cfg.route_weight, 1.0) * g
             view.update(local)
             view.update(mine)
     if own:
