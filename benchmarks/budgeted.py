@@ -3,8 +3,9 @@
 For each size (100 x 8, 1,000 x 32, 10,000 x 64), kind (budget rows; weighted loads) and mode
 (hard band; soft band), ``solve(backend="auto", time_limit=T)`` runs in a fresh process for
 T = 0.5 and 2 s.  Each plan is compared with the LP relaxation's optimum (scipy's HiGHS), an
-upper bound on any plan: ``gap to LP = (LP - objective) / |LP|``.  Targets from issue 9: a plan
-within 0.5 s, and within 1 % of the LP bound within 2 s.
+upper bound on any plan; ``gap = (best bound - objective) / |best bound|`` with the smaller of the
+LP bound and the bound ``solve`` reports.  Targets from issue 9: a plan within 0.5 s, and within
+1 % of the bound within 2 s.
 
     python benchmarks/budgeted.py [--out benchmarks/results/budgeted.md]
 """
@@ -60,8 +61,10 @@ def one(clients: int, experts: int, kind: str, soft: bool, limit: float) -> dict
     problem = make(clients, experts, kind)
     started = time.perf_counter()
     r = solve(problem, time_limit=limit, soft=soft)
+    warm = r.stats.get("warm_start", {}).get("kind")
     return {"wall": time.perf_counter() - started, "status": r.status.value, "backend": r.backend,
-            "objective": r.objective, "source": r.stats.get("source", "solver")}
+            "objective": r.objective, "bound": r.bound,
+            "source": r.stats.get("source", "solver") + (f" ({warm} warm start)" if warm else "")}
 
 
 def main() -> None:
@@ -79,10 +82,12 @@ def main() -> None:
                     progress.step(f"{C}x{E} {kind} {'soft' if soft else 'hard'} {limit:g}s")
                     out = isolated(one, C, E, kind, soft, limit, timeout=limit + 300)
                     obj = out.get("objective")
-                    gap = None if obj is None or lp is None else (lp - obj) / max(abs(lp), 1e-12)
-                    ok = obj is not None and (limit < 1 or (gap is not None and gap <= 0.01))
+                    best = min([b for b in (lp, out.get("bound")) if b is not None], default=None)
+                    gap = None if obj is None or best is None else (best - obj) / max(abs(best), 1e-12)
+                    proven_none = out.get("status") == "infeasible" and lp is None
+                    ok = proven_none or (obj is not None and (limit < 1 or (gap is not None and gap <= 0.01)))
                     rows.append([f"{C:,} x {E}", kind, "soft" if soft else "hard", limit, out.get("wall"),
-                                 out.get("status", out.get("error")), out.get("source"), obj, lp,
+                                 out.get("status", out.get("error")), out.get("source"), obj, lp, out.get("bound"),
                                  None if gap is None else 100 * gap, "yes" if ok else "NO"])
     progress.close()
     met = sum(r[-1] == "yes" for r in rows)
@@ -92,9 +97,12 @@ def main() -> None:
         "`alignment_solver.instances.random_problem(C, E, seed=0, budget=True)` (budget) and the same fitness "
         "with load weights U(0.5, 2) and a +-10 % band (weighted); `solve(backend='auto', time_limit=T)`, "
         "each run in a fresh process.  `LP bound`: the LP relaxation (scipy HiGHS), an upper bound on any plan.  "
-        "Target: a plan at 0.5 s; within 1 % of the LP bound at 2 s.", "",
+        "`solver bound`: the bound `solve` reports (valid: CP-SAT's proof or the Lagrangian bound).  "
+        "`gap %` = (best bound - objective) / |best bound|, best bound = the smaller of the two.  "
+        "Target: a plan at 0.5 s; within 1 % of the best bound at 2 s; a proven INFEASIBLE (the LP is "
+        "infeasible too) is the right answer and counts as met.  `source`: who found the plan.", "",
         markdown(["size", "kind", "band", "limit s", "wall s", "status", "source", "objective", "LP bound",
-                  "gap to LP %", "target met"], rows), "",
+                  "solver bound", "gap %", "target met"], rows), "",
         f"Target met in {met} of {len(rows)} runs.", ""])
     publish(text, args.out)
 

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from scipy.optimize import linear_sum_assignment
 
-from alignment_solver import AlignmentProblem, NoSolutionError, SolveStatus, UnsupportedProblemError, solve
+from alignment_solver import AlignmentProblem, NoSolutionError, SolveStatus, solve
 from alignment_solver.instances import random_problem
 
 from .conftest import EXACT, GENERAL, backends_for, small_problems
@@ -182,6 +182,45 @@ def test_lagrangian_warm_start_on_an_infeasible_problem_finds_nothing_and_says_s
     assert result.status is SolveStatus.NO_SOLUTION_FOUND and "warm start" in result.explanation
 
 
-def test_lagrangian_warm_start_refuses_what_it_cannot_do():
-    with pytest.raises(UnsupportedProblemError, match="budget rows"):
-        solve(random_problem(20, 3, seed=1), backend="cpsat", options={"warm_start": "lagrangian"})
+def _lp_bound(problem, soft_penalty=None):
+    from scipy.optimize import linprog
+    from scipy.sparse import vstack
+
+    from alignment_solver.formulations.milp import LinearModel
+
+    c, A, lo, hi, var_hi, _ = LinearModel.from_problem(problem, soft_penalty).matrices()
+    fh, fl = np.isfinite(hi), np.isfinite(lo)
+    lp = linprog(-c, A_ub=vstack([A[fh], -A[fl]]), b_ub=np.r_[hi[fh], -lo[fl]],
+                 bounds=list(zip(np.zeros(len(c)), var_hi)), method="highs")
+    assert lp.status == 0
+    return -lp.fun
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_row_warm_start_on_weighted_loads_is_feasible_near_and_bounds_the_lp(soft):
+    """Weighted loads (no flow structure): prices on the load rows give a valid bound (>= the LP
+    optimum) and the repaired plan is within 1 % of it; deterministic without a time limit."""
+    base = random_problem(300, 16, seed=3)
+    w = np.random.default_rng(4).uniform(0.5, 2.0, 300)
+    problem = AlignmentProblem.balanced(base.fitness, base.capacity, tolerance=0.1, load_weight=w, min_experts=1)
+    penalty = 5.0 if soft else None
+    lp = _lp_bound(problem, penalty)
+    kw = {"soft": True, "soft_penalty": penalty} if soft else {}
+    result = solve(problem, backend="cpsat", options={"warm_start": "lagrangian"}, **kw)
+    assert result.stats["warm_start"]["kind"] == "rows"
+    assert result.has_solution and result.violations(band=not soft) == []
+    assert result.objective <= lp + 1e-6 <= result.bound + 1e-6
+    assert (lp - result.objective) / lp < 0.01
+    again = solve(problem, backend="cpsat", options={"warm_start": "lagrangian"}, **kw)
+    assert np.array_equal(again.assignment, result.assignment)
+
+
+def test_flow_warm_start_in_soft_mode_keeps_budgets_and_bounds_the_lp():
+    problem = random_problem(1000, 64, seed=0, budget=True)
+    penalty = 3.0
+    lp = _lp_bound(problem, penalty)
+    result = solve(problem, backend="cpsat", soft=True, soft_penalty=penalty)
+    assert result.stats["warm_start"]["kind"] == "flow"
+    assert result.has_solution and result.violations(band=False) == []
+    assert result.objective <= lp + 1e-6 <= result.bound + 1e-6
+    assert (lp - result.objective) / abs(lp) < 0.02

@@ -1,4 +1,6 @@
-"""Lagrangian warm start for budgeted count-load problems (used by ``cpsat`` at scale).
+"""Lagrangian warm starts (used by ``cpsat`` at scale and under time limits).
+
+:func:`lagrangian`, for budgeted count-load problems:
 
 Folding the budget rows into the costs with prices ``lam[c] >= 0`` leaves a count-load problem
 that the flow backend solves exactly, and each answer bounds the budgeted optimum::
@@ -9,6 +11,16 @@ that the flow backend solves exactly, and each answer bounds the budgeted optimu
 Polyak subgradient steps.  The primal side is exact too: the best relaxed answer fixes each
 client's budget slots (:mod:`alignment_solver.formulations.slots`) and one min-cost flow over
 the slot network returns the best assignment that fits every budget within those slots.
+
+:func:`row_lagrangian`, for any problem (weighted loads too): prices on every expert load row
+and budget row leave one independent choice per client (its ``min_experts`` best pairs, then
+more up to its capacity while they gain), so each price vector gives a bound in O(C E)::
+
+    UB(nu, lam) = sum_c best_c(G - nu w - lam usage) + sum_e (nu+_e U_e - nu-_e L_e) + sum_c lam_c budget_c
+
+valid for ``lam >= 0`` and any ``nu`` (``nu+``/``nu-`` its positive/negative parts; in soft mode
+``|nu| <= soft_penalty``).  The primal side is the greedy heuristic run on the priced fitness
+under the real constraints, keeping the best plan by the true objective.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ from ..problem import AlignmentProblem
 from ..result import SolveStatus
 from .base import SolveRequest
 from .flow import FlowBackend
+from .greedy import complete
 
 
 PRIMAL_TRIES = 3        # relaxed answers (lowest bounds first) tried as slot references
@@ -36,11 +49,152 @@ class WarmStart:
     value: float = -np.inf               # its objective
     bound: float = np.inf                # best Lagrangian upper bound
     prices: Optional[np.ndarray] = None  # budget prices at the best bound
+    reference: Optional[np.ndarray] = None  # the relaxed answer at the best bound (may break rows)
     stats: dict = field(default_factory=dict)
 
 
 def applies(problem: AlignmentProblem) -> bool:
     return problem.has_budget and problem.weight_matrix is None
+
+
+def plan_value(problem: AlignmentProblem, x: np.ndarray, soft_penalty: Optional[float]) -> float:
+    """The plan's objective (band misses priced at ``soft_penalty``), or -inf if it breaks a hard row
+    (the band too when ``soft_penalty`` is None)."""
+    count = x.sum(axis=1)
+    if np.any(count < problem.min_experts_array) or np.any(count > problem.capacity_array):
+        return -np.inf
+    if not np.all(problem.allowed_matrix[x]):
+        return -np.inf
+    if problem.usage_matrix is not None and np.any((problem.usage_matrix * x).sum(axis=1) > problem.budget + 1e-9):
+        return -np.inf
+    w = problem.weight_matrix
+    load = x.sum(axis=0) if w is None else (w * x).sum(axis=0)
+    miss = float(np.maximum(problem.min_load_array - load, 0).sum() + np.maximum(load - problem.max_load_array, 0).sum())
+    if soft_penalty is None:
+        return -np.inf if miss > 1e-9 else float(problem.objective_matrix[x].sum())
+    return float(problem.objective_matrix[x].sum()) - soft_penalty * miss
+
+
+def _pick(score: np.ndarray, low: np.ndarray, cap: np.ndarray) -> tuple[np.ndarray, float]:
+    """Each client's best choice alone: its ``low`` best pairs, then more up to ``cap`` while > 0."""
+    C, E = score.shape
+    top = int(cap.max(initial=0))
+    if top == 0:
+        return np.zeros((C, E), dtype=bool), 0.0
+    idx = np.argpartition(-score, top - 1, axis=1)[:, :top] if top < E else np.tile(np.arange(E), (C, 1))
+    vals = np.take_along_axis(score, idx, axis=1)
+    order = np.argsort(-vals, axis=1, kind="stable")
+    idx, vals = np.take_along_axis(idx, order, axis=1), np.take_along_axis(vals, order, axis=1)
+    j = np.arange(idx.shape[1])[None, :]
+    take = ((j < low[:, None]) | ((j < cap[:, None]) & (vals > 0))) & np.isfinite(vals)
+    x = np.zeros((C, E), dtype=bool)
+    x[np.nonzero(take)[0], idx[take]] = True
+    return x, float(vals[take].sum())
+
+
+def priced(problem: AlignmentProblem, load_prices: np.ndarray, budget_prices: Optional[np.ndarray],
+           G: Optional[np.ndarray] = None) -> np.ndarray:
+    """``G - nu w - lam usage``: the fitness net of load prices ``nu`` (E,) and budget prices ``lam`` (C,)."""
+    G = problem.objective_matrix if G is None else G
+    w = problem.weight_matrix
+    score = G - (load_prices[None, :] if w is None else load_prices[None, :] * w)
+    if problem.usage_matrix is not None and budget_prices is not None:
+        score = score - budget_prices[:, None] * problem.usage_matrix
+    return score
+
+
+def repair(problem: AlignmentProblem, x: np.ndarray, score: np.ndarray, deadline: Optional[float] = None) -> np.ndarray:
+    """A plan near the relaxed answer ``x``: over-full experts shed the clients that lose least
+    by leaving (``score`` against their best other expert), over-budget clients their lowest-score
+    pairs; then the greedy completion (ranked by ``score``) refills under-full experts and clients."""
+    x = x.copy()
+    w = problem.weight_matrix
+    load = x.sum(axis=0).astype(float) if w is None else (w * x).sum(axis=0)
+    over = np.flatnonzero(load > problem.max_load_array + 1e-9)
+    if len(over):
+        alt = np.where(x, -np.inf, score).max(axis=1)
+        for e in over:
+            held = np.flatnonzero(x[:, e])
+            held = held[np.argsort(score[held, e] - alt[held], kind="stable")]
+            weights = np.ones(len(held)) if w is None else w[held, e]
+            n = int(np.searchsorted(np.cumsum(weights), load[e] - problem.max_load_array[e] - 1e-9)) + 1
+            x[held[:n], e] = False
+    if problem.usage_matrix is not None:
+        u = problem.usage_matrix
+        while True:
+            bad = np.flatnonzero((u * x).sum(axis=1) > problem.budget + 1e-9)
+            if not len(bad):
+                break
+            worst = np.where(x[bad], score[bad], np.inf).argmin(axis=1)
+            x[bad, worst] = False
+    return complete(problem, start=x, deadline=deadline, score=score)
+
+
+def row_lagrangian(problem: AlignmentProblem, *, deadline: float, soft_penalty: Optional[float] = None,
+                   max_iterations: int = 2000, primal_deadline: Optional[float] = None) -> WarmStart:
+    """Subgradient search on load and budget prices until ``deadline`` (see the module docstring),
+    then a last primal round at the best prices, which may run until ``primal_deadline``.
+
+    ``soft_penalty`` None: hard band.  ``WarmStart.prices`` holds the budget prices (zeros without
+    budgets) and ``stats["load_prices"]`` the load prices at the best bound.
+    """
+    started = time.perf_counter()
+    G = np.where(problem.allowed_matrix, problem.objective_matrix, -np.inf)
+    w = problem.weight_matrix
+    u, B = problem.usage_matrix, problem.budget
+    L, U = problem.min_load_array.astype(float), problem.max_load_array.astype(float)
+    low, cap = problem.min_experts_array, problem.capacity_array
+    C, E = G.shape
+    top = np.full(E, np.inf if soft_penalty is None else soft_penalty)
+    nu_max = np.where(np.isfinite(U), top, 0.0)          # nu > 0 prices the upper row
+    nu_min = np.where(L > 0, -top, 0.0)                  # nu < 0 the lower row
+    Uf = np.where(np.isfinite(U), U, 0.0)
+    nu, lam = np.zeros(E), np.zeros(C)
+    best = WarmStart(prices=lam.copy())
+    best_nu = nu.copy()
+    theta, stall, it, primal_due = 2.0, 0, 0, 1
+    for it in range(1, max_iterations + 1):
+        score = priced(problem, nu, lam, G)
+        x, value = _pick(score, low, cap)
+        ub = value + float(np.maximum(nu, 0) @ Uf) - float(np.maximum(-nu, 0) @ L) + (0.0 if B is None else float(lam @ B))
+        ub += 1e-9 * max(1.0, abs(ub))                   # floating-point margin: the bound stays valid
+        if ub < best.bound:
+            best.bound, best.prices, best_nu, best.reference, stall = ub, lam.copy(), nu.copy(), x, 0
+        else:
+            stall += 1
+            if stall >= 3:
+                theta, stall = theta / 2, 0
+        if it == primal_due:
+            primal_due *= 2
+            _keep_best(problem, best, (complete(problem, deadline=deadline, score=score),
+                                       repair(problem, x, score, deadline)), soft_penalty)
+        if time.perf_counter() > deadline or best.bound - best.value <= 1e-9 * max(1.0, abs(best.bound)):
+            break
+        load = x.sum(axis=0) if w is None else (w * x).sum(axis=0)
+        g = np.where(nu > 0, load - Uf, np.where(nu < 0, load - L, np.maximum(load - U, 0) + np.minimum(load - L, 0)))
+        g = np.where(np.isfinite(g), g, 0.0)
+        gb = np.zeros(C) if u is None else (u * x).sum(axis=1) - B
+        gb = np.where((lam <= 0) & (gb < 0), 0.0, gb)
+        norm = float(g @ g + gb @ gb)
+        if norm == 0:
+            break
+        target = best.value if np.isfinite(best.value) else best.bound - 0.015 * abs(best.bound)
+        step = theta * max(ub - target, 1e-9 * max(1.0, abs(ub))) / norm
+        nu = np.clip(nu + step * g, nu_min, nu_max)
+        if u is not None:
+            lam = np.maximum(0.0, lam + step * gb)
+    if best.reference is not None:
+        score = priced(problem, best_nu, best.prices, G)
+        _keep_best(problem, best, (repair(problem, best.reference, score, primal_deadline),), soft_penalty)
+    best.stats = {"iterations": it, "seconds": time.perf_counter() - started, "load_prices": best_nu}
+    return best
+
+
+def _keep_best(problem: AlignmentProblem, best: WarmStart, plans, soft_penalty: Optional[float]) -> None:
+    for plan in plans:
+        v = plan_value(problem, plan, soft_penalty)
+        if v > best.value:
+            best.x, best.value = plan, v
 
 
 def _relaxed(problem: AlignmentProblem, lam: np.ndarray) -> AlignmentProblem:
@@ -50,8 +204,9 @@ def _relaxed(problem: AlignmentProblem, lam: np.ndarray) -> AlignmentProblem:
                             allowed=problem.allowed)
 
 
-def slot_primal(problem: AlignmentProblem, reference: np.ndarray) -> Optional[np.ndarray]:
-    """Best budget-feasible assignment within the slots chosen around ``reference``."""
+def slot_primal(problem: AlignmentProblem, reference: np.ndarray, soft: bool = False) -> Optional[np.ndarray]:
+    """Best budget-feasible assignment within the slots chosen around ``reference`` (``soft``: the
+    load band may be missed, at the flow's band price)."""
     from ortools.graph.python import min_cost_flow
 
     G, usage, allowed = problem.objective_matrix, problem.usage_matrix, problem.allowed_matrix
@@ -74,13 +229,15 @@ def slot_primal(problem: AlignmentProblem, reference: np.ndarray) -> Optional[np
     x = np.zeros(G.shape, dtype=bool)
     x[pairs[0][flows > 0], pairs[1][flows > 0]] = True
     count, load = x.sum(axis=1), x.sum(axis=0)
-    ok = (np.all(count >= problem.min_experts_array) and np.all(load >= L) and np.all(load <= U)
+    ok = (np.all(count >= problem.min_experts_array) and (soft or (np.all(load >= L) and np.all(load <= U)))
           and np.all((usage * x).sum(axis=1) <= problem.budget + 1e-9))
     return x if ok else None
 
 
-def lagrangian(problem: AlignmentProblem, *, deadline: float, seed: int, max_iterations: int = 30) -> WarmStart:
-    """Subgradient search on the budget prices until ``deadline``, then the slot primal."""
+def lagrangian(problem: AlignmentProblem, *, deadline: float, seed: int, max_iterations: int = 30,
+               soft_penalty: Optional[float] = None) -> WarmStart:
+    """Subgradient search on the budget prices until ``deadline``, then the slot primal
+    (``soft_penalty``: a soft band priced at it; None: hard band)."""
     usage, budget = problem.usage_matrix, problem.budget
     lam = np.zeros(problem.n_clients)
     flow = FlowBackend()
@@ -90,8 +247,9 @@ def lagrangian(problem: AlignmentProblem, *, deadline: float, seed: int, max_ite
     started = time.perf_counter()
     for it in range(1, max_iterations + 1):
         relaxed = _relaxed(problem, lam)
-        res = flow.solve(relaxed, SolveRequest(time_limit=None, seed=seed, soft=False,
-                                               soft_penalty=penalty_for(relaxed.n_experts, relaxed.max_abs_objective)))
+        price = soft_penalty if soft_penalty is not None else penalty_for(relaxed.n_experts, relaxed.max_abs_objective)
+        res = flow.solve(relaxed, SolveRequest(time_limit=None, seed=seed, soft=soft_penalty is not None,
+                                               soft_penalty=price))
         if res.status is not SolveStatus.OPTIMAL:
             break
         x = res.assignment
@@ -108,7 +266,7 @@ def lagrangian(problem: AlignmentProblem, *, deadline: float, seed: int, max_ite
         norm = float(g @ g)
         if norm == 0:                          # relaxed answer fits every budget
             if float(lam @ -g) <= 1e-9:        # and complementary slackness holds: optimal
-                best.x, best.value = x, float(problem.objective_matrix[x].sum())
+                best.x, best.value = x, plan_value(problem, x, soft_penalty)
             break
         per_iteration = (time.perf_counter() - started) / it
         if time.perf_counter() + 2 * per_iteration > deadline:
@@ -120,8 +278,8 @@ def lagrangian(problem: AlignmentProblem, *, deadline: float, seed: int, max_ite
         if best.x is not None:
             break
         tried += 1
-        x = slot_primal(problem, reference)
+        x = slot_primal(problem, reference, soft=soft_penalty is not None)
         if x is not None:
-            best.x, best.value = x, float(problem.objective_matrix[x].sum())
+            best.x, best.value = x, plan_value(problem, x, soft_penalty)
     best.stats = {"iterations": it, "primal_tries": tried, "seconds": time.perf_counter() - started}
     return best

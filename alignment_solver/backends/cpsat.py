@@ -7,16 +7,25 @@ restriction): answers still satisfy the original row, but the status is at best 
 INFEASIBLE, and no bound is claimed.  The objective is rounded at a power-of-two scale; the
 reported ``bound`` adds the worst-case rounding error (``stats["objective_tolerance"]``), and
 OPTIMAL means a relative gap <= ``OPTIMAL_GAP``.  Soft-mode slack is integer in scaled row
-units.  Deterministic with ``workers=1`` (the default) and no time limit, or when it proves
-optimality before the limit; ``stats["deterministic"]`` says which.
+units.  Workers: 1 by default (deterministic without a time limit, or when optimality is
+proven before it), ``LIMITED_WORKERS`` under a time limit (not deterministic);
+``stats["deterministic"]`` says which.
 
-Budgeted count-load problems with at least ``WARM_ARCS`` allowed pairs (where CP-SAT alone
-finds nothing in a minute at 10,000 x 64), or ``WARM_ARCS_LIMITED`` under a time limit, start
-from the Lagrangian warm start of :mod:`._lagrangian`: its bound is the reported ``bound``, its
-slot-flow answer the hint; CP-SAT then searches each client's best ``candidates`` pairs (by
-fitness minus budget price) for the rest of the time limit (the full model, if the warm start
-found nothing).  Without a time limit the warm start's answer is returned as it is
-(deterministic), FEASIBLE unless the bound closes the gap.  ``warm_start="none"`` turns it off.
+Warm starts (:mod:`._lagrangian`; ``warm_start="none"`` turns them off, ``"lagrangian"`` forces
+one), whose bound is reported as ``bound`` and whose plan is the hint and the answer of last resort:
+
+- ``flow``: budgeted count-load problems (hard or soft band) with at least ``WARM_ARCS``
+  allowed pairs, or ``WARM_ARCS_LIMITED`` under a time limit (CP-SAT alone finds nothing in a
+  minute at 10,000 x 64).  Budget prices, each relaxed answer exact by min-cost flow, the
+  slot flow as the plan.
+- ``rows``: every other problem under a time limit from ``ROW_ARCS`` allowed pairs (weighted
+  loads, OR-Library GAP).  Prices on load and budget rows, one independent choice per client,
+  the greedy repair of the relaxed answer as the plan.
+
+The warm start takes ``WARM_SHARE`` / ``ROW_SHARE`` of the time limit; CP-SAT then searches the
+rest from its plan: every pair (``rows`` up to ``FULL_MODEL_ARCS``) or each client's best
+``candidates`` pairs by priced fitness plus the plan's own.  Without a time limit, the ``flow``
+plan is returned as it is (deterministic), FEASIBLE unless the bound closes the gap.
 """
 
 from __future__ import annotations
@@ -29,7 +38,6 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..errors import UnsupportedProblemError
 from ..formulations.milp import LinearModel
 from ..problem import AlignmentProblem
 from ..result import OPTIMAL_GAP, AlignmentResult, SolveStatus
@@ -43,13 +51,20 @@ MAX_OBJECTIVE = 2.0 ** 56   # largest integer objective activity handed to CP-SA
 WARM_ARCS = 50_000
 WARM_ARCS_LIMITED = 10_000  # under a time limit (measured: 1,000 x 32 budgeted, 2 s: no plan alone, 1.2 % below LP warm)
 WARM_SHARE = 0.5        # share of the time limit the warm start may use
+ROW_ARCS = 2_000        # the row warm start runs under a time limit from this many allowed pairs
+ROW_SHARE = 0.5         # share of the time limit the row warm start may use
+ROW_ITERATIONS = 2000   # its subgradient steps at most (the only limit without a time limit)
+FULL_MODEL_ARCS = 200_000   # up to here CP-SAT searches every pair after a row warm start, else candidates
+MIN_SEARCH = 0.3        # seconds CP-SAT needs at least to be worth starting after a warm start
+LIMITED_WORKERS = 4     # CP-SAT workers under a time limit (measured best of 1-16 on OR-Library d20100)
 
 
 class CpSatBackend(Backend):
     name = "cpsat"
     requires = ("ortools",)
     options = {
-        "workers": (1, "CP-SAT search workers; 1 is deterministic"),
+        "workers": (None, f"CP-SAT search workers (default 1, or {LIMITED_WORKERS} under a time limit); "
+                          "1 without a time limit is deterministic"),
         "hint": (None, "optional (C, E) bool assignment to start from"),
         "log": (False, "print CP-SAT's search log"),
         "warm_start": ("auto", "'auto', 'lagrangian' or 'none' (see the module docstring)"),
@@ -74,61 +89,84 @@ class CpSatBackend(Backend):
 
     def solve(self, problem: AlignmentProblem, request: SolveRequest) -> AlignmentResult:
         t0 = time.perf_counter()
-        mode = request.options.get("warm_start", "auto")
-        if mode == "lagrangian" and (not _lagrangian.applies(problem) or request.soft):
-            raise UnsupportedProblemError("warm_start='lagrangian' needs budget rows, count loads and soft=False")
-        limited = request.time_limit is not None or request.deadline is not None
-        arcs = int(problem.allowed_matrix.sum())
-        warm = mode == "lagrangian" or (mode == "auto" and _lagrangian.applies(problem) and not request.soft
-                                        and arcs >= (WARM_ARCS_LIMITED if limited else WARM_ARCS))
-        if not warm:
-            lm = LinearModel.from_problem(problem, request.soft_penalty if request.soft else None)
-            return self._run(problem, lm, request, t0, request.options.get("hint"), request.time_limit)
         limit = request.time_limit
         if limit is None and request.deadline is not None:
             limit = request.deadline - t0
-        deadline = t0 + WARM_SHARE * limit if limit is not None else np.inf
+        kind = self._warm_kind(problem, request, limit is not None)
+        if kind is None:
+            lm = LinearModel.from_problem(problem, request.soft_penalty if request.soft else None)
+            return self._run(problem, lm, request, t0, request.options.get("hint"), request.time_limit)
+        share = WARM_SHARE if kind == "flow" else ROW_SHARE
+        deadline = t0 + share * limit if limit is not None else np.inf
         if request.deadline is not None:
             deadline = min(deadline, request.deadline)
-        ws = _lagrangian.lagrangian(problem, deadline=deadline, seed=request.seed)
+        penalty = request.soft_penalty if request.soft else None
+        if kind == "flow":
+            ws = _lagrangian.lagrangian(problem, deadline=deadline, seed=request.seed, soft_penalty=penalty)
+            ranking = problem.objective_matrix - ws.prices[:, None] * problem.usage_matrix
+        else:
+            ws = _lagrangian.row_lagrangian(problem, deadline=deadline, soft_penalty=penalty,
+                                            max_iterations=ROW_ITERATIONS, primal_deadline=request.deadline)
+            ranking = _lagrangian.priced(problem, ws.stats["load_prices"], ws.prices)
         if request.report is not None and ws.x is not None:
             request.report(ws.x, float(ws.bound) if np.isfinite(ws.bound) else None)
-        stats = {"warm_start": {"bound": ws.bound, "value": ws.value, **ws.stats}}
+        stats = {"warm_start": {"kind": kind, "bound": ws.bound, "value": ws.value,
+                                **{k: v for k, v in ws.stats.items() if k != "load_prices"}}}
         remaining = None if limit is None else limit - (time.perf_counter() - t0)
-        if ws.x is not None and remaining is not None and remaining > 1.0:
-            score = problem.objective_matrix - ws.prices[:, None] * problem.usage_matrix
-            m = min(request.options.get("candidates", 8), problem.n_experts)
-            top = np.argpartition(-np.where(problem.allowed_matrix, score, -np.inf), m - 1, axis=1)[:, :m]
-            mask = ws.x.copy()
-            np.put_along_axis(mask, top, True, axis=1)
-            lm = LinearModel.from_problem(problem, None, mask=mask)
-            result = self._run(problem, lm, request, t0, ws.x, remaining)
+        hint = ws.x if ws.x is not None else ws.reference
+        if remaining is not None and remaining > MIN_SEARCH:
+            arcs = int(problem.allowed_matrix.sum())
+            full = ws.x is None or arcs <= FULL_MODEL_ARCS
+            mask = None
+            if not full:
+                m = min(request.options.get("candidates", 8), problem.n_experts)
+                top = np.argpartition(-np.where(problem.allowed_matrix, ranking, -np.inf), m - 1, axis=1)[:, :m]
+                mask = ws.x.copy()
+                np.put_along_axis(mask, top, True, axis=1)
+            lm = LinearModel.from_problem(problem, penalty, mask=mask)
+            result = self._run(problem, lm, request, t0, hint, remaining)
             if result.has_solution and result.objective >= ws.value:
-                result.stats.update(stats, restricted_to=int(mask.sum()))
-                return self._bounded(result, ws.bound)
-        if ws.x is None and remaining is not None and remaining > 1.0:
-            lm = LinearModel.from_problem(problem)
-            result = self._run(problem, lm, request, t0, None, remaining)
-            result.stats.update(stats)
-            return self._bounded(result, ws.bound) if result.has_solution else result
+                result.stats.update(stats, restricted_to=None if full else int(mask.sum()))
+                return self._bounded(result, ws.bound, full)
+            if ws.x is None:
+                result.stats.update(stats)
+                return self._bounded(result, ws.bound, full) if result.has_solution else result
         if ws.x is None:
             return AlignmentResult(problem, SolveStatus.NO_SOLUTION_FOUND, self.name,
                                    solve_seconds=time.perf_counter() - t0,
-                                   explanation="the Lagrangian warm start found no assignment that fits the budgets",
+                                   explanation="the Lagrangian warm start found no assignment that fits every hard row",
                                    stats=stats)
         result = AlignmentResult(problem, SolveStatus.FEASIBLE, self.name, assignment=ws.x,
-                                 solve_seconds=time.perf_counter() - t0,
-                                 stats={**stats, "deterministic": True, "source": "warm start"})
-        return self._bounded(result, ws.bound)
+                                 solve_seconds=time.perf_counter() - t0, soft=request.soft, soft_penalty=penalty,
+                                 stats={**stats, "deterministic": limit is None, "source": "warm start"})
+        return self._bounded(result, ws.bound, False)
 
     @staticmethod
-    def _bounded(result: AlignmentResult, bound: float) -> AlignmentResult:
-        """Attach the Lagrangian bound (valid for the full problem) and promote a closed gap."""
-        result.bound = max(float(bound), result.objective)
+    def _warm_kind(problem: AlignmentProblem, request: SolveRequest, limited: bool) -> Optional[str]:
+        """Which warm start runs: "flow" (budgets on count loads), "rows" (anything else, under a
+        time limit or when asked for) or None."""
+        mode = request.options.get("warm_start", "auto")
+        if mode == "none":
+            return None
+        arcs = int(problem.allowed_matrix.sum())
+        if _lagrangian.applies(problem):
+            if mode == "lagrangian" or arcs >= (WARM_ARCS_LIMITED if limited else WARM_ARCS):
+                return "flow"
+            return None
+        if mode == "lagrangian" or (limited and arcs >= ROW_ARCS):
+            return "rows"
+        return None
+
+    @staticmethod
+    def _bounded(result: AlignmentResult, bound: float, full: bool) -> AlignmentResult:
+        """Attach the Lagrangian bound (valid for the full problem) and promote a closed gap; an
+        OPTIMAL from a restricted model (``full`` False) is optimal only for its pairs."""
+        own = result.bound if full and result.bound is not None else np.inf
+        result.bound = max(min(float(bound), own), result.objective)
         if result.gap is not None and result.gap <= 1e-9:
             result.status = SolveStatus.OPTIMAL
-        elif result.status is SolveStatus.OPTIMAL:
-            result.status = SolveStatus.FEASIBLE       # optimal only for the restricted pairs
+        elif result.status is SolveStatus.OPTIMAL and not full:
+            result.status = SolveStatus.FEASIBLE
         return result
 
     def _run(self, problem: AlignmentProblem, lm: LinearModel, request: SolveRequest, t0: float,
@@ -174,7 +212,9 @@ class CpSatBackend(Backend):
             for j in range(lm.n):
                 model.add_hint(x[j], bool(hint[lm.ci[j], lm.ei[j]]))
         solver = cp_model.CpSolver()
-        workers = request.options.get("workers", 1)
+        workers = request.options.get("workers")
+        if workers is None:
+            workers = 1 if time_limit is None and request.deadline is None else LIMITED_WORKERS
         solver.parameters.num_workers = workers
         solver.parameters.random_seed = request.seed
         solver.parameters.log_search_progress = bool(request.options.get("log", False))

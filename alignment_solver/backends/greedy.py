@@ -21,9 +21,11 @@ from .base import Backend, SolveRequest
 
 
 class _State:
-    def __init__(self, p: AlignmentProblem, start: Optional[np.ndarray] = None) -> None:
+    def __init__(self, p: AlignmentProblem, start: Optional[np.ndarray] = None,
+                 score: Optional[np.ndarray] = None) -> None:
         self.every = p.allowed is None or bool(p.allowed_matrix.all())
-        self.G = p.objective_matrix if self.every else np.where(p.allowed_matrix, p.objective_matrix, -np.inf)
+        G = p.objective_matrix if score is None else score
+        self.G = G if self.every else np.where(p.allowed_matrix, G, -np.inf)
         self.w = None if p.weight_matrix is None else np.asarray(p.weight_matrix)   # None: count loads
         self.u = None if p.usage_matrix is None else np.asarray(p.usage_matrix)
         self.B = p.budget
@@ -88,13 +90,14 @@ def _best_first(values: np.ndarray, n: int) -> np.ndarray:
 
 
 def complete(problem: AlignmentProblem, start: Optional[np.ndarray] = None,
-             deadline: Optional[float] = None) -> np.ndarray:
+             deadline: Optional[float] = None, score: Optional[np.ndarray] = None) -> np.ndarray:
     """Extend ``start`` (default: nothing assigned) greedily; never removes a pair.
 
-    ``deadline`` (a ``time.perf_counter()`` value) stops the passes early; the partial answer
+    ``score`` (C, E) ranks the pairs instead of the objective (e.g. fitness minus Lagrangian
+    prices); the constraints are the problem's own.  ``deadline`` (a ``time.perf_counter()`` value) stops the passes early; the partial answer
     is returned and the caller checks it like any other.
     """
-    s = _State(problem, start)
+    s = _State(problem, start, score)
 
     def late() -> bool:
         return deadline is not None and time.perf_counter() > deadline
