@@ -24,8 +24,8 @@ one), whose bound is reported as ``bound`` and whose plan is the hint and the an
 
 The warm start takes ``WARM_SHARE`` / ``ROW_SHARE`` of the time limit; CP-SAT then searches the
 rest from its plan: every pair (``rows`` up to ``FULL_MODEL_ARCS``) or each client's best
-``candidates`` pairs by priced fitness plus the plan's own.  Without a time limit, the ``flow``
-plan is returned as it is (deterministic), FEASIBLE unless the bound closes the gap.
+``candidates`` pairs by priced fitness plus the plan's own.  Without a time limit the warm
+start's plan is returned as it is (deterministic), FEASIBLE unless the bound closes the gap.
 """
 
 from __future__ import annotations
