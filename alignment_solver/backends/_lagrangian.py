@@ -172,7 +172,6 @@ def row_lagrangian(problem: AlignmentProblem, *, deadline: float, soft_penalty: 
             break
         load = x.sum(axis=0) if w is None else (w * x).sum(axis=0)
         g = np.where(nu > 0, load - Uf, np.where(nu < 0, load - L, np.maximum(load - U, 0) + np.minimum(load - L, 0)))
-        g = np.where(np.isfinite(g), g, 0.0)
         gb = np.zeros(C) if u is None else (u * x).sum(axis=1) - B
         gb = np.where((lam <= 0) & (gb < 0), 0.0, gb)
         norm = float(g @ g + gb @ gb)
