@@ -5,7 +5,7 @@ For each size (100 x 8, 1,000 x 32, 10,000 x 64), kind (budget rows; weighted lo
 T = 0.5 and 2 s.  Each plan is compared with the LP relaxation's optimum (scipy's HiGHS), an
 upper bound on any plan; ``gap = (best bound - objective) / |best bound|`` with the smaller of the
 LP bound and the bound ``solve`` reports.  Targets from issue 9: a plan within 0.5 s, and within
-1 % of the bound within 2 s.
+1 % of the bound within 2 s; either way ``solve`` returns within its time limit + 0.5 s.
 
     python benchmarks/budgeted.py [--out benchmarks/results/budgeted.md]
 """
@@ -85,7 +85,8 @@ def main() -> None:
                     best = min([b for b in (lp, out.get("bound")) if b is not None], default=None)
                     gap = None if obj is None or best is None else (best - obj) / max(abs(best), 1e-12)
                     proven_none = out.get("status") == "infeasible" and lp is None
-                    ok = proven_none or (obj is not None and (limit < 1 or (gap is not None and gap <= 0.01)))
+                    in_time = out.get("wall") is not None and out["wall"] <= limit + 0.5
+                    ok = in_time and (proven_none or (obj is not None and (limit < 1 or (gap is not None and gap <= 0.01))))
                     rows.append([f"{C:,} x {E}", kind, "soft" if soft else "hard", limit, out.get("wall"),
                                  out.get("status", out.get("error")), out.get("source"), obj, lp, out.get("bound"),
                                  None if gap is None else 100 * gap, "yes" if ok else "NO"])
@@ -99,7 +100,7 @@ def main() -> None:
         "each run in a fresh process.  `LP bound`: the LP relaxation (scipy HiGHS), an upper bound on any plan.  "
         "`solver bound`: the bound `solve` reports (valid: CP-SAT's proof or the Lagrangian bound).  "
         "`gap %` = (best bound - objective) / |best bound|, best bound = the smaller of the two.  "
-        "Target: a plan at 0.5 s; within 1 % of the best bound at 2 s; a proven INFEASIBLE (the LP is "
+        "Target: a plan at 0.5 s; within 1 % of the best bound at 2 s; wall <= limit + 0.5 s; a proven INFEASIBLE (the LP is "
         "infeasible too) is the right answer and counts as met.  `source`: who found the plan.", "",
         markdown(["size", "kind", "band", "limit s", "wall s", "status", "source", "objective", "LP bound",
                   "solver bound", "gap %", "target met"], rows), "",

@@ -22,10 +22,12 @@ one), whose bound is reported as ``bound`` and whose plan is the hint and the an
   loads, OR-Library GAP).  Prices on load and budget rows, one independent choice per client,
   the greedy repair of the relaxed answer as the plan.
 
-The warm start takes ``WARM_SHARE`` / ``ROW_SHARE`` of the time limit; CP-SAT then searches the
-rest from its plan: every pair (``rows`` up to ``FULL_MODEL_ARCS``) or each client's best
-``candidates`` pairs by priced fitness plus the plan's own.  Without a time limit the warm
-start's plan is returned as it is (deterministic), FEASIBLE unless the bound closes the gap.
+The warm start takes ``WARM_SHARE`` / ``ROW_SHARE`` of the time limit; the local search of
+:mod:`._local` then polishes its plan (until no move gains, or ``LOCAL_SHARE`` of the limit);
+CP-SAT searches the rest from that plan: every pair (``rows`` up to ``FULL_MODEL_ARCS``) or
+each client's best ``candidates`` pairs by priced fitness plus the plan's own.  Without a time
+limit the polished plan is returned as it is (deterministic), FEASIBLE unless the bound closes
+the gap.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import numpy as np
 from ..formulations.milp import LinearModel
 from ..problem import AlignmentProblem
 from ..result import OPTIMAL_GAP, AlignmentResult, SolveStatus
-from . import _lagrangian
+from . import _lagrangian, _local
 from .base import Backend, SolveRequest
 
 MAX_DENOMINATOR = 10 ** 6   # rows are exact when all their numbers share a denominator up to this
@@ -55,6 +57,7 @@ ROW_ARCS = 2_000        # the row warm start runs under a time limit from this m
 ROW_SHARE = 0.5         # share of the time limit the row warm start may use
 ROW_ITERATIONS = 2000   # its subgradient steps at most (the only limit without a time limit)
 FULL_MODEL_ARCS = 200_000   # up to here CP-SAT searches every pair after a row warm start, else candidates
+LOCAL_SHARE = 0.85      # the local search on the warm start's plan may run until this share of the limit
 MIN_SEARCH = 0.3        # seconds CP-SAT needs at least to be worth starting after a warm start
 LIMITED_WORKERS = 4     # CP-SAT workers under a time limit (measured best of 1-16 on OR-Library d20100)
 
@@ -108,10 +111,19 @@ class CpSatBackend(Backend):
             ws = _lagrangian.row_lagrangian(problem, deadline=deadline, soft_penalty=penalty,
                                             max_iterations=ROW_ITERATIONS, primal_deadline=request.deadline)
             ranking = _lagrangian.priced(problem, ws.stats["load_prices"], ws.prices)
-        if request.report is not None and ws.x is not None:
-            request.report(ws.x, float(ws.bound) if np.isfinite(ws.bound) else None)
         stats = {"warm_start": {"kind": kind, "bound": ws.bound, "value": ws.value,
                                 **{k: v for k, v in ws.stats.items() if k != "load_prices"}}}
+        if ws.x is not None:
+            polish = t0 + LOCAL_SHARE * limit if limit is not None else np.inf
+            if request.deadline is not None:
+                polish = min(polish, request.deadline)
+            started = time.perf_counter()
+            x = _local.improve(problem, ws.x, deadline=polish, soft_penalty=penalty)
+            value = _lagrangian.plan_value(problem, x, penalty)
+            stats["local_search"] = {"gain": value - ws.value, "seconds": time.perf_counter() - started}
+            ws.x, ws.value = x, value
+        if request.report is not None and ws.x is not None:
+            request.report(ws.x, float(ws.bound) if np.isfinite(ws.bound) else None)
         remaining = None if limit is None else limit - (time.perf_counter() - t0)
         hint = ws.x if ws.x is not None else ws.reference
         if remaining is not None and remaining > MIN_SEARCH:
