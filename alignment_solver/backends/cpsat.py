@@ -24,8 +24,9 @@ one), whose bound is reported as ``bound`` and whose plan is the hint and the an
 
 The warm start takes ``WARM_SHARE`` / ``ROW_SHARE`` of the time limit; the local search of
 :mod:`._local` then polishes its plan (until no move gains, or ``LOCAL_SHARE`` of the limit);
-CP-SAT searches the rest from that plan: every pair (``rows`` up to ``FULL_MODEL_ARCS``) or
-each client's best ``candidates`` pairs by priced fitness plus the plan's own.  Without a time
+CP-SAT searches the rest but ``POLISH_SHARE`` from that plan: every pair (``rows`` up to
+``FULL_MODEL_ARCS``) or each client's best ``candidates`` pairs by priced fitness plus the
+plan's own; the local search polishes a FEASIBLE answer in what is left.  Without a time
 limit the polished plan is returned as it is (deterministic), FEASIBLE unless the bound closes
 the gap.
 """
@@ -58,6 +59,7 @@ ROW_SHARE = 0.5         # share of the time limit the row warm start may use
 ROW_ITERATIONS = 2000   # its subgradient steps at most (the only limit without a time limit)
 FULL_MODEL_ARCS = 200_000   # up to here CP-SAT searches every pair after a row warm start, else candidates
 LOCAL_SHARE = 0.85      # the local search on the warm start's plan may run until this share of the limit
+POLISH_SHARE = 0.05      # the share of the limit kept to polish CP-SAT's answer by the local search
 MIN_SEARCH = 0.3        # seconds CP-SAT needs at least to be worth starting after a warm start
 LIMITED_WORKERS = 4     # CP-SAT workers under a time limit (measured best of 1-16 on OR-Library d20100)
 
@@ -136,7 +138,9 @@ class CpSatBackend(Backend):
                 mask = ws.x.copy()
                 np.put_along_axis(mask, top, True, axis=1)
             lm = LinearModel.from_problem(problem, penalty, mask=mask)
-            result = self._run(problem, lm, request, t0, hint, remaining)
+            result = self._run(problem, lm, request, t0, hint, remaining - POLISH_SHARE * limit)
+            if result.has_solution and result.status is SolveStatus.FEASIBLE:
+                result = self._polish(problem, result, penalty, t0 + limit, request.deadline)
             if result.has_solution and result.objective >= ws.value:
                 result.stats.update(stats, restricted_to=None if full else int(mask.sum()))
                 return self._bounded(result, ws.bound, full)
@@ -152,6 +156,21 @@ class CpSatBackend(Backend):
                                  solve_seconds=time.perf_counter() - t0, soft=request.soft, soft_penalty=penalty,
                                  stats={**stats, "deterministic": limit is None, "source": "warm start"})
         return self._bounded(result, ws.bound, False)
+
+    def _polish(self, problem: AlignmentProblem, result: AlignmentResult, penalty: Optional[float],
+                until: float, deadline: Optional[float]) -> AlignmentResult:
+        """CP-SAT's FEASIBLE answer after the local search (same result if it gains nothing)."""
+        started = time.perf_counter()
+        x = _local.improve(problem, result.assignment, deadline=until if deadline is None else min(until, deadline),
+                           soft_penalty=penalty)
+        gain = _lagrangian.plan_value(problem, x, penalty) - _lagrangian.plan_value(problem, result.assignment, penalty)
+        if not gain > 0:
+            return result
+        return AlignmentResult(problem, SolveStatus.FEASIBLE, self.name, assignment=x, bound=result.bound,
+                               solve_seconds=result.solve_seconds + time.perf_counter() - started,
+                               build_seconds=result.build_seconds, soft=result.soft, soft_penalty=result.soft_penalty,
+                               stats={**result.stats, "polished": {"gain": gain,
+                                                                   "seconds": time.perf_counter() - started}})
 
     @staticmethod
     def _warm_kind(problem: AlignmentProblem, request: SolveRequest, limited: bool) -> Optional[str]:
