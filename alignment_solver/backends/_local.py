@@ -8,7 +8,8 @@ every expert gains one client and loses one, so loads move only where the reserv
 arcs say, and the cycle's gain is the sum of its arcs.  Each round scores every 2- and 3-cycle
 and applies the best ones whose clients are distinct.
 
-Weighted loads: single moves (shift, add, drop) and swaps of two clients between two experts.
+Weighted loads: single moves (a client shifts to another expert or adds one) and swaps of two
+clients between two experts.
 
 Every move is checked against the current plan before it is applied (capacity, minimum, budget,
 allowed pairs, the band, or its price in soft mode) and applied only when the true objective
