@@ -186,9 +186,8 @@ def _swaps(plan: _Plan, deadline: float) -> bool:
     G, x, w = plan.G, plan.x, plan.w
     C, E = x.shape
     applied = False
-    held = [np.flatnonzero(x[c]) for c in range(C)]
     for c in range(C):
-        for a in held[c].tolist() + [-1]:
+        for a in np.flatnonzero(x[c]).tolist() + [-1]:
             d = np.where(~x[c] & plan.fits_budget(np.array([c]), None if a < 0 else a)[0],
                          G[c] - (0.0 if a < 0 else G[c, a]), -np.inf)
             for b in np.argsort(-d, kind="stable")[:3].tolist():

@@ -116,14 +116,8 @@ class CpSatBackend(Backend):
         stats = {"warm_start": {"kind": kind, "bound": ws.bound, "value": ws.value,
                                 **{k: v for k, v in ws.stats.items() if k != "load_prices"}}}
         if ws.x is not None:
-            polish = t0 + LOCAL_SHARE * limit if limit is not None else np.inf
-            if request.deadline is not None:
-                polish = min(polish, request.deadline)
-            started = time.perf_counter()
-            x = _local.improve(problem, ws.x, deadline=polish, soft_penalty=penalty)
-            value = _lagrangian.plan_value(problem, x, penalty)
-            stats["local_search"] = {"gain": value - ws.value, "seconds": time.perf_counter() - started}
-            ws.x, ws.value = x, value
+            until = t0 + LOCAL_SHARE * limit if limit is not None else np.inf
+            ws.x, ws.value, stats["local_search"] = self._polish(problem, ws.x, penalty, until, request.deadline)
         if request.report is not None and ws.x is not None:
             request.report(ws.x, float(ws.bound) if np.isfinite(ws.bound) else None)
         remaining = None if limit is None else limit - (time.perf_counter() - t0)
@@ -140,7 +134,13 @@ class CpSatBackend(Backend):
             lm = LinearModel.from_problem(problem, penalty, mask=mask)
             result = self._run(problem, lm, request, t0, hint, remaining - POLISH_SHARE * limit)
             if result.has_solution and result.status is SolveStatus.FEASIBLE:
-                result = self._polish(problem, result, penalty, t0 + limit, request.deadline)
+                started = time.perf_counter()
+                x, _, info = self._polish(problem, result.assignment, penalty, t0 + limit, request.deadline)
+                if info["gain"] > 0:
+                    result = AlignmentResult(problem, SolveStatus.FEASIBLE, self.name, assignment=x, bound=result.bound,
+                                             solve_seconds=result.solve_seconds + time.perf_counter() - started,
+                                             build_seconds=result.build_seconds, soft=result.soft,
+                                             soft_penalty=result.soft_penalty, stats={**result.stats, "polished": info})
             if result.has_solution and result.objective >= ws.value:
                 result.stats.update(stats, restricted_to=None if full else int(mask.sum()))
                 return self._bounded(result, ws.bound, full)
@@ -157,20 +157,18 @@ class CpSatBackend(Backend):
                                  stats={**stats, "deterministic": limit is None, "source": "warm start"})
         return self._bounded(result, ws.bound, False)
 
-    def _polish(self, problem: AlignmentProblem, result: AlignmentResult, penalty: Optional[float],
-                until: float, deadline: Optional[float]) -> AlignmentResult:
-        """CP-SAT's FEASIBLE answer after the local search (same result if it gains nothing)."""
+    @staticmethod
+    def _polish(problem: AlignmentProblem, x: np.ndarray, penalty: Optional[float], until: float,
+                deadline: Optional[float]) -> tuple[np.ndarray, float, dict]:
+        """The plan after the local search until ``until`` (or ``deadline``), its value, and
+        ``{"gain", "seconds"}``; the gain is NaN when ``x`` breaks a hard row."""
         started = time.perf_counter()
-        x = _local.improve(problem, result.assignment, deadline=until if deadline is None else min(until, deadline),
-                           soft_penalty=penalty)
-        gain = _lagrangian.plan_value(problem, x, penalty) - _lagrangian.plan_value(problem, result.assignment, penalty)
-        if not gain > 0:
-            return result
-        return AlignmentResult(problem, SolveStatus.FEASIBLE, self.name, assignment=x, bound=result.bound,
-                               solve_seconds=result.solve_seconds + time.perf_counter() - started,
-                               build_seconds=result.build_seconds, soft=result.soft, soft_penalty=result.soft_penalty,
-                               stats={**result.stats, "polished": {"gain": gain,
-                                                                   "seconds": time.perf_counter() - started}})
+        better = _local.improve(problem, x, deadline=until if deadline is None else min(until, deadline),
+                                soft_penalty=penalty)
+        value = _lagrangian.plan_value(problem, better, penalty)
+        with np.errstate(invalid="ignore"):
+            gain = value - _lagrangian.plan_value(problem, x, penalty)
+        return better, value, {"gain": gain, "seconds": time.perf_counter() - started}
 
     @staticmethod
     def _warm_kind(problem: AlignmentProblem, request: SolveRequest, limited: bool) -> Optional[str]:
