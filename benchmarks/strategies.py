@@ -114,6 +114,7 @@ def run(job: tuple[tuple[str, str, str, str], int]) -> dict[str, Any]:
             "mb": sum(r["bytes_down"] + r["bytes_up"] for r in mine) / 1e6, "sim_seconds": mine[-1]["sim_seconds"],
             "nmi": mine[-1]["nmi"], "untrained": mine[-1]["untrained"],
             "load_cv": float(np.mean([r["load_cv"] for r in mine])),
+            "fallback_rounds": int(sum(r["fallback"] for r in mine)), "planned_rounds": len(mine),
             "curve": [[r["sim_seconds"], r["accuracy"]] for r in mine]}
     return res
 
@@ -202,6 +203,12 @@ def verdicts(results: list[dict]) -> list[str]:
         out.append(f"- Plain digits (no-harm): the best strategy against aligned is {s}, "
                    f"{100 * m:+.2f} points global accuracy (95 % CI [{100 * lo:+.2f}, {100 * hi:+.2f}]); "
                    f"target: no strategy more than +0.5: **{'met' if m <= 0.005 else 'missed'}**.")
+    for s in ("aligned_budget", "aligned"):
+        got = [r["strategies"][s] for r in results if s in r["strategies"] and "fallback_rounds" in r["strategies"][s]]
+        if got:
+            n, total = sum(g["fallback_rounds"] for g in got), sum(g["planned_rounds"] for g in got)
+            out.append(f"- {s}: rounds planned by the greedy fallback because the solver returned no plan: "
+                       f"{n} of {total}; target: none: **{'met' if n == 0 else 'missed'}**.")
     return out
 
 

@@ -142,6 +142,21 @@ def test_every_strategy_learns_and_respects_capacities():
         assert all(sum(r["load"]) <= world.capacity.sum() for r in mine)
     aligned = [r for r in out["rows"] if r["strategy"] == "aligned"]
     assert max(r["planned_cv"] for r in aligned[2:]) <= 0.35                 # 12 clients: band is coarse
+    assert not any(r["fallback"] for r in out["rows"]), "a solver-planned round fell back to greedy"
+
+
+def test_a_round_planned_by_the_greedy_fallback_is_counted():
+    from alignment_solver import AlignmentProblem, solve
+    from alignment_solver.rounds import RoundPlan
+    from alignment_solver.training.simulate import _fallback
+
+    problem = AlignmentProblem(fitness=np.eye(2), capacity=1)
+    for backend, expected in (("greedy", True), ("flow", False)):
+        plan = RoundPlan(round=0, clients=[], status="feasible")
+        plan._result = solve(problem, backend=backend)
+        assert _fallback(plan) is expected
+    plan._result.stats["source"] = "greedy fallback"                       # the deadline runner's hand-over
+    assert _fallback(plan)
 
 
 def test_aligned_keeps_the_load_band_and_same_seed_same_metrics(tmp_path):

@@ -341,6 +341,7 @@ def run_strategy(cfg: SimConfig, world: World, strategy: str, progress: Optional
         rows.append({"strategy": strategy, "round": r, "accuracy": acc,
                      "personalised_accuracy": float(np.mean(personal)) if personal else math.nan,
                      "load_cv": cv(trained), "planned_cv": plan.planned_cv, "solve_ms": 1000 * plan.solve_seconds,
+                     "fallback": assign is None and _fallback(plan),
                      "bytes_down": down, "bytes_up": up, "clients": len(updates), "late": late,
                      "experts_per_client": float(np.mean([len(pc.experts) for pc in plan.clients]))
                      if plan.clients else 0.0,
@@ -348,6 +349,12 @@ def run_strategy(cfg: SimConfig, world: World, strategy: str, progress: Optional
                      "nmi": routing_nmi(model, params, data, trained_ever),
                      "untrained": int((~trained_ever).sum()), "load": trained.astype(int).tolist()})
     return rows
+
+
+def _fallback(plan) -> bool:
+    """Whether the coordinator's solver found no plan and the greedy fallback planned the round."""
+    r = plan.result
+    return r is not None and (r.backend == "greedy" or r.stats.get("source") == "greedy fallback")
 
 
 def _mask(E: int, experts: list[int]) -> np.ndarray:
@@ -380,6 +387,7 @@ def summarise(cfg: SimConfig, rows: list[dict]) -> dict[str, dict[str, Any]]:
                   "untrained_experts": mine[-1]["untrained"],
                   "mean_load_cv": float(np.mean([r["load_cv"] for r in mine])),
                   "solve_ms_per_round": float(np.mean([r["solve_ms"] for r in mine])),
+                  "fallback_rounds": int(sum(r["fallback"] for r in mine)),
                   "mb_moved": sum(r["bytes_down"] + r["bytes_up"] for r in mine) / 1e6}
     return out
 
