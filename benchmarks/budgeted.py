@@ -1,6 +1,6 @@
 """Budgeted and weighted rounds at every size: how good is the plan after 0.5 s and after 2 s?
 
-For each size (100 x 8, 1,000 x 32, 10,000 x 64), kind (budget rows; weighted loads) and mode
+For each size (100 x 8, 1,000 x 32, 2,000 x 32, 5,000 x 64, 10,000 x 64), kind (budget rows; weighted loads) and mode
 (hard band; soft band), ``solve(backend="auto", time_limit=T)`` runs in a fresh process for
 T = 0.5 and 2 s.  Each plan is compared with the LP relaxation's optimum (scipy's HiGHS), an
 upper bound on any plan; ``gap = (best bound - objective) / |best bound|`` with the smaller of the
@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Progress, isolated, machine, markdown, publish  # noqa: E402
 
-SIZES = [(100, 8), (1_000, 32), (10_000, 64)]
+SIZES = [(100, 8), (1_000, 32), (2_000, 32), (5_000, 64), (10_000, 64)]
 KINDS = ["budget", "weighted"]
 LIMITS = [0.5, 2.0]
 
