@@ -1,8 +1,8 @@
 """Budgeted and weighted rounds at every size: how good is the plan after 0.5 s and after 2 s?
 
-For each size (100 x 8, 1,000 x 32, 2,000 x 32, 5,000 x 64, 10,000 x 64), kind (budget rows; weighted loads) and mode
-(hard band; soft band), ``solve(backend="auto", time_limit=T)`` runs in a fresh process for
-T = 0.5 and 2 s.  Each plan is compared with the LP relaxation's optimum (scipy's HiGHS), an
+For each size (100 x 8, 1,000 x 32, 2,000 x 32, 5,000 x 64, 10,000 x 64), kind (budget rows;
+weighted loads) and mode (hard band; soft band), ``solve(backend="auto", time_limit=T)`` runs
+in a fresh process for T = 0.5 and 2 s.  Each plan is compared with the LP relaxation's optimum (scipy's HiGHS), an
 upper bound on any plan; ``gap = (best bound - objective) / |best bound|`` with the smaller of the
 LP bound and the bound ``solve`` reports.  Targets from issue 9: a plan within 0.5 s, and within
 1 % of the bound within 2 s; either way ``solve`` returns within its time limit + 0.5 s.

@@ -151,10 +151,14 @@ def test_a_round_planned_by_the_greedy_fallback_is_counted():
     from alignment_solver.training.simulate import _fallback
 
     problem = AlignmentProblem(fitness=np.eye(2), capacity=1)
-    for backend, expected in (("greedy", True), ("flow", False)):
-        plan = RoundPlan(round=0, clients=[], status="feasible")
-        plan._result = solve(problem, backend=backend)
-        assert _fallback(plan) is expected
+    plan = RoundPlan(round=0, clients=[], status="feasible", backend="greedy")
+    plan._result = solve(problem, backend="greedy")
+    assert not _fallback(plan)                                              # greedy chosen, not fallen back to
+    plan.explanation = "cpsat: no_solution_found (...); planned with the greedy fallback"   # the coordinator's
+    assert _fallback(plan)
+    plan = RoundPlan(round=0, clients=[], status="feasible")
+    plan._result = solve(problem, backend="flow")
+    assert not _fallback(plan)
     plan._result.stats["source"] = "greedy fallback"                       # the deadline runner's hand-over
     assert _fallback(plan)
 

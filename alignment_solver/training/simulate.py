@@ -354,7 +354,7 @@ def run_strategy(cfg: SimConfig, world: World, strategy: str, progress: Optional
 def _fallback(plan) -> bool:
     """Whether the coordinator's solver found no plan and the greedy fallback planned the round."""
     r = plan.result
-    return r is not None and (r.backend == "greedy" or r.stats.get("source") == "greedy fallback")
+    return "greedy fallback" in (plan.explanation or "") or (r is not None and r.stats.get("source") == "greedy fallback")
 
 
 def _mask(E: int, experts: list[int]) -> np.ndarray:
