@@ -2,12 +2,13 @@
 closes most of the gap the slot flow leaves on budgeted rounds (checked against scipy)."""
 
 import math
+import time
 
 import numpy as np
 import pytest
 
 from alignment_solver import AlignmentProblem, solve
-from alignment_solver.backends import _lagrangian, _local
+from alignment_solver.backends import _lagrangian, _local, _submip
 from alignment_solver.instances import random_problem
 
 from .oracles import scipy_milp, value, violations
@@ -70,3 +71,40 @@ def test_polishing_the_slot_plan_closes_most_of_its_gap_to_the_lp():
     assert violations(problem, x) == []
     assert value(problem, x) > ws.value
     assert (lp - value(problem, ws.x)) / lp > 0.01 > (lp - value(problem, x)) / lp
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_sub_mip_freeing_every_client_reaches_the_milp_optimum(soft):
+    """Up to ``CLIENTS`` clients the sub-MIP is the whole problem, so one step is exact."""
+    rng = np.random.default_rng(77 + soft)
+    penalty = 2.0 if soft else None
+    checked = 0
+    while checked < 8:
+        problem = _instance(rng, weighted=False)
+        if problem.usage_matrix is None:
+            continue
+        start = solve(problem, backend="greedy", soft=soft, **({"soft_penalty": penalty} if soft else {}))
+        if not start.has_solution:
+            continue
+        x, info = _submip.improve(problem, start.assignment, deadline=math.inf, seed=0, soft_penalty=penalty,
+                                  max_steps=1, step_limit=120)
+        optimum = scipy_milp(problem, soft_penalty=penalty)
+        assert violations(problem, x, soft=soft) == []
+        assert info["steps"] == 1 and value(problem, x, penalty) == pytest.approx(optimum, abs=1e-6)
+        checked += 1
+
+
+def test_sub_mip_improves_a_budgeted_plan_without_breaking_a_row():
+    problem = random_problem(600, 12, seed=11, budget=True)
+    ws = _lagrangian.lagrangian(problem, deadline=time.perf_counter() + 30, seed=0)
+    start = _local.improve(problem, ws.x, deadline=math.inf)
+    seen = []
+    x, info = _submip.improve(problem, start, deadline=math.inf, seed=3, report=seen.append, max_steps=4,
+                              step_limit=120)
+    assert violations(problem, x) == []
+    assert value(problem, x) > value(problem, start) + 1e-6
+    assert info["improved"] == len(seen) >= 1 and np.array_equal(seen[-1], x)
+    again, _ = _submip.improve(problem, start, deadline=math.inf, seed=3, max_steps=4, step_limit=120)
+    assert np.array_equal(again, x)
+    with pytest.raises(ValueError, match="budgeted count-load"):
+        _submip.improve(random_problem(20, 3, seed=0), np.zeros((20, 3), bool), deadline=math.inf, seed=0)

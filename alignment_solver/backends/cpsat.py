@@ -44,7 +44,7 @@ import numpy as np
 from ..formulations.milp import LinearModel
 from ..problem import AlignmentProblem
 from ..result import OPTIMAL_GAP, AlignmentResult, SolveStatus
-from . import _lagrangian, _local
+from . import _lagrangian, _local, _submip
 from .base import Backend, SolveRequest
 
 MAX_DENOMINATOR = 10 ** 6   # rows are exact when all their numbers share a denominator up to this
@@ -67,6 +67,7 @@ LIMITED_WORKERS = 4     # CP-SAT workers under a time limit (measured best of 1-
 class CpSatBackend(Backend):
     name = "cpsat"
     requires = ("ortools",)
+    child_processes = True      # the sub-MIP search of budgeted rounds runs CBC
     options = {
         "workers": (None, f"CP-SAT search workers (default 1, or {LIMITED_WORKERS} under a time limit); "
                           "1 without a time limit is deterministic"),
@@ -74,6 +75,7 @@ class CpSatBackend(Backend):
         "log": (False, "print CP-SAT's search log"),
         "warm_start": ("auto", "'auto', 'lagrangian' or 'none' (see the module docstring)"),
         "candidates": (8, "pairs per client CP-SAT searches after a warm start"),
+        "sub_mip": (True, "budgeted rounds under a time limit: CBC re-plans sets of clients after the local search"),
     }
 
     def check_option(self, name: str, value: Any) -> Any:
@@ -81,9 +83,9 @@ class CpSatBackend(Backend):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"option {name!r} of backend 'cpsat' must be an integer >= 1; got {value!r}")
             return int(value)
-        if name == "log":
+        if name in ("log", "sub_mip"):
             if not isinstance(value, bool):
-                raise ValueError(f"option 'log' of backend 'cpsat' must be True or False; got {value!r}")
+                raise ValueError(f"option {name!r} of backend 'cpsat' must be True or False; got {value!r}")
             return value
         if name == "warm_start":
             if value not in ("auto", "lagrangian", "none"):
@@ -118,8 +120,15 @@ class CpSatBackend(Backend):
         if ws.x is not None:
             until = t0 + LOCAL_SHARE * limit if limit is not None else np.inf
             ws.x, ws.value, stats["local_search"] = self._polish(problem, ws.x, penalty, until, request.deadline)
+        bound = float(ws.bound) if np.isfinite(ws.bound) else None
         if request.report is not None and ws.x is not None:
-            request.report(ws.x, float(ws.bound) if np.isfinite(ws.bound) else None)
+            request.report(ws.x, bound)
+        if ws.x is not None and kind == "flow" and limit is not None and request.options.get("sub_mip", True):
+            end = t0 + LOCAL_SHARE * limit if request.deadline is None else min(t0 + LOCAL_SHARE * limit, request.deadline)
+            report = None if request.report is None else (lambda y: request.report(y, bound))
+            ws.x, stats["sub_mip"] = _submip.improve(problem, ws.x, deadline=end, seed=request.seed,
+                                                     soft_penalty=penalty, report=report)
+            ws.value = _lagrangian.plan_value(problem, ws.x, penalty)
         remaining = None if limit is None else limit - (time.perf_counter() - t0)
         hint = ws.x if ws.x is not None else ws.reference
         if remaining is not None and remaining > MIN_SEARCH:
