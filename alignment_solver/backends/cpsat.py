@@ -24,9 +24,10 @@ one), whose bound is reported as ``bound`` and whose plan is the hint and the an
 
 The warm start takes ``WARM_SHARE`` / ``ROW_SHARE`` of the time limit; the local search of
 :mod:`._local` then polishes its plan (until no move gains, or ``LOCAL_SHARE`` of the limit);
-CP-SAT searches the rest but ``POLISH_SHARE`` from that plan: every pair (``rows`` up to
-``FULL_MODEL_ARCS``) or each client's best ``candidates`` pairs by priced fitness plus the
-plan's own; the local search polishes a FEASIBLE answer in what is left.  Without a time
+after a ``flow`` warm start under a time limit, the sub-MIP search of :mod:`._submip` (CBC,
+option ``sub_mip``) goes on until ``LOCAL_SHARE`` of the limit; CP-SAT searches the rest but
+``POLISH_SHARE`` from that plan: every pair (``rows`` up to ``FULL_MODEL_ARCS``) or each
+client's best ``candidates`` pairs by priced fitness plus the plan's own; the local search polishes a FEASIBLE answer in what is left.  Without a time
 limit the polished plan is returned as it is (deterministic), FEASIBLE unless the bound closes
 the gap.
 """
