@@ -27,9 +27,9 @@ The warm start takes ``WARM_SHARE`` / ``ROW_SHARE`` of the time limit; the local
 after a ``flow`` warm start under a time limit, the sub-MIP search of :mod:`._submip` (CBC,
 option ``sub_mip``) goes on until ``LOCAL_SHARE`` of the limit; CP-SAT searches the rest but
 ``POLISH_SHARE`` from that plan: every pair (``rows`` up to ``FULL_MODEL_ARCS``) or each
-client's best ``candidates`` pairs by priced fitness plus the plan's own; the local search polishes a FEASIBLE answer in what is left.  Without a time
-limit the polished plan is returned as it is (deterministic), FEASIBLE unless the bound closes
-the gap.
+client's best ``candidates`` pairs by priced fitness plus the plan's own; the local search
+polishes a FEASIBLE answer in what is left.  Without a time limit the polished plan is returned
+as it is (deterministic), FEASIBLE unless the bound closes the gap.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ class CpSatBackend(Backend):
         if request.report is not None and ws.x is not None:
             request.report(ws.x, bound)
         if ws.x is not None and kind == "flow" and limit is not None and request.options.get("sub_mip", True):
-            end = t0 + LOCAL_SHARE * limit if request.deadline is None else min(t0 + LOCAL_SHARE * limit, request.deadline)
+            end = until if request.deadline is None else min(until, request.deadline)
             report = None if request.report is None else (lambda y: request.report(y, bound))
             ws.x, stats["sub_mip"] = _submip.improve(problem, ws.x, deadline=end, seed=request.seed,
                                                      soft_penalty=penalty, report=report)
