@@ -2,6 +2,8 @@
 closes most of the gap the slot flow leaves on budgeted rounds (checked against scipy)."""
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -107,3 +109,22 @@ def test_sub_mip_improves_a_budgeted_plan_without_breaking_a_row():
     assert np.array_equal(again, x)
     with pytest.raises(ValueError, match="budgeted count-load"):
         _submip.improve(random_problem(20, 3, seed=0), np.zeros((20, 3), bool), deadline=math.inf, seed=0)
+
+
+def test_cpsat_without_pulp_skips_the_sub_mip_and_still_returns_its_plan():
+    """The core install has no PuLP: a budgeted round under a time limit must not fail on the
+    sub-MIP's import (it did: 'cpsat failed: ModuleNotFoundError')."""
+    code = """
+import sys
+sys.modules["pulp"] = None
+from alignment_solver import solve
+from alignment_solver.instances import random_problem
+p = random_problem(400, 16, seed=2, budget=True)
+r = solve(p, backend="cpsat", time_limit=1.0, options={"warm_start": "lagrangian"})
+assert r.has_solution and r.explanation is None, (r.status, r.explanation)
+assert "PuLP is not installed" in r.stats["sub_mip"]["skipped"], r.stats
+assert r.violations() == []
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -29,6 +29,13 @@ STEP_LIMIT = 1.0        # CBC's time limit per step, seconds
 MIN_STEP = 0.2          # seconds a step needs at least to be worth starting
 
 
+def available() -> bool:
+    """Whether PuLP (and so its bundled CBC) is installed; the search needs it."""
+    from . import _present
+
+    return _present("pulp")
+
+
 def _freed(problem: AlignmentProblem, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     C = x.shape[0]
     if C <= CLIENTS:

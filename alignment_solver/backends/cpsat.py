@@ -76,7 +76,8 @@ class CpSatBackend(Backend):
         "log": (False, "print CP-SAT's search log"),
         "warm_start": ("auto", "'auto', 'lagrangian' or 'none' (see the module docstring)"),
         "candidates": (8, "pairs per client CP-SAT searches after a warm start"),
-        "sub_mip": (True, "budgeted rounds under a time limit: CBC re-plans sets of clients after the local search"),
+        "sub_mip": (True, "budgeted rounds under a time limit: CBC re-plans sets of clients after the local search "
+                          "(needs PuLP; skipped without it, see stats['sub_mip'])"),
     }
 
     def check_option(self, name: str, value: Any) -> Any:
@@ -125,11 +126,14 @@ class CpSatBackend(Backend):
         if request.report is not None and ws.x is not None:
             request.report(ws.x, bound)
         if ws.x is not None and kind == "flow" and limit is not None and request.options.get("sub_mip", True):
-            end = until if request.deadline is None else min(until, request.deadline)
-            report = None if request.report is None else (lambda y: request.report(y, bound))
-            ws.x, stats["sub_mip"] = _submip.improve(problem, ws.x, deadline=end, seed=request.seed,
-                                                     soft_penalty=penalty, report=report)
-            ws.value = _lagrangian.plan_value(problem, ws.x, penalty)
+            if _submip.available():
+                end = until if request.deadline is None else min(until, request.deadline)
+                report = None if request.report is None else (lambda y: request.report(y, bound))
+                ws.x, stats["sub_mip"] = _submip.improve(problem, ws.x, deadline=end, seed=request.seed,
+                                                         soft_penalty=penalty, report=report)
+                ws.value = _lagrangian.plan_value(problem, ws.x, penalty)
+            else:
+                stats["sub_mip"] = {"skipped": "PuLP is not installed (pip install 'alignment-solver[pulp]')"}
         remaining = None if limit is None else limit - (time.perf_counter() - t0)
         hint = ws.x if ws.x is not None else ws.reference
         if remaining is not None and remaining > MIN_SEARCH:
