@@ -61,12 +61,12 @@ def test_polished_plans_keep_every_hard_row_and_never_get_worse(weighted, soft):
 
 
 def test_polishing_the_slot_plan_closes_most_of_its_gap_to_the_lp():
-    """1,000 x 32 budgeted (the benchmark round): the slot flow's plan alone was 1.2 % below the
-    LP bound; polished, under 1 %."""
+    """1,000 x 32 budgeted (the benchmark round): the budget-price slot plan alone is 1.2 % below
+    the LP bound; polished, under 1 %."""
     from .test_conformance import _lp_bound
 
     problem = random_problem(1000, 32, seed=0, budget=True)
-    ws = _lagrangian.lagrangian(problem, deadline=math.inf, seed=0)
+    ws = _lagrangian._flow_lagrangian(problem, deadline=math.inf, seed=0, max_iterations=30, soft_penalty=None)
     x = _local.improve(problem, ws.x, deadline=math.inf)
     lp = _lp_bound(problem)
     assert violations(problem, x) == []
@@ -97,7 +97,7 @@ def test_sub_mip_freeing_every_client_reaches_the_milp_optimum(soft):
 
 def test_sub_mip_improves_a_budgeted_plan_without_breaking_a_row():
     problem = random_problem(600, 12, seed=11, budget=True)
-    ws = _lagrangian.lagrangian(problem, deadline=math.inf, seed=0)
+    ws = _lagrangian._flow_lagrangian(problem, deadline=math.inf, seed=0, max_iterations=30, soft_penalty=None)
     start = _local.improve(problem, ws.x, deadline=math.inf)
     seen = []
     x, info = _submip.improve(problem, start, deadline=math.inf, seed=3, report=seen.append, max_steps=4,

@@ -1,6 +1,7 @@
 """Lagrangian warm starts (used by ``cpsat`` at scale and under time limits).
 
-:func:`lagrangian`, for budgeted count-load problems:
+:func:`lagrangian`, for budgeted count-load problems: first the band prices of :mod:`._knapsack`
+where they apply (a tighter bound; their clients' sets are the slot references), else:
 
 Folding the budget rows into the costs with prices ``lam[c] >= 0`` leaves a count-load problem
 that the flow backend solves exactly, and each answer bounds the budgeted optimum::
@@ -35,6 +36,7 @@ from ..formulations.flow import count_band, penalty_for
 from ..formulations.slots import chain_arcs, choose_slots, cover_demand, levels_of
 from ..problem import AlignmentProblem
 from ..result import SolveStatus
+from . import _knapsack
 from .base import SolveRequest
 from .flow import FlowBackend
 from .greedy import complete
@@ -236,7 +238,31 @@ def slot_primal(problem: AlignmentProblem, reference: np.ndarray, soft: bool = F
 def lagrangian(problem: AlignmentProblem, *, deadline: float, seed: int, max_iterations: int = 30,
                soft_penalty: Optional[float] = None) -> WarmStart:
     """Subgradient search on the budget prices until ``deadline``, then the slot primal
-    (``soft_penalty``: a soft band priced at it; None: hard band)."""
+    (``soft_penalty``: a soft band priced at it; None: hard band).
+
+    Where :mod:`._knapsack` applies, its band prices come first instead: the best-bound clients'
+    sets are the slot references, and its bound is reported; the budget prices run only if no
+    reference gives a plan.
+    """
+    knap = _knapsack.band_prices(problem, deadline=deadline, soft_penalty=soft_penalty)
+    if knap is not None:
+        tried = 0
+        for _, reference in sorted(knap.references, key=lambda r: r[0])[:PRIMAL_TRIES]:
+            tried += 1
+            x = slot_primal(problem, reference, soft=soft_penalty is not None)
+            if x is not None:
+                return WarmStart(x=x, value=plan_value(problem, x, soft_penalty), bound=knap.bound,
+                                 prices=np.zeros(problem.n_clients), reference=reference,
+                                 stats={"method": "band prices", **knap.stats, "primal_tries": tried})
+    flow = _flow_lagrangian(problem, deadline=deadline, seed=seed, max_iterations=max_iterations,
+                            soft_penalty=soft_penalty)
+    if knap is not None and knap.bound < flow.bound:
+        flow.bound = knap.bound
+    return flow
+
+
+def _flow_lagrangian(problem: AlignmentProblem, *, deadline: float, seed: int, max_iterations: int,
+                     soft_penalty: Optional[float]) -> WarmStart:
     usage, budget = problem.usage_matrix, problem.budget
     lam = np.zeros(problem.n_clients)
     flow = FlowBackend()
@@ -280,5 +306,6 @@ def lagrangian(problem: AlignmentProblem, *, deadline: float, seed: int, max_ite
         x = slot_primal(problem, reference, soft=soft_penalty is not None)
         if x is not None:
             best.x, best.value = x, plan_value(problem, x, soft_penalty)
-    best.stats = {"iterations": it, "primal_tries": tried, "seconds": time.perf_counter() - started}
+    best.stats = {"method": "budget prices", "iterations": it, "primal_tries": tried,
+                  "seconds": time.perf_counter() - started}
     return best

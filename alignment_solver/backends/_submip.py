@@ -79,7 +79,8 @@ def improve(problem: AlignmentProblem, x: np.ndarray, *, deadline: float, seed: 
         rows = _freed(problem, x, rng)
         limit = min(step_limit, deadline - time.perf_counter())
         res = cbc.solve(_sub(problem, x, rows),
-                        SolveRequest(time_limit=limit, seed=seed, soft=soft_penalty is not None,
+                        SolveRequest(time_limit=limit, deadline=time.perf_counter() + limit, seed=seed,
+                                     soft=soft_penalty is not None,
                                      soft_penalty=1.0 if soft_penalty is None else soft_penalty))
         if not res.has_solution:
             continue
