@@ -15,6 +15,8 @@ def _target(conn: Any, fn: Callable[..., dict], args: tuple) -> None:
         out = fn(*args)
     except Exception as exc:  # reported in the table, not hidden
         out = {"error": f"{type(exc).__name__}: {exc}"}
+    for proc in mp.active_children():   # the deadline runner kills its worker without waiting: reap it,
+        proc.join(timeout=60)           # so its peak memory counts in RUSAGE_CHILDREN
     out["peak_mb"] = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF,
                                                                         resource.RUSAGE_CHILDREN)) / 1024
     conn.send(out)
