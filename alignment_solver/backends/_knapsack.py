@@ -19,10 +19,8 @@ subgradient steps towards 1 % below the best bound.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Optional
 
 import numpy as np
@@ -49,18 +47,13 @@ def integer_budget(problem: AlignmentProblem) -> Optional[tuple[np.ndarray, np.n
     capacity can spend), or None when no small denominator exists or the table is too large."""
     if problem.usage_matrix is None or problem.weight_matrix is not None:
         return None
+    from .cpsat import _denominator       # imported here: cpsat imports this module
+
     u, B = problem.usage_matrix, problem.budget
-    values = np.unique(u[problem.allowed_matrix])
-    if len(values) > 4096 or np.any(values < 0):
+    values = u[problem.allowed_matrix]
+    q = _denominator(values, MAX_DENOMINATOR)
+    if q is None or np.any(values < 0):
         return None
-    q = 1
-    for v in values[values != np.round(values)]:
-        f = Fraction(float(v)).limit_denominator(MAX_DENOMINATOR)
-        if abs(float(f) - v) > 1e-12 * max(1.0, abs(v)):
-            return None
-        q = q * f.denominator // math.gcd(q, f.denominator)
-        if q > MAX_DENOMINATOR:
-            return None
     ui = np.rint(u * q).astype(np.int64)
     K = int(problem.capacity_array.max(initial=0))
     top = int(np.sort(np.where(problem.allowed_matrix, ui, 0), axis=1)[:, -K:].sum(axis=1).max(initial=0)) if K else 0

@@ -318,19 +318,19 @@ class IntegerRow:
     exact: bool
 
 
-def _denominator(values: np.ndarray) -> Optional[int]:
-    """Smallest common denominator ``q <= MAX_DENOMINATOR`` making every value an integer, or None."""
+def _denominator(values: np.ndarray, limit: int = MAX_DENOMINATOR) -> Optional[int]:
+    """Smallest common denominator ``q <= limit`` making every value an integer, or None."""
     q = 1
     frac = values[values != np.round(values)]
     uniq = np.unique(frac)
     if len(uniq) > MAX_FRACTIONS:
         return None
     for v in uniq:
-        f = Fraction(float(v)).limit_denominator(MAX_DENOMINATOR)
+        f = Fraction(float(v)).limit_denominator(limit)
         if abs(float(f) - v) > 1e-12 * max(1.0, abs(v)):
             return None
         q = q * f.denominator // math.gcd(q, f.denominator)
-        if q > MAX_DENOMINATOR:
+        if q > limit:
             return None
     return q
 
