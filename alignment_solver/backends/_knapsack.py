@@ -114,27 +114,24 @@ def band_prices(problem: AlignmentProblem, *, deadline: float, soft_penalty: Opt
     """Subgradient search on the band prices until ``deadline`` (at least one iteration),
     ``max_iterations``, or ``STALL`` iterations without a relative gain of 1e-6 in the bound;
     None where the method does not apply (see the module docstring) or a client has no set that fits."""
+    from ._lagrangian import BandRows      # imported here: _lagrangian imports this module
+
     ints = integer_budget(problem)
     if ints is None:
         return None
     usage, budget = ints
     started = time.perf_counter()
     G = np.where(problem.allowed_matrix, problem.objective_matrix, -np.inf)
-    L, U = problem.min_load_array.astype(float), problem.max_load_array.astype(float)
+    band = BandRows(problem, soft_penalty)
     low, cap = problem.min_experts_array, problem.capacity_array
-    E = G.shape[1]
-    top = np.full(E, np.inf if soft_penalty is None else soft_penalty)
-    nu_max = np.where(np.isfinite(U), top, 0.0)
-    nu_min = np.where(L > 0, -top, 0.0)
-    Uf = np.where(np.isfinite(U), U, 0.0)
-    nu = np.zeros(E)
+    nu = np.zeros(G.shape[1])
     out = BandPrices(prices=nu.copy())
     theta, stall, it, gained = 2.0, 0, 0, 0
     for it in range(1, max_iterations + 1):
         value, x = best_sets(G - nu[None, :], usage, budget, low, cap)
         if not np.all(np.isfinite(value)):
             return None
-        ub = float(value.sum()) + float(np.maximum(nu, 0) @ Uf) - float(np.maximum(-nu, 0) @ L)
+        ub = float(value.sum()) + band.constant(nu)
         ub += 1e-9 * max(1.0, abs(ub))                   # floating-point margin: the bound stays valid
         out.references.append((ub, x))
         if ub < out.bound - 1e-6 * abs(out.bound):
@@ -145,13 +142,12 @@ def band_prices(problem: AlignmentProblem, *, deadline: float, soft_penalty: Opt
             stall += 1
             if stall >= 3:
                 theta, stall = theta / 2, 0
-        load = x.sum(axis=0)
-        g = np.where(nu > 0, load - Uf, np.where(nu < 0, load - L, np.maximum(load - U, 0) + np.minimum(load - L, 0)))
+        g = band.subgradient(nu, x.sum(axis=0))
         norm = float(g @ g)
         per_iteration = (time.perf_counter() - started) / it
         if norm == 0 or time.perf_counter() + per_iteration > deadline or it - gained >= STALL:
             break
         step = theta * 0.01 * max(abs(out.bound), 1e-9) / norm + theta * max(ub - out.bound, 0.0) / norm
-        nu = np.clip(nu + step * g, nu_min, nu_max)
+        nu = band.step(nu, g, step)
     out.stats = {"iterations": it, "seconds": time.perf_counter() - started}
     return out

@@ -132,6 +132,29 @@ def repair(problem: AlignmentProblem, x: np.ndarray, score: np.ndarray, deadline
     return complete(problem, start=x, deadline=deadline, score=score)
 
 
+class BandRows:
+    """The expert load rows under Lagrangian prices ``nu`` (E,): ``nu > 0`` prices the upper row,
+    ``nu < 0`` the lower one, ``|nu| <= soft_penalty`` in soft mode."""
+
+    def __init__(self, problem: AlignmentProblem, soft_penalty: Optional[float]) -> None:
+        self.L, self.U = problem.min_load_array.astype(float), problem.max_load_array.astype(float)
+        top = np.full(len(self.L), np.inf if soft_penalty is None else soft_penalty)
+        self.hi = np.where(np.isfinite(self.U), top, 0.0)
+        self.lo = np.where(self.L > 0, -top, 0.0)
+        self.Uf = np.where(np.isfinite(self.U), self.U, 0.0)
+
+    def constant(self, nu: np.ndarray) -> float:
+        """The rows' term of the bound: ``sum_e nu+_e U_e - nu-_e L_e``."""
+        return float(np.maximum(nu, 0) @ self.Uf) - float(np.maximum(-nu, 0) @ self.L)
+
+    def subgradient(self, nu: np.ndarray, load: np.ndarray) -> np.ndarray:
+        L, U = self.L, self.U
+        return np.where(nu > 0, load - self.Uf, np.where(nu < 0, load - L, np.maximum(load - U, 0) + np.minimum(load - L, 0)))
+
+    def step(self, nu: np.ndarray, g: np.ndarray, size: float) -> np.ndarray:
+        return np.clip(nu + size * g, self.lo, self.hi)
+
+
 def row_lagrangian(problem: AlignmentProblem, *, deadline: float, soft_penalty: Optional[float] = None,
                    max_iterations: int = 2000, primal_deadline: Optional[float] = None) -> WarmStart:
     """Subgradient search on load and budget prices until ``deadline`` (see the module docstring),
@@ -144,13 +167,9 @@ def row_lagrangian(problem: AlignmentProblem, *, deadline: float, soft_penalty: 
     G = np.where(problem.allowed_matrix, problem.objective_matrix, -np.inf)
     w = problem.weight_matrix
     u, B = problem.usage_matrix, problem.budget
-    L, U = problem.min_load_array.astype(float), problem.max_load_array.astype(float)
+    band = BandRows(problem, soft_penalty)
     low, cap = problem.min_experts_array, problem.capacity_array
     C, E = G.shape
-    top = np.full(E, np.inf if soft_penalty is None else soft_penalty)
-    nu_max = np.where(np.isfinite(U), top, 0.0)          # nu > 0 prices the upper row
-    nu_min = np.where(L > 0, -top, 0.0)                  # nu < 0 the lower row
-    Uf = np.where(np.isfinite(U), U, 0.0)
     nu, lam = np.zeros(E), np.zeros(C)
     best = WarmStart(prices=lam.copy())
     best_nu = nu.copy()
@@ -158,7 +177,7 @@ def row_lagrangian(problem: AlignmentProblem, *, deadline: float, soft_penalty: 
     for it in range(1, max_iterations + 1):
         score = priced(problem, nu, lam, G)
         x, value = _pick(score, low, cap)
-        ub = value + float(np.maximum(nu, 0) @ Uf) - float(np.maximum(-nu, 0) @ L) + (0.0 if B is None else float(lam @ B))
+        ub = value + band.constant(nu) + (0.0 if B is None else float(lam @ B))
         ub += 1e-9 * max(1.0, abs(ub))                   # floating-point margin: the bound stays valid
         if ub < best.bound:
             best.bound, best.prices, best_nu, best.reference, stall = ub, lam.copy(), nu.copy(), x, 0
@@ -173,7 +192,7 @@ def row_lagrangian(problem: AlignmentProblem, *, deadline: float, soft_penalty: 
         if time.perf_counter() > deadline or best.bound - best.value <= 1e-9 * max(1.0, abs(best.bound)):
             break
         load = x.sum(axis=0) if w is None else (w * x).sum(axis=0)
-        g = np.where(nu > 0, load - Uf, np.where(nu < 0, load - L, np.maximum(load - U, 0) + np.minimum(load - L, 0)))
+        g = band.subgradient(nu, load)
         gb = np.zeros(C) if u is None else (u * x).sum(axis=1) - B
         gb = np.where((lam <= 0) & (gb < 0), 0.0, gb)
         norm = float(g @ g + gb @ gb)
@@ -181,7 +200,7 @@ def row_lagrangian(problem: AlignmentProblem, *, deadline: float, soft_penalty: 
             break
         target = best.value if np.isfinite(best.value) else best.bound - 0.015 * abs(best.bound)
         step = theta * max(ub - target, 1e-9 * max(1.0, abs(ub))) / norm
-        nu = np.clip(nu + step * g, nu_min, nu_max)
+        nu = band.step(nu, g, step)
         if u is not None:
             lam = np.maximum(0.0, lam + step * gb)
     if best.reference is not None:
