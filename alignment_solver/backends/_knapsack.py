@@ -36,7 +36,6 @@ STALL = 10              # iterations without a gain in the bound before the sear
 @dataclass
 class BandPrices:
     bound: float = np.inf                   # best (least) UB(nu)
-    prices: Optional[np.ndarray] = None     # nu at the best bound
     references: list = field(default_factory=list)   # (UB, each client's best sets) per iteration
     stats: dict = field(default_factory=dict)
 
@@ -125,7 +124,7 @@ def band_prices(problem: AlignmentProblem, *, deadline: float, soft_penalty: Opt
     band = BandRows(problem, soft_penalty)
     low, cap = problem.min_experts_array, problem.capacity_array
     nu = np.zeros(G.shape[1])
-    out = BandPrices(prices=nu.copy())
+    out = BandPrices()
     theta, stall, it, gained = 2.0, 0, 0, 0
     for it in range(1, max_iterations + 1):
         value, x = best_sets(G - nu[None, :], usage, budget, low, cap)
@@ -137,7 +136,7 @@ def band_prices(problem: AlignmentProblem, *, deadline: float, soft_penalty: Opt
         if ub < out.bound - 1e-6 * abs(out.bound):
             gained = it
         if ub < out.bound:
-            out.bound, out.prices, stall = ub, nu.copy(), 0
+            out.bound, stall = ub, 0
         else:
             stall += 1
             if stall >= 3:
