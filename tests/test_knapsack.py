@@ -105,3 +105,51 @@ def test_solve_reports_the_band_price_bound_and_keeps_every_row():
         assert r.has_solution and r.violations(band=not soft) == []
         assert r.stats["warm_start"]["method"] == "band prices"
         assert r.bound >= r.objective
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_candidate_columns_give_the_full_programmes_optimum(seed):
+    """Many experts, few usage values: the programme runs on each value's ``cap`` best experts
+    only, and must find the same best totals (and valid sets) as on every column."""
+    rng = np.random.default_rng(100 + seed)
+    C, E = 300, int(rng.integers(12, 40))
+    v = rng.normal(0.0, 1.0, (C, E))
+    v[rng.random((C, E)) < 0.2] = -np.inf
+    sizes = rng.integers(0, 4, E)
+    u = np.broadcast_to(sizes, (C, E)) if seed % 2 else np.where(rng.random((C, E)) < 0.1, sizes + 1, sizes)
+    cap = rng.integers(1, 4, C)
+    low = rng.integers(0, 2, C).clip(max=cap)
+    B = rng.integers(0, 9, C)
+    sets = _knapsack.Knapsacks(u, B, low, cap)
+    assert sets.columns < E
+    best, x = sets.best(v)
+    want, _ = _knapsack._programme(v, u, B, low, cap)
+    np.testing.assert_allclose(best, want)
+    ok = np.isfinite(want)
+    count, spend = x.sum(axis=1), (u * x).sum(axis=1)
+    assert np.all((count[ok] >= low[ok]) & (count[ok] <= cap[ok]) & (spend[ok] <= B[ok]))
+    np.testing.assert_allclose(np.where(x, v, 0.0).sum(axis=1)[ok], want[ok])
+    shift = rng.normal(0.0, 0.3, E)
+    np.testing.assert_allclose(sets.best(v, shift)[0], _knapsack._programme(v - shift, u, B, low, cap)[0])
+
+
+def test_prices_searched_on_a_sample_keep_the_bound_valid_and_the_answer_deterministic(monkeypatch):
+    """Above SAMPLE_CLIENTS clients the search starts on a sample; bounds come from every client."""
+    monkeypatch.setattr(_knapsack, "SAMPLE_CLIENTS", 60)
+    rng = np.random.default_rng(11)
+    checked = 0
+    while checked < 8:
+        problem = _budgeted(rng)
+        if problem.n_clients <= 60:
+            problem = random_problem(int(rng.integers(80, 140)), int(rng.integers(3, 7)), seed=checked, budget=True)
+        first = _knapsack.band_prices(problem, deadline=math.inf, max_iterations=40, seed=3)
+        if first is None:
+            continue
+        again = _knapsack.band_prices(problem, deadline=math.inf, max_iterations=40, seed=3)
+        assert first.stats["sample"]["clients"] == 60
+        assert again.bound == first.bound
+        assert all(np.array_equal(a[1], b[1]) for a, b in zip(first.references, again.references))
+        optimum = scipy_milp(problem)
+        if optimum is not None:
+            assert first.bound >= optimum - 1e-7 * max(1.0, abs(optimum))
+        checked += 1
