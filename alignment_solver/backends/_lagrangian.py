@@ -36,13 +36,14 @@ from ..formulations.flow import count_band, penalty_for
 from ..formulations.slots import chain_arcs, choose_slots, cover_demand, levels_of
 from ..problem import AlignmentProblem
 from ..result import SolveStatus
-from . import _knapsack
+from . import _knapsack, _rebalance
 from .base import SolveRequest
 from .flow import FlowBackend
 from .greedy import complete
 
 
 PRIMAL_TRIES = 3        # relaxed answers (lowest bounds first) tried as slot references
+SLOT_ARCS = 1_000_000   # above this many allowed pairs the band-price references are repaired by rebalance first
 
 
 @dataclass
@@ -142,6 +143,12 @@ class BandRows:
         self.hi = np.where(np.isfinite(self.U), top, 0.0)
         self.lo = np.where(self.L > 0, -top, 0.0)
         self.Uf = np.where(np.isfinite(self.U), self.U, 0.0)
+
+    def scaled(self, share: float) -> "BandRows":
+        """The same rows with the band times ``share`` (for a sample of the clients)."""
+        out = object.__new__(BandRows)
+        out.L, out.U, out.Uf, out.hi, out.lo = self.L * share, self.U * share, self.Uf * share, self.hi, self.lo
+        return out
 
     def constant(self, nu: np.ndarray) -> float:
         """The rows' term of the bound: ``sum_e nu+_e U_e - nu-_e L_e``."""
@@ -255,24 +262,34 @@ def slot_primal(problem: AlignmentProblem, reference: np.ndarray, soft: bool = F
 
 
 def lagrangian(problem: AlignmentProblem, *, deadline: float, seed: int, max_iterations: int = 30,
-               soft_penalty: Optional[float] = None) -> WarmStart:
+               soft_penalty: Optional[float] = None, primal_deadline: float = np.inf) -> WarmStart:
     """Subgradient search on the budget prices until ``deadline``, then the slot primal
     (``soft_penalty``: a soft band priced at it; None: hard band).
 
     Where :mod:`._knapsack` applies, its band prices come first instead: the best-bound clients'
-    sets are the slot references, and its bound is reported; the budget prices run only if no
+    sets are the references, each repaired by the slot flow (up to ``SLOT_ARCS`` allowed pairs)
+    or by :func:`._rebalance.rebalance` (above it, or where the slot flow finds nothing; it stops
+    at ``primal_deadline``), and its bound is reported; the budget prices run only if no
     reference gives a plan.
     """
-    knap = _knapsack.band_prices(problem, deadline=deadline, soft_penalty=soft_penalty)
+    knap = _knapsack.band_prices(problem, deadline=deadline, soft_penalty=soft_penalty, seed=seed)
     if knap is not None:
+        small = int(problem.allowed_matrix.sum()) <= SLOT_ARCS
         tried = 0
         for _, reference in sorted(knap.references, key=lambda r: r[0])[:PRIMAL_TRIES]:
             tried += 1
-            x = slot_primal(problem, reference, soft=soft_penalty is not None)
-            if x is not None:
-                return WarmStart(x=x, value=plan_value(problem, x, soft_penalty), bound=knap.bound,
-                                 prices=np.zeros(problem.n_clients), reference=reference,
-                                 stats={"method": "band prices", **knap.stats, "primal_tries": tried})
+            for method in (("slot flow", "rebalance") if small else ("rebalance", "slot flow")):
+                if method == "slot flow" and not small and time.perf_counter() > deadline:
+                    continue                     # too slow at this size once the warm start's share is spent
+                if method == "slot flow":
+                    x = slot_primal(problem, reference, soft=soft_penalty is not None)
+                else:
+                    x = _rebalance.rebalance(problem, reference, soft_penalty=soft_penalty, deadline=primal_deadline)
+                value = -np.inf if x is None else plan_value(problem, x, soft_penalty)
+                if np.isfinite(value):
+                    return WarmStart(x=x, value=value, bound=knap.bound, prices=np.zeros(problem.n_clients),
+                                     reference=reference, stats={"method": "band prices", **knap.stats,
+                                                                 "primal": method, "primal_tries": tried})
     flow = _flow_lagrangian(problem, deadline=deadline, seed=seed, max_iterations=max_iterations,
                             soft_penalty=soft_penalty)
     if knap is not None and knap.bound < flow.bound:

@@ -115,7 +115,8 @@ class CpSatBackend(Backend):
             deadline = min(deadline, request.deadline)
         penalty = request.soft_penalty if request.soft else None
         if kind == "flow":
-            ws = _lagrangian.lagrangian(problem, deadline=deadline, seed=request.seed, soft_penalty=penalty)
+            ws = _lagrangian.lagrangian(problem, deadline=deadline, seed=request.seed, soft_penalty=penalty,
+                                        primal_deadline=np.inf if request.deadline is None else request.deadline)
             ranking = problem.objective_matrix - ws.prices[:, None] * problem.usage_matrix
         else:
             ws = _lagrangian.row_lagrangian(problem, deadline=deadline, soft_penalty=penalty,
