@@ -43,7 +43,7 @@ from .greedy import complete
 
 
 PRIMAL_TRIES = 3        # relaxed answers (lowest bounds first) tried as slot references
-SLOT_ARCS = 1_000_000   # above this many allowed pairs the band-price references are repaired by rebalance first
+SLOT_ARCS = 1_000_000   # above this many allowed pairs the slot flow runs only within the warm start's share
 
 
 @dataclass
@@ -267,10 +267,10 @@ def lagrangian(problem: AlignmentProblem, *, deadline: float, seed: int, max_ite
     (``soft_penalty``: a soft band priced at it; None: hard band).
 
     Where :mod:`._knapsack` applies, its band prices come first instead: the best-bound clients'
-    sets are the references, each repaired by the slot flow (up to ``SLOT_ARCS`` allowed pairs)
-    or by :func:`._rebalance.rebalance` (above it, or where the slot flow finds nothing; it stops
-    at ``primal_deadline``), and its bound is reported; the budget prices run only if no
-    reference gives a plan.
+    sets are the references, each repaired by :func:`._rebalance.rebalance` (moves within the
+    band; it stops at ``primal_deadline``), else by the slot flow (which can also change how a
+    client spends its budget; above ``SLOT_ARCS`` allowed pairs only while the warm start's
+    share lasts), and its bound is reported; the budget prices run only if no reference gives a plan.
     """
     knap = _knapsack.band_prices(problem, deadline=deadline, soft_penalty=soft_penalty, seed=seed)
     if knap is not None:
@@ -278,7 +278,7 @@ def lagrangian(problem: AlignmentProblem, *, deadline: float, seed: int, max_ite
         tried = 0
         for _, reference in sorted(knap.references, key=lambda r: r[0])[:PRIMAL_TRIES]:
             tried += 1
-            for method in (("slot flow", "rebalance") if small else ("rebalance", "slot flow")):
+            for method in ("rebalance", "slot flow"):
                 if method == "slot flow" and not small and time.perf_counter() > deadline:
                     continue                     # too slow at this size once the warm start's share is spent
                 if method == "slot flow":

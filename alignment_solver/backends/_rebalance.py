@@ -11,8 +11,8 @@ chain of moves gains), so the flow fixes as much of the band as it can at the le
 takes any move that gains on its way.  Each arc family keeps its ``MOVES_PER_PAIR`` best
 clients, each a move that fits the client's budget.  A client is moved at most once per round
 (where the flow uses a client twice, the family's next best client that has not moved stands
-in), and rounds repeat on the new plan until the integer band holds, nothing moves, or
-``ROUNDS``; the best plan by the true objective is kept.  Deterministic.
+in), and rounds repeat on the new plan until the integer band holds, nothing moves, ``STALL``
+rounds pass without fewer misses, or ``ROUNDS``; the best plan by the true objective is kept.  Deterministic.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from ..problem import AlignmentProblem
 MOVES_PER_PAIR = 24     # best clients per arc family (expert pair, add, drop) offered to the flow
 RESERVE = 48            # best clients per family kept to stand in for clients the round already moved
 ROUNDS = 8
+STALL = 2               # rounds without fewer band misses before giving up
 
 
 def rebalance(problem: AlignmentProblem, x: np.ndarray, *, soft_penalty: Optional[float] = None,
@@ -41,9 +42,13 @@ def rebalance(problem: AlignmentProblem, x: np.ndarray, *, soft_penalty: Optiona
     L, U = count_band(problem)
     price = soft_penalty if soft_penalty is not None else penalty_for(problem.n_experts, problem.max_abs_objective)
     best, value = x.copy(), plan_value(problem, x, soft_penalty)
+    least, stall = np.inf, 0
     for _ in range(ROUNDS):
         load = x.sum(axis=0)
-        if (np.all(load >= L) and np.all(load <= U)) or time.perf_counter() > deadline:
+        miss = int(np.maximum(L - load, 0).sum() + np.maximum(load - U, 0).sum())
+        stall = 0 if miss < least else stall + 1
+        least = min(least, miss)
+        if miss == 0 or stall >= STALL or time.perf_counter() > deadline:
             break
         moves = _flow(problem, G, x, L, U, price)
         if not moves:

@@ -17,7 +17,8 @@ one), whose bound is reported as ``bound`` and whose plan is the hint and the an
 - ``flow``: budgeted count-load problems (hard or soft band) with at least ``WARM_ARCS``
   allowed pairs, or ``WARM_ARCS_LIMITED`` under a time limit (CP-SAT alone finds nothing in a
   minute at 10,000 x 64).  Band prices over exact client knapsacks (:mod:`._knapsack`, where
-  usage has a small common denominator and the table fits), else budget prices with each
+  usage has a small common denominator and the table fits; the band repair of :mod:`._rebalance`
+  or else the slot flow turns the clients' sets into the plan), else budget prices with each
   relaxed answer exact by min-cost flow; the slot flow around the relaxed answer is the plan.
 - ``rows``: every other problem under a time limit from ``ROW_ARCS`` allowed pairs (weighted
   loads, OR-Library GAP).  Prices on load and budget rows, one independent choice per client,
