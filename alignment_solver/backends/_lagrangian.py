@@ -268,9 +268,10 @@ def lagrangian(problem: AlignmentProblem, *, deadline: float, seed: int, max_ite
 
     Where :mod:`._knapsack` applies, its band prices come first instead: the best-bound clients'
     sets are the references, each repaired by :func:`._rebalance.rebalance` (moves within the
-    band; it stops at ``primal_deadline``), else by the slot flow (which can also change how a
-    client spends its budget; above ``SLOT_ARCS`` allowed pairs only while the warm start's
-    share lasts), and its bound is reported; the budget prices run only if no reference gives a plan.
+    band; it stops at ``primal_deadline``); where that still misses the band (soft mode too),
+    the slot flow also runs (it can change how a client spends its budget; above ``SLOT_ARCS``
+    allowed pairs only while the warm start's share lasts) and the better plan is kept.  The
+    band-price bound is reported; the budget prices run only if no reference gives a plan.
     """
     knap = _knapsack.band_prices(problem, deadline=deadline, soft_penalty=soft_penalty, seed=seed)
     if knap is not None:
@@ -278,18 +279,17 @@ def lagrangian(problem: AlignmentProblem, *, deadline: float, seed: int, max_ite
         tried = 0
         for _, reference in sorted(knap.references, key=lambda r: r[0])[:PRIMAL_TRIES]:
             tried += 1
-            for method in ("rebalance", "slot flow"):
-                if method == "slot flow" and not small and time.perf_counter() > deadline:
-                    continue                     # too slow at this size once the warm start's share is spent
-                if method == "slot flow":
-                    x = slot_primal(problem, reference, soft=soft_penalty is not None)
-                else:
-                    x = _rebalance.rebalance(problem, reference, soft_penalty=soft_penalty, deadline=primal_deadline)
-                value = -np.inf if x is None else plan_value(problem, x, soft_penalty)
-                if np.isfinite(value):
-                    return WarmStart(x=x, value=value, bound=knap.bound, prices=np.zeros(problem.n_clients),
-                                     reference=reference, stats={"method": "band prices", **knap.stats,
-                                                                 "primal": method, "primal_tries": tried})
+            plans = [("rebalance", _rebalance.rebalance(problem, reference, soft_penalty=soft_penalty,
+                                                        deadline=primal_deadline))]
+            misses = not np.isfinite(plan_value(problem, plans[0][1], None))     # the band, not only its price
+            if misses and (small or time.perf_counter() <= deadline):          # the slot flow is slow above SLOT_ARCS
+                plans.append(("slot flow", slot_primal(problem, reference, soft=soft_penalty is not None)))
+            value, method, x = max(((plan_value(problem, x, soft_penalty), m, x) for m, x in plans if x is not None),
+                                   key=lambda t: t[0])
+            if np.isfinite(value):
+                return WarmStart(x=x, value=value, bound=knap.bound, prices=np.zeros(problem.n_clients),
+                                 reference=reference, stats={"method": "band prices", **knap.stats,
+                                                             "primal": method, "primal_tries": tried})
     flow = _flow_lagrangian(problem, deadline=deadline, seed=seed, max_iterations=max_iterations,
                             soft_penalty=soft_penalty)
     if knap is not None and knap.bound < flow.bound:
