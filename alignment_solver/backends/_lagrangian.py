@@ -279,13 +279,14 @@ def lagrangian(problem: AlignmentProblem, *, deadline: float, seed: int, max_ite
         tried = 0
         for _, reference in sorted(knap.references, key=lambda r: r[0])[:PRIMAL_TRIES]:
             tried += 1
-            plans = [("rebalance", _rebalance.rebalance(problem, reference, soft_penalty=soft_penalty,
-                                                        deadline=primal_deadline))]
-            misses = not np.isfinite(plan_value(problem, plans[0][1], None))     # the band, not only its price
-            if misses and (small or time.perf_counter() <= deadline):          # the slot flow is slow above SLOT_ARCS
-                plans.append(("slot flow", slot_primal(problem, reference, soft=soft_penalty is not None)))
-            value, method, x = max(((plan_value(problem, x, soft_penalty), m, x) for m, x in plans if x is not None),
-                                   key=lambda t: t[0])
+            x = _rebalance.rebalance(problem, reference, soft_penalty=soft_penalty, deadline=primal_deadline)
+            value, method = plan_value(problem, x, soft_penalty), "rebalance"
+            hard = value if soft_penalty is None else plan_value(problem, x, None)   # the band, not only its price
+            if not np.isfinite(hard) and (small or time.perf_counter() <= deadline):  # slot flow: slow above SLOT_ARCS
+                y = slot_primal(problem, reference, soft=soft_penalty is not None)
+                v = -np.inf if y is None else plan_value(problem, y, soft_penalty)
+                if v > value:
+                    x, value, method = y, v, "slot flow"
             if np.isfinite(value):
                 return WarmStart(x=x, value=value, bound=knap.bound, prices=np.zeros(problem.n_clients),
                                  reference=reference, stats={"method": "band prices", **knap.stats,
