@@ -23,7 +23,7 @@ def test_keeps_client_rows_never_worsens_and_mends_the_band(soft):
     rng = np.random.default_rng(21 + soft)
     penalty = 2.0 if soft else None
     mended = 0
-    for trial in range(40):
+    for _ in range(40):
         C, E = int(rng.integers(30, 90)), int(rng.integers(3, 9))
         cap = rng.integers(1, 4, C)
         fair = cap.sum() / E
