@@ -229,7 +229,7 @@ def band_prices(problem: AlignmentProblem, *, deadline: float, soft_penalty: Opt
     if C > SAMPLE_CLIENTS:
         rows = np.sort(np.random.default_rng(seed).choice(C, SAMPLE_CLIENTS, replace=False))
         sample = _Search(Knapsacks(usage[rows], budget[rows], low[rows], cap[rows]), G[rows],
-                         band.scaled(SAMPLE_CLIENTS / C), keep=False)
+                         BandRows(problem, soft_penalty, share=SAMPLE_CLIENTS / C), keep=False)
         end = started + SAMPLE_SHARE * (deadline - started) if np.isfinite(deadline) else np.inf
         if not sample.run(nu, theta, end, max_iterations):
             return None

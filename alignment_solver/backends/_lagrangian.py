@@ -137,18 +137,13 @@ class BandRows:
     """The expert load rows under Lagrangian prices ``nu`` (E,): ``nu > 0`` prices the upper row,
     ``nu < 0`` the lower one, ``|nu| <= soft_penalty`` in soft mode."""
 
-    def __init__(self, problem: AlignmentProblem, soft_penalty: Optional[float]) -> None:
-        self.L, self.U = problem.min_load_array.astype(float), problem.max_load_array.astype(float)
+    def __init__(self, problem: AlignmentProblem, soft_penalty: Optional[float], share: float = 1.0) -> None:
+        """``share``: the band times it, for a sample of that share of the clients."""
+        self.L, self.U = problem.min_load_array * share, problem.max_load_array * share
         top = np.full(len(self.L), np.inf if soft_penalty is None else soft_penalty)
         self.hi = np.where(np.isfinite(self.U), top, 0.0)
         self.lo = np.where(self.L > 0, -top, 0.0)
         self.Uf = np.where(np.isfinite(self.U), self.U, 0.0)
-
-    def scaled(self, share: float) -> "BandRows":
-        """The same rows with the band times ``share`` (for a sample of the clients)."""
-        out = object.__new__(BandRows)
-        out.L, out.U, out.Uf, out.hi, out.lo = self.L * share, self.U * share, self.Uf * share, self.hi, self.lo
-        return out
 
     def constant(self, nu: np.ndarray) -> float:
         """The rows' term of the bound: ``sum_e nu+_e U_e - nu-_e L_e``."""
