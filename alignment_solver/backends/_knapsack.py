@@ -228,7 +228,9 @@ def band_prices(problem: AlignmentProblem, *, deadline: float, soft_penalty: Opt
     nu, theta, stats = np.zeros(E), THETA, {}
     if C > SAMPLE_CLIENTS:
         rows = np.sort(np.random.default_rng(seed).choice(C, SAMPLE_CLIENTS, replace=False))
-        sample = _Search(Knapsacks(usage[rows], budget[rows], low[rows], cap[rows]), G[rows],
+        shared = usage.strides[0] == 0                      # one usage row: keep it a broadcast (see Knapsacks)
+        picked = np.broadcast_to(usage[0], (len(rows), E)) if shared else usage[rows]
+        sample = _Search(Knapsacks(picked, budget[rows], low[rows], cap[rows]), G[rows],
                          BandRows(problem, soft_penalty, share=SAMPLE_CLIENTS / C), keep=False)
         end = started + SAMPLE_SHARE * (deadline - started) if np.isfinite(deadline) else np.inf
         if not sample.run(nu, theta, end, max_iterations):
