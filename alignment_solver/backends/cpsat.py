@@ -22,17 +22,20 @@ one), whose bound is reported as ``bound`` and whose plan is the hint and the an
   relaxed answer exact by min-cost flow; the slot flow around the relaxed answer is the plan.
 - ``rows``: every other problem under a time limit from ``ROW_ARCS`` allowed pairs (weighted
   loads, OR-Library GAP).  Prices on load and budget rows, one independent choice per client,
-  the greedy repair of the relaxed answer as the plan.
+  the greedy repair of the relaxed answer as the plan.  After the local search, CP-SAT probes the
+  full model (up to ``PROBE_ARCS`` pairs, until ``PROBE_SHARE`` of the limit) and its answer is
+  returned when proven optimal; else the expert-subset search of :mod:`._expert_lns` improves the
+  better plan until ``POLISH_SHARE`` of the limit is left, and the local search polishes it.
 
 The warm start takes ``BAND_SHARE`` (band prices), ``WARM_SHARE`` (budget prices) or
 ``ROW_SHARE`` of the time limit; the local search of :mod:`._local` then polishes its plan
-(until no move gains, or ``LOCAL_SHARE`` of the limit);
-after a ``flow`` warm start under a time limit, the sub-MIP search of :mod:`._submip` (CBC,
-option ``sub_mip``) goes on until ``LOCAL_SHARE`` of the limit; CP-SAT searches the rest but
-``POLISH_SHARE`` from that plan: every pair (``rows`` up to ``FULL_MODEL_ARCS``) or each
-client's best ``candidates`` pairs by priced fitness plus the plan's own; the local search
-polishes a FEASIBLE answer in what is left.  Without a time limit the polished plan is returned
-as it is (deterministic), FEASIBLE unless the bound closes the gap.
+(until no move gains, or ``LOCAL_SHARE`` of the limit).  After a ``flow`` warm start under a
+time limit, the sub-MIP search of :mod:`._submip` (CBC, option ``sub_mip``) goes on until
+``LOCAL_SHARE`` of the limit; CP-SAT then searches the rest but ``POLISH_SHARE`` from that plan:
+every pair (``rows`` without a time limit, up to ``FULL_MODEL_ARCS``) or each client's best
+``candidates`` pairs by priced fitness plus the plan's own; the local search polishes a FEASIBLE
+answer in what is left.  Without a time limit the polished plan is returned as it is
+(deterministic), FEASIBLE unless the bound closes the gap.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ import numpy as np
 from ..formulations.milp import LinearModel
 from ..problem import AlignmentProblem
 from ..result import OPTIMAL_GAP, AlignmentResult, SolveStatus
-from . import _knapsack, _lagrangian, _local, _submip
+from . import _expert_lns, _knapsack, _lagrangian, _local, _submip
 from .base import Backend, SolveRequest
 
 MAX_DENOMINATOR = 10 ** 6   # rows are exact when all their numbers share a denominator up to this
@@ -65,6 +68,8 @@ ROW_ITERATIONS = 2000   # its subgradient steps at most (the only limit without 
 FULL_MODEL_ARCS = 200_000   # up to here CP-SAT searches every pair after a row warm start, else candidates
 LOCAL_SHARE = 0.85      # the local search on the warm start's plan may run until this share of the limit
 POLISH_SHARE = 0.05      # the share of the limit kept to polish CP-SAT's answer by the local search
+PROBE_ARCS = 60_000     # after a row warm start, CP-SAT probes the full model up to this many pairs
+PROBE_SHARE = 0.25      # until this share of the limit (measured on OR-Library d20100 ... e801600, 30 s)
 MIN_SEARCH = 0.3        # seconds CP-SAT needs at least to be worth starting after a warm start
 LIMITED_WORKERS = 4     # CP-SAT workers under a time limit (measured best of 1-16 on OR-Library d20100)
 
@@ -140,6 +145,8 @@ class CpSatBackend(Backend):
                 ws.value = _lagrangian.plan_value(problem, ws.x, penalty)
             else:
                 stats["sub_mip"] = {"skipped": "PuLP is not installed (pip install 'alignment-solver[pulp]')"}
+        if kind == "rows" and limit is not None and ws.x is not None:
+            return self._rows_search(problem, request, ws, ranking, stats, t0, limit)
         remaining = None if limit is None else limit - (time.perf_counter() - t0)
         hint = ws.x if ws.x is not None else ws.reference
         if remaining is not None and remaining > MIN_SEARCH:
@@ -176,6 +183,39 @@ class CpSatBackend(Backend):
                                  solve_seconds=time.perf_counter() - t0, soft=request.soft, soft_penalty=penalty,
                                  stats={**stats, "deterministic": limit is None, "source": "warm start"})
         return self._bounded(result, ws.bound, False)
+
+    def _rows_search(self, problem: AlignmentProblem, request: SolveRequest, ws: _lagrangian.WarmStart,
+                     ranking: np.ndarray, stats: dict, t0: float, limit: float) -> AlignmentResult:
+        """After a row warm start under a time limit: a CP-SAT probe on the full model (up to
+        ``PROBE_ARCS`` pairs, until ``PROBE_SHARE`` of the limit), returned when it proves its plan
+        optimal; else the expert-subset search of :mod:`._expert_lns` from the better plan, and the
+        local search in the last ``POLISH_SHARE``."""
+        penalty = request.soft_penalty if request.soft else None
+        x, value, bound = ws.x, ws.value, ws.bound
+        probe_time = PROBE_SHARE * limit - (time.perf_counter() - t0)
+        if int(problem.allowed_matrix.sum()) <= PROBE_ARCS and probe_time > MIN_SEARCH:
+            probe = self._run(problem, LinearModel.from_problem(problem, penalty), request, time.perf_counter(),
+                              ws.x, probe_time)
+            stats["probe"] = {"status": probe.status.value, "objective": probe.objective, "bound": probe.bound}
+            if probe.has_solution:
+                probe = self._bounded(probe, ws.bound, True)
+                if probe.status is SolveStatus.OPTIMAL and probe.objective >= ws.value:
+                    probe.stats.update(stats)
+                    return probe
+                bound = probe.bound
+                if probe.objective > value:
+                    x, value = probe.assignment, probe.objective
+        end = t0 + (1 - POLISH_SHARE) * limit
+        if request.deadline is not None:
+            end = min(end, request.deadline)
+        report = None if request.report is None else (lambda y: request.report(y, float(bound)))
+        x, stats["expert_search"] = _expert_lns.improve(problem, x, deadline=end, seed=request.seed, score=ranking,
+                                                        soft_penalty=penalty, bound=bound, report=report)
+        x, _, stats["polished"] = self._polish(problem, x, penalty, t0 + limit, request.deadline)
+        result = AlignmentResult(problem, SolveStatus.FEASIBLE, self.name, assignment=x,
+                                 solve_seconds=time.perf_counter() - t0, soft=request.soft, soft_penalty=penalty,
+                                 stats={**stats, "deterministic": False, "source": "expert search"})
+        return self._bounded(result, bound, False)
 
     @staticmethod
     def _polish(problem: AlignmentProblem, x: np.ndarray, penalty: Optional[float], until: float,

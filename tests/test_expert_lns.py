@@ -1,0 +1,101 @@
+"""Expert-subset neighbourhood search: its sub-problem is the full problem on the freed pairs (the
+objectives differ by a constant), and the search keeps every hard row, never returns a worse plan,
+never passes the MILP optimum and is deterministic per seed; against an independent constraint
+checker and scipy's milp."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alignment_solver import AlignmentProblem, solve
+from alignment_solver.backends import _expert_lns, _lagrangian, _local
+from alignment_solver.instances import read_orlib_gap
+
+from .oracles import scipy_milp, value, violations
+
+ORLIB = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "orlib-gap"
+
+
+def _weighted(rng, budget):
+    C, E = int(rng.integers(12, 30)), int(rng.integers(3, 7))
+    cap = rng.integers(1, 3, C)
+    w = np.round(rng.uniform(0.5, 3.0, (C, E)), 2)
+    fair = float((cap * w.mean(axis=1)).sum()) / E
+    fields = dict(usage=rng.choice([1.0, 1.5, 2.0], size=(C, E)), budget=rng.choice([2.0, 3.5], size=C)) if budget else {}
+    return AlignmentProblem(fitness=np.round(rng.normal(1.0, 1.0, (C, E)), 3), capacity=cap,
+                            min_experts=rng.integers(0, 2, C).clip(max=cap), load_weight=w,
+                            expert_min_load=0.5 * fair, expert_max_load=1.4 * fair,
+                            allowed=rng.random((C, E)) < 0.9, **fields)
+
+
+def _start(problem, penalty, iterations=200):
+    ws = _lagrangian.row_lagrangian(problem, deadline=math.inf, soft_penalty=penalty, max_iterations=iterations)
+    score = _lagrangian.priced(problem, ws.stats["load_prices"], ws.prices)
+    return ws.x, score
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_sub_problem_differs_from_the_full_problem_by_a_constant(soft):
+    rng = np.random.default_rng(3 + soft)
+    penalty = 1.5 if soft else None
+    checked = 0
+    for _ in range(30):
+        problem = _weighted(rng, budget=bool(rng.integers(2)))
+        x, _ = _start(problem, penalty)
+        if x is None:
+            continue
+        experts = np.sort(rng.choice(problem.n_experts, 2, replace=False))
+        clients, sub = _expert_lns.sub_problem(problem, x, experts)
+        assert set(clients.tolist()) == set(np.flatnonzero(x[:, experts].any(axis=1)).tolist())
+        pick = np.ix_(clients, experts)
+        own = x[pick]
+        best = solve(sub, backend="pulp_highs", **({"soft": True, "soft_penalty": penalty} if soft else {}))
+        assert best.has_solution
+        y = x.copy()
+        y[pick] = best.assignment
+        if not soft:
+            assert violations(problem, y) == []
+        full = value(problem, y, soft_penalty=penalty) - value(problem, x, soft_penalty=penalty)
+        part = value(sub, best.assignment, soft_penalty=penalty) - value(sub, own, soft_penalty=penalty)
+        assert full == pytest.approx(part, abs=1e-7)
+        checked += 1
+    assert checked >= 20
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_keeps_hard_rows_never_worsens_and_stays_below_the_optimum(soft):
+    rng = np.random.default_rng(11 + soft)
+    penalty = 1.5 if soft else None
+    gained = 0
+    for _ in range(25):
+        problem = _weighted(rng, budget=bool(rng.integers(2)))
+        x, score = _start(problem, penalty)
+        if x is None:
+            continue
+        y, info = _expert_lns.improve(problem, x, deadline=math.inf, seed=0, score=score, soft_penalty=penalty,
+                                      max_steps=40, step_limit=30.0)
+        assert info["steps"] <= 40
+        assert violations(problem, y, soft=soft) == []
+        before, after = value(problem, x, soft_penalty=penalty), value(problem, y, soft_penalty=penalty)
+        assert after >= before - 1e-9
+        optimum = scipy_milp(problem, soft_penalty=penalty)
+        assert optimum is not None and after <= optimum + 1e-7 * max(1.0, abs(optimum))
+        gained += after > before + 1e-9
+    assert gained >= 5
+
+
+def test_is_deterministic_per_seed_and_stops_at_the_bound():
+    problem = read_orlib_gap(ORLIB / "d10100.txt", "min")
+    x, score = _start(problem, None, iterations=2000)
+    assert x is not None
+    x = _local.improve(problem, x, deadline=math.inf)
+    runs = [_expert_lns.improve(problem, x, deadline=math.inf, seed=4, score=score, max_steps=20, step_limit=30.0)
+            for _ in range(2)]
+    assert np.array_equal(runs[0][0], runs[1][0])
+    assert runs[0][1]["improved"] >= 1
+    reached = value(problem, runs[0][0])
+    _, info = _expert_lns.improve(problem, runs[0][0], deadline=math.inf, seed=4, score=score,
+                                  bound=reached, max_steps=20)
+    assert info["steps"] == 0
