@@ -11,6 +11,8 @@ import pytest
 
 from alignment_solver import AlignmentProblem, solve
 from alignment_solver.backends import _expert_lns, _lagrangian, _local
+from alignment_solver.backends.base import SolveRequest
+from alignment_solver.backends.cpsat import CpSatBackend
 from alignment_solver.instances import read_orlib_gap
 
 from .oracles import scipy_milp, value, violations
@@ -99,3 +101,15 @@ def test_is_deterministic_per_seed_and_stops_at_the_bound():
     _, info = _expert_lns.improve(problem, runs[0][0], deadline=math.inf, seed=4, score=score,
                                   bound=reached, max_steps=20)
     assert info["steps"] == 0
+
+
+def test_cpsat_under_a_time_limit_returns_a_valid_plan_and_bound_from_the_search():
+    """OR-Library d10200 (min; optimum within 12426..12432), through the backend itself: the
+    probe, then the expert-subset search; the plan keeps every row and the reported bound is
+    valid, whatever the machine's load."""
+    problem = read_orlib_gap(ORLIB / "d10200.txt", "min")
+    result = CpSatBackend().solve(problem, SolveRequest(time_limit=3, seed=0, soft=False, soft_penalty=1.0))
+    assert result.has_solution and violations(problem, result.assignment) == []
+    assert result.objective <= -12426 + 1e-9 and result.bound >= -12432 - 1e-9
+    assert result.stats["warm_start"]["kind"] == "rows" and "probe" in result.stats
+    assert result.stats["source"] == "expert search" and result.stats["expert_search"]["steps"] >= 1

@@ -59,6 +59,7 @@ def sub_problem(problem: AlignmentProblem, x: np.ndarray, experts: np.ndarray) -
 
 
 def _experts(x: np.ndarray, score: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to ``k <= E`` distinct experts, sorted (see the module docstring)."""
     E = x.shape[1]
     chosen = [int(rng.integers(E))]
     while len(chosen) < k:
@@ -74,8 +75,6 @@ def _experts(x: np.ndarray, score: np.ndarray, k: int, rng: np.random.Generator)
             e = int(rng.integers(E))
         if e not in chosen:
             chosen.append(e)
-        elif len(chosen) >= E:
-            break
     return np.array(sorted(chosen))
 
 

@@ -208,7 +208,8 @@ class CpSatBackend(Backend):
         end = t0 + (1 - POLISH_SHARE) * limit
         if request.deadline is not None:
             end = min(end, request.deadline)
-        report = None if request.report is None else (lambda y: request.report(y, float(bound)))
+        reported = float(bound) if np.isfinite(bound) else None
+        report = None if request.report is None else (lambda y: request.report(y, reported))
         x, stats["expert_search"] = _expert_lns.improve(problem, x, deadline=end, seed=request.seed, score=ranking,
                                                         soft_penalty=penalty, bound=bound, report=report)
         x, _, stats["polished"] = self._polish(problem, x, penalty, t0 + limit, request.deadline)
