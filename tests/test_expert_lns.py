@@ -38,16 +38,21 @@ def _start(problem, penalty, iterations=200):
     return ws.x, score
 
 
+def _cases(rng, n, penalty):
+    """(problem, start plan, priced fitness) for those of ``n`` random instances with a start plan."""
+    for _ in range(n):
+        problem = _weighted(rng, budget=bool(rng.integers(2)))
+        x, score = _start(problem, penalty)
+        if x is not None:
+            yield problem, x, score
+
+
 @pytest.mark.parametrize("soft", [False, True])
 def test_sub_problem_differs_from_the_full_problem_by_a_constant(soft):
     rng = np.random.default_rng(3 + soft)
     penalty = 1.5 if soft else None
     checked = 0
-    for _ in range(30):
-        problem = _weighted(rng, budget=bool(rng.integers(2)))
-        x, _ = _start(problem, penalty)
-        if x is None:
-            continue
+    for problem, x, _ in _cases(rng, 30, penalty):
         experts = np.sort(rng.choice(problem.n_experts, 2, replace=False))
         clients, sub = _expert_lns.sub_problem(problem, x, experts)
         assert set(clients.tolist()) == set(np.flatnonzero(x[:, experts].any(axis=1)).tolist())
@@ -71,11 +76,7 @@ def test_keeps_hard_rows_never_worsens_and_stays_below_the_optimum(soft):
     rng = np.random.default_rng(11 + soft)
     penalty = 1.5 if soft else None
     gained = 0
-    for _ in range(25):
-        problem = _weighted(rng, budget=bool(rng.integers(2)))
-        x, score = _start(problem, penalty)
-        if x is None:
-            continue
+    for problem, x, score in _cases(rng, 25, penalty):
         y, info = _expert_lns.improve(problem, x, deadline=math.inf, seed=0, score=score, soft_penalty=penalty,
                                       max_steps=40, step_limit=30.0)
         assert info["steps"] <= 40
