@@ -74,9 +74,9 @@ def main() -> None:
                        "wall s"], rows)
     text = (f"# OR-Library GAP\n\nMachine: {machine()}. Command: `python benchmarks/orlib_gap.py "
             f"--small-limit {args.small_limit:g} --large-limit {args.large_limit:g}`. CP-SAT with its defaults "
-            "(under a time limit from 2,000 pairs: the rows warm start and the local search, a CP-SAT probe with 4 "
-            "workers up to 60,000 pairs until 25 % of the limit, then the expert-subset search with one CP-SAT "
-            "worker per step; not deterministic).\n\n"
+            "(under a time limit from 1,000 pairs: the rows warm start and the local search, a CP-SAT probe with 4 "
+            "workers up to 60,000 pairs until 25 % of the limit, then the expert-subset search, two sub-problems at "
+            "once with one CP-SAT worker each; not deterministic).\n\n"
             f"## gap1-gap12\n\n{summary}\n\n## Types a-e, {args.large_backend}, {args.large_limit:g} s limit\n\n"
             f"Gap to the best known bound of the instance's sense.\n\n{types}\n\n## Detail (every large run, and "
             f"any small run that missed the optimum)\n\n{detail}\n")
