@@ -114,3 +114,31 @@ def test_cpsat_under_a_time_limit_returns_a_valid_plan_and_bound_from_the_search
     assert result.objective <= -12426 + 1e-9 and result.bound >= -12432 - 1e-9
     assert result.stats["warm_start"]["kind"] == "rows" and "probe" in result.stats
     assert result.stats["source"] == "expert search" and result.stats["expert_search"]["steps"] >= 1
+
+
+def test_experts_come_from_the_free_mask_and_a_round_shares_no_expert_and_no_client():
+    rng = np.random.default_rng(21)
+    rounds = 0
+    for problem, x, score in _cases(rng, 20, None):
+        free = rng.random(problem.n_experts) < 0.6
+        for k in (1, 2, 4):
+            experts = _expert_lns._experts(x, score, k, rng, free)
+            assert len(experts) == min(k, int(free.sum()))
+            assert free[experts].all() and np.array_equal(experts, np.unique(experts))
+        for n in (1, 2, 3):
+            steps = _expert_lns._round(problem, x, score, 2, rng, n)
+            assert 1 <= len(steps) <= n
+            seen_clients, seen_experts = set(), set()
+            for clients, experts, sub in steps:
+                assert set(clients.tolist()) == set(np.flatnonzero(x[:, experts].any(axis=1)).tolist())
+                assert sub.n_clients == len(clients) and sub.n_experts == len(experts)
+                assert seen_clients.isdisjoint(clients.tolist()) and seen_experts.isdisjoint(experts.tolist())
+                seen_clients |= set(clients.tolist())
+                seen_experts |= set(experts.tolist())
+            rounds += len(steps) > 1
+    assert rounds >= 3
+    problem = read_orlib_gap(ORLIB / "d10100.txt", "min")          # one expert per client: rounds of two
+    x, score = _start(problem, None, iterations=2000)
+    for k in (2, 3, 5):
+        (c1, e1, _), (c2, e2, _) = _expert_lns._round(problem, x, score, k, rng, 2)
+        assert len(e1) == len(e2) == k and set(c1.tolist()).isdisjoint(c2.tolist())

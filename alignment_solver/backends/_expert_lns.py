@@ -89,6 +89,24 @@ def _experts(x: np.ndarray, score: np.ndarray, k: int, rng: np.random.Generator,
     return np.array(sorted(chosen))
 
 
+def _round(problem: AlignmentProblem, x: np.ndarray, score: np.ndarray, k: int, rng: np.random.Generator,
+           n: int) -> list[tuple[np.ndarray, np.ndarray, AlignmentProblem]]:
+    """Up to ``n`` steps' ``(clients, experts, sub-problem)`` of plan ``x`` that share no expert
+    and no client, so that their plans can be applied one after the other; every step after the
+    first frees at least two experts."""
+    free = np.ones(x.shape[1], dtype=bool)
+    out = []
+    while len(out) < n:
+        experts = _experts(x, score, k, rng, free)
+        if len(experts) < (2 if out else 1):
+            break
+        clients, sub = sub_problem(problem, x, experts)
+        out.append((clients, experts, sub))
+        free[experts] = False
+        free &= ~x[clients].any(axis=0)
+    return out
+
+
 def improve(problem: AlignmentProblem, x: np.ndarray, *, deadline: float, seed: int, score: np.ndarray,
             soft_penalty: Optional[float] = None, bound: float = np.inf,
             report: Optional[Callable[[np.ndarray], None]] = None,
@@ -110,7 +128,7 @@ def improve(problem: AlignmentProblem, x: np.ndarray, *, deadline: float, seed: 
     k, idle, steps, improved, proven, tried = 2, 0, 0, 0, 0, 0
     open_gap = (lambda: best_value < bound - 1e-9 * max(1.0, abs(bound))) if np.isfinite(bound) else (lambda: True)
 
-    def step(clients: np.ndarray, experts: np.ndarray, sub: AlignmentProblem, hint: np.ndarray):
+    def step(sub: AlignmentProblem, hint: np.ndarray):
         from .cpsat import CpSatBackend
 
         limit = min(step_limit, deadline - time.perf_counter())
@@ -124,19 +142,11 @@ def improve(problem: AlignmentProblem, x: np.ndarray, *, deadline: float, seed: 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         while (np.isfinite(value) and E > 1 and deadline - time.perf_counter() > MIN_STEP
                and steps != max_steps and open_gap()):
-            free = np.ones(E, dtype=bool)
+            n = max(1, threads) if max_steps is None else min(max(1, threads), max_steps - steps)
             jobs = []
-            for _ in range(max(1, threads)):
-                if max_steps is not None and steps + len(jobs) >= max_steps:
-                    break
-                experts = _experts(x, score, k, rng, free)
-                if len(experts) < min(2, E):
-                    break
-                clients, sub = sub_problem(problem, x, experts)
-                free[experts] = False
-                free &= ~x[clients].any(axis=0)
+            for clients, experts, sub in _round(problem, x, score, k, rng, n):
                 pick = np.ix_(clients, experts)
-                jobs.append((pick, pool.submit(step, clients, experts, sub, x[pick])))
+                jobs.append((pick, pool.submit(step, sub, x[pick])))
             for pick, job in jobs:
                 steps += 1
                 res = job.result()
