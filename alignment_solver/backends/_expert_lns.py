@@ -125,6 +125,7 @@ def improve(problem: AlignmentProblem, x: np.ndarray, *, deadline: float, seed: 
     value = plan_value(problem, x, soft_penalty)
     best, best_value = x, value
     E = problem.n_experts
+    threads = max(1, threads)
     k, idle, steps, improved, proven, tried = 2, 0, 0, 0, 0, 0
     open_gap = (lambda: best_value < bound - 1e-9 * max(1.0, abs(bound))) if np.isfinite(bound) else (lambda: True)
 
@@ -139,10 +140,10 @@ def improve(problem: AlignmentProblem, x: np.ndarray, *, deadline: float, seed: 
         return CpSatBackend()._run(sub, LinearModel.from_problem(sub, soft_penalty), request,
                                    time.perf_counter(), hint, limit)
 
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+    with ThreadPoolExecutor(max_workers=threads) as pool:
         while (np.isfinite(value) and E > 1 and deadline - time.perf_counter() > MIN_STEP
                and steps != max_steps and open_gap()):
-            n = max(1, threads) if max_steps is None else min(max(1, threads), max_steps - steps)
+            n = threads if max_steps is None else min(threads, max_steps - steps)
             jobs = []
             for clients, experts, sub in _round(problem, x, score, k, rng, n):
                 pick = np.ix_(clients, experts)
