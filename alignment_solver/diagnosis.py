@@ -35,6 +35,26 @@ def client_reasons(problem: AlignmentProblem) -> list[str]:
     if len(bad):
         out.append(f"clients {_ids(problem, bad, 'client')} must train at least "
                    f"{low[bad].tolist()[:12]} experts but are allowed only {n_allowed[bad].tolist()[:12]}")
+    if problem.has_groups:
+        reach = np.zeros((problem.n_clients, problem.n_groups), dtype=np.int64)
+        ci, ei = np.nonzero(allowed)
+        np.add.at(reach, (ci, problem.group_array[ei]), 1)
+        glo, gk = problem.group_min_matrix, problem.group_capacity_matrix
+        short = np.argwhere(glo > reach)
+        if len(short):
+            out.append(f"clients {_ids(problem, short[:, 0], 'client')} must train at least "
+                       f"{glo[short[:, 0], short[:, 1]].tolist()[:12]} experts of groups {short[:12, 1].tolist()} "
+                       f"but are allowed only {reach[short[:, 0], short[:, 1]].tolist()[:12]} there")
+        top = np.minimum(gk, reach).sum(axis=1)
+        low_total = glo.sum(axis=1)
+        over = np.flatnonzero(low_total > problem.capacity_array)
+        if len(over):
+            out.append(f"clients {_ids(problem, over, 'client')} must train at least {low_total[over].tolist()[:12]} "
+                       f"experts over their groups but their capacity is {problem.capacity_array[over].tolist()[:12]}")
+        under = np.flatnonzero(top < low)
+        if len(under):
+            out.append(f"clients {_ids(problem, under, 'client')} must train at least {low[under].tolist()[:12]} "
+                       f"experts but their group capacities allow only {top[under].tolist()[:12]}")
     if problem.has_budget:
         usage = problem.usage_matrix if problem.allowed is None else np.where(allowed, problem.usage_matrix, np.inf)
         m = int(low.max(initial=0))

@@ -6,11 +6,16 @@ The server decides ``x[c, e]`` in {0, 1} (client ``c`` trains expert ``e`` this 
     subject to min_experts[c] <= sum_e x[c,e] <= capacity[c]
                expert_min_load[e] <= sum_c w[c,e] x[c,e] <= expert_max_load[e]
                sum_e usage[c,e] x[c,e] <= budget[c]          (only when budget is given)
+               group_min_experts[c,l] <= sum_{e in l} x[c,e] <= group_capacity[c,l]
+                                                             (only when expert_group is given)
                x[c,e] = 0 where not allowed[c,e]
 
-``w`` is 1 everywhere unless ``load_weight`` is given.  The model is immutable; its arrays are
-read-only numpy arrays.  Arrays may be given as numpy arrays or nested lists; JSON round trips
-with ``model_dump_json()`` / ``model_validate_json()``.
+``w`` is 1 everywhere unless ``load_weight`` is given.  ``expert_group`` puts each expert (unit) in
+a group ``l`` (e.g. the MoE layer of a per-layer unit); the group rows nest inside the client row
+(a laminar family), so count-load problems with groups are still exact min-cost flows.
+
+The model is immutable; its arrays are read-only numpy arrays.  Arrays may be given as numpy
+arrays or nested lists; JSON round trips with ``model_dump_json()`` / ``model_validate_json()``.
 """
 
 from __future__ import annotations
@@ -134,6 +139,9 @@ class AlignmentProblem(BaseModel):
     budget: Arr = Field(None, description="(C,) resource budget >= 0; needs usage.")
     allowed: Arr = Field(None, description="(C, E) bool eligibility mask (default: all allowed).")
     previous: Arr = Field(None, description="(C, E) bool: who held which expert last round.")
+    expert_group: Arr = Field(None, description="(E,) ints in [0, E): group (e.g. MoE layer) of each expert.")
+    group_capacity: Arr = Field(None, description="int, (C,) or (C, L) ints >= 0: most experts per client per group.")
+    group_min_experts: Arr = Field(0, description="int, (C,) or (C, L) ints: fewest experts per client per group.")
     switch_penalty: float = Field(0.0, description="subtracted per newly held (c, e) pair; >= 0.")
     client_ids: Optional[list[Label]] = Field(None, description="unique labels (default 0..C-1).")
     expert_ids: Optional[list[Label]] = Field(None, description="unique labels (default 0..E-1).")
@@ -186,6 +194,30 @@ class AlignmentProblem(BaseModel):
             raise ValueError(f"{info.field_name} must be finite and >= 0; got {describe(v)}")
         return _frozen(_in_range(info.field_name, arr))
 
+    @field_validator("expert_group", mode="before")
+    @classmethod
+    def _v_group(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        arr = _integers("expert_group", v)
+        if arr.ndim != 1 or np.any(arr < 0):
+            raise ValueError(f"expert_group must be an (E,) array of integers >= 0; got {describe(v)}")
+        return _frozen(arr)
+
+    @field_validator("group_capacity", "group_min_experts", mode="before")
+    @classmethod
+    def _v_group_counts(cls, v: Any, info: Any) -> Any:
+        if v is None:
+            if info.field_name == "group_min_experts":
+                raise ValueError("group_min_experts must be an integer, a (C,) or a (C, L) array; got None")
+            return None
+        arr = _integers(info.field_name, v)
+        if arr.ndim > 2:
+            raise ValueError(f"{info.field_name} must be an integer, a (C,) or a (C, L) array; got shape {arr.shape}")
+        if np.any(arr < 0):
+            raise ValueError(f"{info.field_name} must be >= 0; got {int(arr.min())}")
+        return _scalar_or(arr)
+
     @field_validator("allowed", "previous", mode="before")
     @classmethod
     def _v_mask(cls, v: Any, info: Any) -> Any:
@@ -220,6 +252,24 @@ class AlignmentProblem(BaseModel):
         shape_ok("budget", self.budget, [(C,)])
         shape_ok("allowed", self.allowed, [(C, E)])
         shape_ok("previous", self.previous, [(C, E)])
+        if self.expert_group is not None:
+            shape_ok("expert_group", self.expert_group, [(E,)])
+            if int(self.expert_group.max()) >= E:
+                e = int(np.argmax(self.expert_group >= E))
+                raise ValueError(f"expert_group must lie in [0, {E - 1}] (at most one group per expert); got "
+                                 f"{int(self.expert_group[e])} for expert {self.expert_label(e)!r}")
+            L = self.n_groups
+            shape_ok("group_capacity", self.group_capacity, [(C,), (C, L)])
+            shape_ok("group_min_experts", self.group_min_experts, [(C,), (C, L)])
+            glo, gk = self.group_min_matrix, self.group_capacity_matrix
+            if np.any(glo > gk):
+                c, g = (int(i) for i in np.argwhere(glo > gk)[0])
+                raise ValueError(f"group_min_experts must be <= group_capacity for every client and group; client "
+                                 f"{self.client_label(c)!r} has {glo[c, g]} > {gk[c, g]} in group {g}")
+        elif self.group_capacity is not None or not (np.ndim(self.group_min_experts) == 0
+                                                      and self.group_min_experts == 0):
+            raise ValueError("group_capacity and group_min_experts need expert_group (the group of each expert); "
+                             "got expert_group=None")
         if (self.usage is None) != (self.budget is None):
             given, missing = ("usage", "budget") if self.budget is None else ("budget", "usage")
             raise ValueError(f"{given} was given without {missing}; the resource row needs both")
@@ -334,6 +384,48 @@ class AlignmentProblem(BaseModel):
     def max_load_array(self) -> np.ndarray:
         return self._vec(self.expert_max_load, self.n_experts, np.float64, np.inf)
 
+    @property
+    def n_groups(self) -> int:
+        """Number of expert groups L (1 without ``expert_group``)."""
+        return 1 if self.expert_group is None else int(self.expert_group.max()) + 1
+
+    @cached_property
+    def group_array(self) -> np.ndarray:
+        """(E,) group of each expert (all 0 without ``expert_group``)."""
+        if self.expert_group is None:
+            return _frozen(np.zeros(self.n_experts, dtype=np.int64))
+        return self.expert_group
+
+    def _per_group(self, value: Any, default: int) -> np.ndarray:
+        C, L = self.n_clients, self.n_groups
+        if value is None:
+            return _frozen(np.full((C, L), default, dtype=np.int64))
+        arr = np.asarray(value, dtype=np.int64)
+        return _frozen(np.broadcast_to(arr[:, None] if arr.ndim == 1 else arr, (C, L)))
+
+    @cached_property
+    def group_capacity_matrix(self) -> np.ndarray:
+        """(C, L) most experts per client per group (``MAX_COUNT`` where unbounded)."""
+        return self._per_group(self.group_capacity, MAX_COUNT)
+
+    @cached_property
+    def group_min_matrix(self) -> np.ndarray:
+        """(C, L) fewest experts per client per group."""
+        return self._per_group(self.group_min_experts, 0)
+
+    @property
+    def has_groups(self) -> bool:
+        """True when per-group rows constrain anything (``expert_group`` with a cap or a minimum)."""
+        return self.expert_group is not None and (self.group_capacity is not None
+                                                  or bool(np.any(self.group_min_matrix > 0)))
+
+    def group_counts(self, assignment: np.ndarray) -> np.ndarray:
+        """(C, L) experts each client trains in each group under ``assignment``."""
+        out = np.zeros((self.n_clients, self.n_groups), dtype=np.int64)
+        rows, cols = np.nonzero(assignment)
+        np.add.at(out, (rows, self.group_array[cols]), 1)
+        return out
+
     @cached_property
     def allowed_matrix(self) -> np.ndarray:
         return self.allowed if self.allowed is not None else _frozen(np.ones(self.fitness.shape, dtype=bool))
@@ -373,7 +465,7 @@ class AlignmentProblem(BaseModel):
 
     @property
     def is_flow(self) -> bool:
-        """True when the constraint matrix is a bipartite incidence matrix (count loads, no budget)."""
+        """True when the problem is a min-cost flow (count loads, no budget; group rows are laminar)."""
         return self.weight_matrix is None and not self.has_budget
 
     def objective_value(self, assignment: np.ndarray) -> float:

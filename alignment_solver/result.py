@@ -145,6 +145,14 @@ class AlignmentResult:
             for e in np.flatnonzero(load > p.max_load_array + tol):
                 out.append(f"expert {p.expert_label(int(e))!r} has load {load[e]:g} > expert_max_load "
                            f"{p.max_load_array[e]:g}")
+        if p.has_groups:
+            per = p.group_counts(x)
+            for c, g in np.argwhere(per > p.group_capacity_matrix)[:20]:
+                out.append(f"client {p.client_label(int(c))!r} trains {per[c, g]} experts of group {g} > "
+                           f"group_capacity {p.group_capacity_matrix[c, g]}")
+            for c, g in np.argwhere(per < p.group_min_matrix)[:20]:
+                out.append(f"client {p.client_label(int(c))!r} trains {per[c, g]} experts of group {g} < "
+                           f"group_min_experts {p.group_min_matrix[c, g]}")
         if p.has_budget:
             used = (p.usage_matrix * x).sum(axis=1)
             for c in np.flatnonzero(used > p.budget + tol):

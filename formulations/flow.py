@@ -16,6 +16,13 @@ when the hard problem is feasible.  In soft mode ``(Lf, Uf)`` is the band as giv
 bounds are priced exactly as the result's objective prices them) and ``P`` is the soft penalty.  ``base_load`` is load already placed on each expert
 by clients kept out of the network (fixed); the band arcs are shifted by it.
 
+Per-group rows (``expert_group`` with ``group_min_experts`` / ``group_capacity``) are laminar
+inside the client row, so they add a layer of client-group nodes::
+
+    S --[min_experts, capacity]--> client --[group min, group cap]--> client-group --[0, 1]--> expert
+
+(``grouped_arcs``); that network is solved on every allowed arc, without the certificate.
+
 Optimality certificate: every cycle of the residual graph passes through expert, source or sink
 nodes, so eliminating the client nodes leaves a graph on ``E + 2`` nodes whose arc ``a -> b``
 costs the cheapest residual path ``a -> client -> b`` (``potentials`` runs Bellman-Ford on it).
@@ -230,3 +237,32 @@ class FlowNetwork:
             improving &= self.allowed
         bad = improving.any(axis=1) | ((f > self.lo) & (d[E] > d_in + 2 * tol))
         return improving, bad
+
+
+def grouped_arcs(net: FlowNetwork, group: np.ndarray, glo: np.ndarray, gk: np.ndarray):
+    """The circulation of ``net`` with a client-group layer on every allowed arc.
+
+    ``group`` (E,) is each expert's group; ``glo``/``gk`` (C, L) bound each client's experts per
+    group.  Nodes: clients ``0..C-1``, experts ``C..C+E-1``, S, T, then client-group ``(c, l)`` at
+    ``C + E + 2 + c * L + l``.  Returns ``tails, heads, capacities, costs, supplies, pairs`` with
+    the pair arcs right after the ``C`` source arcs and the ``C * L`` client-group arcs.
+    """
+    C, E = net.shape
+    L = glo.shape[1]
+    pairs = np.nonzero(net.allowed)
+    ci, ei = pairs
+    base = C + E + 2
+    reach = np.zeros((C, L), dtype=np.int64)
+    np.add.at(reach, (ci, group[ei]), 1)
+    upper = np.minimum(gk, reach)
+    tails, heads, caps, costs, supplies = net.arcs(pairs)
+    cg = base + np.arange(C * L)
+    g_tails = np.repeat(np.arange(C), L)
+    g_caps = np.maximum(upper - glo, 0).ravel()
+    supplies = np.concatenate([supplies, glo.ravel().astype(np.int64)])
+    np.add.at(supplies, g_tails, -glo.ravel().astype(np.int64))
+    tails = np.concatenate([tails[:C], g_tails, base + ci * L + group[ei], tails[C + len(ci):]])
+    heads = np.concatenate([heads[:C], cg, heads[C:C + len(ci)], heads[C + len(ci):]])
+    caps = np.concatenate([caps[:C], g_caps, caps[C:]])
+    costs = np.concatenate([costs[:C], np.zeros(C * L), costs[C:]])
+    return tails, heads, caps.astype(np.int64), costs, supplies, pairs

@@ -2,9 +2,11 @@
 
 One binary ``x_j`` per allowed (client, expert) pair ``j``; in soft mode two continuous slack
 variables per expert (shortfall below and excess above its load band) priced at
-``soft_penalty`` in the objective.  Rows come in three groups: client counts
+``soft_penalty`` in the objective.  Rows come in four kinds: client counts
 ``min_experts <= sum x <= capacity``, expert loads ``L <= sum w x (+ short - excess) <= U``,
-and, when present, budgets ``sum usage x <= budget``.  Backends (CP-SAT, PuLP) read the groups;
+and, when present, budgets ``sum usage x <= budget`` and per-group client counts
+``group_min_experts[c, l] <= sum_{e in l} x <= group_capacity[c, l]`` (kind ``"group"``, index
+``c * L + l``).  Backends (CP-SAT, PuLP) read the groups;
 ``matrices()`` gives the whole model as sparse matrices for LP bounds and independent oracles.
 """
 
@@ -22,8 +24,8 @@ from alignment_solver.problem import AlignmentProblem
 class Row:
     """One linear row ``lo <= sum coef * var <= hi`` over pair variables (and optional slacks)."""
 
-    kind: str            # "client", "load" or "budget"
-    index: int           # client or expert index
+    kind: str            # "client", "load", "budget" or "group"
+    index: int           # client or expert index (c * L + l for a group row)
     pairs: np.ndarray    # indices into the pair variables
     coef: np.ndarray
     lo: float
@@ -45,6 +47,9 @@ class LinearModel:
     usage: Optional[np.ndarray]  # (n,) or None
     budget: Optional[np.ndarray]
     soft_penalty: Optional[float]
+    group: Optional[np.ndarray] = None      # (n,) group of each pair's expert, when group rows exist
+    group_lo: Optional[np.ndarray] = None   # (C, L)
+    group_hi: Optional[np.ndarray] = None   # (C, L)
 
     @classmethod
     def from_problem(cls, problem: AlignmentProblem, soft_penalty: Optional[float] = None,
@@ -61,7 +66,10 @@ class LinearModel:
                    load_lo=problem.min_load_array.astype(float), load_hi=problem.max_load_array.astype(float),
                    usage=None if usage is None else np.asarray(usage[ci, ei], dtype=float),
                    budget=None if problem.budget is None else problem.budget.astype(float),
-                   soft_penalty=soft_penalty)
+                   soft_penalty=soft_penalty,
+                   group=problem.group_array[ei] if problem.has_groups else None,
+                   group_lo=problem.group_min_matrix.astype(float) if problem.has_groups else None,
+                   group_hi=problem.group_capacity_matrix.astype(float) if problem.has_groups else None)
 
     @property
     def n(self) -> int:
@@ -85,6 +93,13 @@ class LinearModel:
         if self.usage is not None:
             for c, idx in enumerate(self._groups(self.ci, self.C)):
                 yield Row("budget", c, idx, self.usage[idx], -np.inf, self.budget[c])
+        if self.group is not None:
+            L = self.group_lo.shape[1]
+            for i, idx in enumerate(self._groups(self.ci * L + self.group, self.C * L)):
+                c, g = divmod(i, L)
+                if self.group_lo[c, g] > 0 or self.group_hi[c, g] < len(idx):
+                    yield Row("group", i, idx, np.ones(len(idx)), self.group_lo[c, g],
+                              min(self.group_hi[c, g], len(idx)))
 
     def assignment(self, values: np.ndarray) -> np.ndarray:
         x = np.zeros((self.C, self.E), dtype=bool)

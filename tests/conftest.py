@@ -14,7 +14,7 @@ def backends_for(problem: AlignmentProblem) -> list[str]:
 
 @st.composite
 def small_problems(draw, max_clients: int = 4, max_experts: int = 3, general: bool = True):
-    """Tiny problems (C * E <= 12) over every feature: masks, switch penalties, weights, budgets."""
+    """Tiny problems (C * E <= 12) over every feature: masks, switch penalties, groups, weights, budgets."""
     C = draw(st.integers(1, max_clients))
     E = draw(st.integers(1, max_experts))
     grid = st.integers(-20, 100).map(lambda v: v / 10)
@@ -33,6 +33,13 @@ def small_problems(draw, max_clients: int = 4, max_experts: int = 3, general: bo
         fields["load_weight"] = np.array(draw(st.lists(st.integers(1, 3), min_size=C * E, max_size=C * E))).reshape(C, E)
         fields["expert_min_load"] = L * 2
         fields["expert_max_load"] = U * 2
+    if E >= 2 and draw(st.booleans()):
+        group = np.array(draw(st.lists(st.integers(0, 1), min_size=E, max_size=E)))
+        fields["expert_group"] = group
+        n = int(group.max()) + 1
+        gk = np.array(draw(st.lists(st.integers(0, E), min_size=C * n, max_size=C * n))).reshape(C, n)
+        fields["group_capacity"] = gk
+        fields["group_min_experts"] = np.array([[draw(st.integers(0, min(int(k), 1))) for k in row] for row in gk])
     if general and draw(st.booleans()):
         fields["usage"] = np.array(draw(st.lists(st.integers(0, 4), min_size=E, max_size=E)), dtype=float)
         fields["budget"] = np.array(draw(st.lists(st.integers(0, 8), min_size=C, max_size=C)), dtype=float)

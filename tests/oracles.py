@@ -32,6 +32,30 @@ def _dense(p: AlignmentProblem):
     return G, w, cap, low, L, U, allowed, usage
 
 
+def _groups(p: AlignmentProblem):
+    """``(member, glo, gk)`` from the raw group fields: member (L, E) bool, bounds (C, L); or None."""
+    if p.expert_group is None:
+        return None
+    C = p.fitness.shape[0]
+    g = np.asarray(p.expert_group, dtype=int)
+    n = int(g.max()) + 1
+    member = np.arange(n)[:, None] == g[None, :]
+
+    def per(v, default):
+        v = np.asarray(default if v is None else v)
+        return np.broadcast_to(v[:, None] if v.ndim == 1 else v, (C, n)).astype(float)
+    return member, per(p.group_min_experts, 0), per(p.group_capacity, np.inf)
+
+
+def _group_ok(p: AlignmentProblem, x: np.ndarray) -> bool:
+    groups = _groups(p)
+    if groups is None:
+        return True
+    member, glo, gk = groups
+    per = x.astype(int) @ member.T.astype(int)
+    return bool(((per >= glo) & (per <= gk)).all())
+
+
 def brute_force(p: AlignmentProblem, soft_penalty: Optional[float] = None) -> Optional[float]:
     """Best objective over every 0-1 matrix (None if infeasible); C * E <= 16."""
     C, E = p.fitness.shape
@@ -44,7 +68,7 @@ def brute_force(p: AlignmentProblem, soft_penalty: Optional[float] = None) -> Op
         if (x & ~allowed).any():
             continue
         n = x.sum(1)
-        if (n > cap).any() or (n < low).any():
+        if (n > cap).any() or (n < low).any() or not _group_ok(p, x):
             continue
         if usage is not None and ((usage * x).sum(1) > np.asarray(p.budget) + 1e-9).any():
             continue
@@ -69,7 +93,9 @@ def scipy_milp(p: AlignmentProblem, time_limit: float = 60, soft_penalty: Option
     G, w, cap, low, L, U, allowed, usage = _dense(p)
     n = C * E
     ns = 2 * E if soft_penalty is not None else 0
-    rows = C + E + (C if usage is not None else 0)
+    groups = _groups(p)
+    n_groups = 0 if groups is None else groups[0].shape[0]
+    rows = C + E + (C if usage is not None else 0) + C * n_groups
     A = lil_matrix((rows, n + ns))
     lo = np.full(rows, -np.inf)
     hi = np.full(rows, np.inf)
@@ -86,6 +112,14 @@ def scipy_milp(p: AlignmentProblem, time_limit: float = 60, soft_penalty: Option
         for c in range(C):
             A[C + E + c, c * E:(c + 1) * E] = usage[c]
             hi[C + E + c] = p.budget[c]
+    if groups is not None:
+        member, glo, gk = groups
+        first = C + E + (C if usage is not None else 0)
+        for c in range(C):
+            for g in range(n_groups):
+                r = first + c * n_groups + g
+                A[r, [c * E + e for e in np.flatnonzero(member[g])]] = 1
+                lo[r], hi[r] = glo[c, g], gk[c, g]
     cost = np.concatenate([-G.ravel(), np.full(ns, soft_penalty or 0.0)])
     upper = np.concatenate([allowed.ravel().astype(float), np.full(ns, np.inf)])
     res = milp(cost, constraints=LinearConstraint(A.tocsr(), lo, hi),
@@ -108,6 +142,8 @@ def violations(p: AlignmentProblem, x: np.ndarray, soft: bool = False, tol: floa
     out += [f"capacity of client {c}" for c in np.flatnonzero(n > cap)]
     out += [f"min_experts of client {c}" for c in np.flatnonzero(n < low)]
     out += [f"mask at {tuple(ce)}" for ce in np.argwhere(x & ~allowed)]
+    if not _group_ok(p, x):
+        out.append("a group row")
     if usage is not None:
         out += [f"budget of client {c}" for c in np.flatnonzero((usage * x).sum(1) > np.asarray(p.budget) + tol)]
     if not soft:
@@ -130,7 +166,8 @@ def value(p: AlignmentProblem, x: np.ndarray, soft_penalty: Optional[float] = No
 def networkx_flow(p: AlignmentProblem, scale: float = 1e6) -> Optional[float]:
     """Count-load optimum as a min-cost circulation solved by networkx's network simplex.
 
-    Lower bounds are moved into node demands; costs are scaled to integers by ``scale``.
+    Lower bounds are moved into node demands; costs are scaled to integers by ``scale``.  Group
+    rows become client-group nodes between each client and its experts.
     """
     import networkx as nx
 
@@ -148,12 +185,19 @@ def networkx_flow(p: AlignmentProblem, scale: float = 1e6) -> Optional[float]:
         demand[u] += lower        # u must send `lower` more than it receives
         demand[v] -= lower
 
+    groups = _groups(p)
     try:
         for c in range(C):
             arc("S", ("c", c), int(low[c]), int(cap[c]), 0)
+            if groups is not None:
+                member, glo, gk = groups
+                for grp in range(member.shape[0]):
+                    demand[("g", c, grp)] = 0
+                    arc(("c", c), ("g", c, grp), int(glo[c, grp]), int(min(gk[c, grp], cap[c])), 0)
             for e in range(E):
                 if allowed[c, e]:
-                    arc(("c", c), ("e", e), 0, 1, -round(G[c, e] * scale))
+                    tail = ("c", c) if groups is None else ("g", c, int(np.asarray(p.expert_group)[e]))
+                    arc(tail, ("e", e), 0, 1, -round(G[c, e] * scale))
         for e in range(E):
             arc(("e", e), "T", int(L[e]), int(U[e]), 0)
         arc("T", "S", 0, int(cap.sum()), 0)
@@ -165,4 +209,6 @@ def networkx_flow(p: AlignmentProblem, scale: float = 1e6) -> Optional[float]:
         flow = nx.min_cost_flow(g)
     except nx.NetworkXUnfeasible:
         return None
-    return sum(G[c, e] * flow[("c", c)].get(("e", e), 0) for c in range(C) for e in range(E))
+    def tail(c, e):
+        return ("c", c) if groups is None else ("g", c, int(np.asarray(p.expert_group)[e]))
+    return sum(G[c, e] * flow[tail(c, e)].get(("e", e), 0) for c in range(C) for e in range(E))

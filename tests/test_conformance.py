@@ -54,6 +54,43 @@ def test_medium_count_problems_match_scipy_and_networkx(backend, seed):
     check_against(problem, expected, backend)
 
 
+def layered(C, L, per_layer, seed, **fields):
+    """Per-layer units: ``L`` groups of ``per_layer`` experts, each client 1..2 per layer."""
+    rng = np.random.default_rng(seed)
+    E = L * per_layer
+    cap = rng.integers(1, 3, C)
+    return AlignmentProblem.balanced(rng.random((C, E)), capacity=cap * L, min_experts=L, tolerance=0.2,
+                                     expert_group=np.repeat(np.arange(L), per_layer),
+                                     group_capacity=cap, group_min_experts=1, **fields)
+
+
+@pytest.mark.parametrize("backend", EXACT)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_per_layer_units_match_scipy_and_networkx(backend, seed):
+    problem = layered(30, 2, 4, seed)
+    expected = scipy_milp(problem)
+    assert expected is not None
+    assert networkx_flow(problem) == pytest.approx(expected, rel=1e-6)
+    result = check_against(problem, expected, backend)
+    per = problem.group_counts(result.assignment)
+    assert (per >= 1).all() and (per <= problem.group_capacity_matrix).all()
+
+
+@pytest.mark.parametrize("backend", GENERAL)
+def test_per_layer_units_with_budgets_match_scipy(backend):
+    problem = layered(20, 2, 3, 7, usage=[1, 2, 3, 1, 2, 3], budget=np.full(20, 7.0))
+    check_against(problem, scipy_milp(problem), backend)
+
+
+def test_groups_that_cannot_be_met_are_explained():
+    problem = AlignmentProblem(fitness=np.ones((2, 4)), capacity=2, expert_group=[0, 0, 1, 1], group_min_experts=1,
+                               allowed=[[1, 1, 0, 0], [1, 1, 1, 1]])
+    for backend in backends_for(problem):
+        result = solve(problem, backend=backend)
+        assert result.status is SolveStatus.INFEASIBLE, backend
+        assert "groups [1]" in result.explanation and "[0]" in result.explanation
+
+
 @pytest.mark.parametrize("backend", GENERAL)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_medium_budget_problems_match_scipy(backend, seed):

@@ -234,9 +234,9 @@ class CpSatBackend(Backend):
     @staticmethod
     def _warm_kind(problem: AlignmentProblem, request: SolveRequest, limited: bool) -> Optional[str]:
         """Which warm start runs: "flow" (budgets on count loads), "rows" (anything else, under a
-        time limit or when asked for) or None."""
+        time limit or when asked for) or None (always None with per-group rows)."""
         mode = request.options.get("warm_start", "auto")
-        if mode == "none":
+        if mode == "none" or problem.has_groups:     # the warm starts know no per-group rows
             return None
         arcs = int(problem.allowed_matrix.sum())
         if _lagrangian.applies(problem):

@@ -9,6 +9,10 @@ to its top choices and only the rest enter the network.  The certificate in
 the full instance; clients it finds improvable are activated with their improving arcs and the
 network is solved again, until the proof holds (``stats["proven"]``).
 
+Problems with per-group rows (``expert_group``) are solved on every allowed arc of the network
+with client-group nodes (:func:`~alignment_solver.formulations.flow.grouped_arcs`): OR-Tools'
+answer on the full instance is the proof.
+
 Costs are scaled to int64 for OR-Tools; the reported ``bound`` accounts for the rounding
 (``stats["tolerance"]`` per arc).  Deterministic for a given seed (the sample); single-threaded.
 Under a time limit the deadline is checked between rounds and each round's plan is reported as
@@ -23,7 +27,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..formulations.flow import FlowNetwork, _all
+from ..formulations.flow import FlowNetwork, _all, grouped_arcs
 from ..problem import AlignmentProblem
 from ..result import AlignmentResult, SolveStatus
 from .base import Backend, SolveRequest
@@ -58,6 +62,8 @@ class FlowBackend(Backend):
         C, E = net.shape
         if np.any(net.lo > net.k):
             return AlignmentResult(problem, SolveStatus.INFEASIBLE, self.name, solve_seconds=time.perf_counter() - t0)
+        if problem.has_groups:
+            return self._solve_grouped(problem, net, request, t0)
         scale = _cost_scale(net)
         tol = 4.0 / scale
         m = request.options.get("candidates", 6)
@@ -120,16 +126,53 @@ class FlowBackend(Backend):
         return result
 
 
+    def _solve_grouped(self, problem: AlignmentProblem, net: FlowNetwork, request: SolveRequest,
+                       t0: float) -> AlignmentResult:
+        from ortools.graph.python import min_cost_flow
+
+        C, E = net.shape
+        L = problem.n_groups
+        scale = _cost_scale(net, nodes=C + E + 2 + C * L)
+        tol = 4.0 / scale
+        tails, heads, caps, costs, supplies, pairs = grouped_arcs(net, problem.group_array, problem.group_min_matrix,
+                                                                  problem.group_capacity_matrix)
+        smcf = min_cost_flow.SimpleMinCostFlow()
+        arcs = smcf.add_arcs_with_capacity_and_unit_cost(tails, heads, caps, np.rint(costs * scale).astype(np.int64))
+        smcf.set_nodes_supplies(np.arange(len(supplies)), supplies)
+        build = time.perf_counter() - t0
+        status = smcf.solve()
+        seconds = time.perf_counter() - t0 - build
+        stats = {"rounds": 1, "arcs": len(pairs[0]), "groups": L, "proven": status == smcf.OPTIMAL,
+                 "tolerance": tol, "deterministic": True}
+        if status == smcf.INFEASIBLE:      # client and group rows are hard in both modes; the band is priced
+            return AlignmentResult(problem, SolveStatus.INFEASIBLE, self.name, solve_seconds=seconds,
+                                   build_seconds=build, stats=stats)
+        if status != smcf.OPTIMAL:
+            return AlignmentResult(problem, SolveStatus.NO_SOLUTION_FOUND, self.name, solve_seconds=seconds,
+                                   build_seconds=build, explanation=f"OR-Tools min-cost flow returned status {status}",
+                                   stats=stats)
+        first = C + C * L
+        x = net.assignment(pairs, smcf.flows(arcs[first:first + len(pairs[0])]))
+        if _misses(net, x) and not request.soft:
+            return AlignmentResult(problem, SolveStatus.INFEASIBLE, self.name, solve_seconds=seconds,
+                                   build_seconds=build, stats=stats)
+        result = AlignmentResult(problem, SolveStatus.OPTIMAL, self.name, assignment=x, solve_seconds=seconds,
+                                 build_seconds=build, soft=request.soft,
+                                 soft_penalty=net.penalty if request.soft else None, stats=stats)
+        result.bound = result.objective + 2 * tol * (int(net.k.sum()) + E + 2)
+        return result
+
+
 def _misses(net: FlowNetwork, x: np.ndarray) -> bool:
     """Whether ``x`` misses the integer (hard) load band."""
     load = x.sum(axis=0)
     return bool(np.any(load < net.L) or np.any(load > net.U))
 
 
-def _cost_scale(net: FlowNetwork) -> float:
+def _cost_scale(net: FlowNetwork, nodes: Optional[int] = None) -> float:
     """Largest cost multiplier that keeps OR-Tools' internal cost scaling inside int64."""
     C, E = net.shape
-    limit = float(2 ** 58 // (C + E + 3))
+    limit = float(2 ** 58 // ((C + E + 2 if nodes is None else nodes) + 1))
     biggest = max(net.penalty, net.max_abs, 1e-12)
     return limit / biggest
 

@@ -1,11 +1,12 @@
 """``greedy``: a fast heuristic baseline for any problem; never proves optimality.
 
 Three vectorised phases, each adding one (client, expert) pair per client per pass while it
-fits every upper limit (capacity, expert max load, budget): first the experts below their
-minimum load take their best-fitting free clients, then clients below their minimum take their
-best expert, then every client adds its best remaining expert while that raises the objective.
-The answer is FEASIBLE when it satisfies every hard constraint, else NO_SOLUTION_FOUND (in soft
-mode band misses are allowed and priced).
+fits every upper limit (capacity, per-group capacity, expert max load, budget): first the experts
+below their minimum load take their best-fitting free clients, then clients below their minimum
+(or below a group's minimum: an expert of that group) take their best expert, then every client
+adds its best remaining expert while that raises the objective.  The answer is FEASIBLE when
+it satisfies every hard constraint, else NO_SOLUTION_FOUND (in soft mode band misses are
+allowed and priced).
 """
 
 from __future__ import annotations
@@ -36,6 +37,19 @@ class _State:
         self.count = self.x.sum(axis=1)
         self.load = self.x.sum(axis=0).astype(float) if self.w is None else (self.w * self.x).sum(axis=0)
         self.used = np.zeros(p.n_clients) if self.u is None else (self.u * self.x).sum(axis=1)
+        self.grouped = p.has_groups
+        if self.grouped:
+            self.group = p.group_array
+            self.gk, self.glo = p.group_capacity_matrix, p.group_min_matrix
+            self.gcount = p.group_counts(self.x)
+
+    def group_room(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), E) mask: the expert's group still has room in the client's group capacity."""
+        return (self.gcount[rows] < self.gk[rows])[:, self.group]
+
+    def group_short(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), E) mask: the expert's group is below the client's group minimum."""
+        return (self.gcount[rows] < self.glo[rows])[:, self.group]
 
     def weight(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         return np.ones(len(rows)) if self.w is None else self.w[rows, cols]
@@ -48,6 +62,8 @@ class _State:
         ok &= self.load[None, :] + (1.0 if self.w is None else self.w[rows]) <= self.U[None, :] + 1e-9
         if self.u is not None:
             ok &= self.used[rows, None] + self.u[rows] <= self.B[rows, None] + 1e-9
+        if self.grouped:
+            ok &= self.group_room(rows)
         return ok
 
     def fits_expert(self, e: int) -> np.ndarray:
@@ -58,6 +74,8 @@ class _State:
         ok &= self.load[e] + (1.0 if self.w is None else self.w[:, e]) <= self.U[e] + 1e-9
         if self.u is not None:
             ok &= self.used + self.u[:, e] <= self.B + 1e-9
+        if self.grouped:
+            ok &= self.gcount[:, self.group[e]] < self.gk[:, self.group[e]]
         return ok
 
     def add(self, rows: np.ndarray, cols: np.ndarray) -> int:
@@ -78,6 +96,8 @@ class _State:
         np.add.at(self.load, cols, w[keep])
         if self.u is not None:
             np.add.at(self.used, rows, self.u[rows, cols])
+        if self.grouped:
+            np.add.at(self.gcount, (rows, self.group[cols]), 1)
         return len(rows)
 
 
@@ -119,10 +139,17 @@ def complete(problem: AlignmentProblem, start: Optional[np.ndarray] = None,
     # Phase 2 and 3: clients below their minimum, then any client while it gains.
     for positive_only in (False, True):
         while not late():
-            rows = np.flatnonzero(s.count < (s.k if positive_only else s.lo))
+            below = s.count < (s.k if positive_only else s.lo)
+            if s.grouped and not positive_only:
+                below |= (s.gcount < s.glo).any(axis=1) & (s.count < s.k)
+            rows = np.flatnonzero(below)
             if not len(rows):
                 break
-            value = np.where(s.fits(rows), s.G[rows], -np.inf)
+            ok = s.fits(rows)
+            if s.grouped and not positive_only:      # a client short in a group takes from that group first
+                short = s.group_short(rows)
+                ok &= np.where(short.any(axis=1)[:, None], short, True)
+            value = np.where(ok, s.G[rows], -np.inf)
             if positive_only:
                 value = np.where(value > 0, value, -np.inf)
             best = value.argmax(axis=1)
