@@ -12,8 +12,9 @@ seconds per expert downloaded, whether it finished) give, per client::
 rounds, not its average.  An unfinished round's seconds count too when the client reports them, so
 a device too slow for even one expert before the deadline gets capacity 0.  Observation overrides
 the report, so a client claiming 10x the speed it delivers is planned by what it delivered.  A
-client never planned gets ``default_capacity`` (a safe default), or what its report supports
-against the deadline.  After that ``limit`` rules: a client that finishes keeps at least what it
+client never planned gets ``default_capacity`` (a safe default), the capacity its operator
+configured (``configured``: node or site configuration, not a reply), or what its report
+supports against the deadline.  After that ``limit`` rules: a client that finishes keeps at least what it
 was given; one that fails to finish drops to one expert fewer than it was given; after
 ``recovery_rounds`` consecutive early finishes (within ``early_fraction`` of the deadline) it
 gains one more.  The memory budget is the ``1 - q`` quantile of reported memory
@@ -79,8 +80,8 @@ class CapacityProfiler:
     # ---- inputs -----------------------------------------------------------------------------
     def report(self, row: int, *, memory: Optional[float] = None, throughput: Optional[float] = None,
                bandwidth: Optional[float] = None, samples: Optional[float] = None,
-               max_experts: Optional[int] = None) -> None:
-        """What a client says about itself (any subset)."""
+               max_experts: Optional[int] = None, configured: Optional[int] = None) -> None:
+        """What a client says about itself (any subset); ``configured`` sets a new client's start."""
         if memory is not None:
             self.memory[row, self.mem_slot[row] % self.config.window] = memory
             self.mem_slot[row] += 1
@@ -92,6 +93,10 @@ class CapacityProfiler:
             self.samples[row] = samples
         if max_experts is not None:
             self.declared[row] = max_experts
+        if configured is not None:
+            if self.planned[row] == 0:
+                self.limit[row] = configured
+            self.declared[row] = configured if max_experts is None else min(configured, max_experts)
 
     def observe(self, row: int, *, assigned: int, train_seconds: float, download_seconds: float,
                 finished: bool, deadline: Optional[float]) -> None:

@@ -68,6 +68,9 @@ class CoordinatorConfig(BaseModel):
         "that demand, with lower end 0 (demand-sized plans; 0: fill capacity, every expert in the band)"))
     probes: int = Field(0, ge=0, le=MAX_EXPERTS, description=(
         "experts each planned client evaluates on held-out data without training (least measured first)"))
+    unit_groups: Optional[list[int]] = Field(None, description=(
+        "(E,) MoE layer of each unit when units are per layer: a client that trains gets at least min_experts "
+        "units of each layer and at most its capacity per layer (capacity counts experts per layer)"))
 
 
 class AlignmentCoordinator:
@@ -81,6 +84,10 @@ class AlignmentCoordinator:
         self.config = config or CoordinatorConfig()
         if self.config.expert_memory is not None and len(self.config.expert_memory) != self.E:
             raise ValueError(f"config.expert_memory must have {self.E} entries; got {len(self.config.expert_memory)}")
+        groups = self.config.unit_groups
+        if groups is not None and (len(groups) != self.E or min(groups) < 0 or max(groups) >= self.E):
+            raise ValueError(f"config.unit_groups must have {self.E} entries in [0, {self.E - 1}]; got {groups!r:.200}")
+        self.groups = None if groups is None else np.asarray(groups, dtype=np.int64)
         self.scorer = FitnessScorer(self.E, self.config.scorer)
         self.monitor = ExpertLoadMonitor(self.E, self.config.monitor)
         self.profiler = CapacityProfiler(self.config.capacity)
@@ -156,7 +163,7 @@ class AlignmentCoordinator:
         rows = self._ensure(ids)
         for s, row in zip(statuses, rows):
             self.profiler.report(int(row), memory=s.memory, throughput=s.throughput, bandwidth=s.bandwidth,
-                                 samples=s.samples, max_experts=s.max_experts)
+                                 samples=s.samples, max_experts=s.max_experts, configured=s.configured_experts)
             self._routing(int(row), s.routing, "routing")
         if not ids:
             plan = RoundPlan(round=round, clients=[], status="empty", deadline=deadline)
@@ -186,8 +193,8 @@ class AlignmentCoordinator:
         plan = RoundPlan(
             round=round, status=result.status.value, backend=result.backend, objective=result.objective,
             gap=result.gap, solve_seconds=result.solve_seconds + result.build_seconds, deadline=deadline,
-            clients=[PlannedClient(client_id=c, experts=e, capacity=int(k), probe=p)
-                     for c, e, k, p in zip(ids, experts, problem.capacity_array, probes)],
+            clients=[PlannedClient(client_id=s.client_id, experts=e, capacity=int(k), probe=p, label=s.label)
+                     for s, e, k, p in zip(statuses, experts, self._per_layer_capacity(problem), probes)],
             expert_min_load=problem.min_load_array.tolist(), expert_max_load=problem.max_load_array.tolist(),
             planned_load=x.sum(axis=0).astype(int).tolist(), planned_cv=cv(x.sum(axis=0)),
             explanation=result.explanation)
@@ -208,10 +215,26 @@ class AlignmentCoordinator:
         keep = ~np.take_along_axis(x, order, axis=1)
         return [o[m].tolist() for o, m in zip(order, keep)]
 
+    def _per_layer_capacity(self, problem: AlignmentProblem) -> np.ndarray:
+        return problem.capacity_array if self.groups is None else problem.group_capacity_matrix.max(axis=1)
+
+    def assigned_count(self, experts: Sequence[int]) -> int:
+        """Experts a plan gives a client, as the profiler counts them (per layer with unit groups)."""
+        if self.groups is None or not len(experts):
+            return len(experts)
+        return int(np.bincount(self.groups[np.asarray(experts, dtype=np.int64)]).max())
+
     def build_problem(self, round: int, rows: np.ndarray, deadline: Optional[float]) -> AlignmentProblem:
         """The round's problem for the clients in ``rows`` (state is not changed)."""
         cap = np.minimum(self.profiler.capacity(rows, deadline), self.E)
         low = np.minimum(self.config.min_experts, cap)
+        fields: dict[str, Any] = {}
+        if self.groups is not None:          # capacity and min_experts count per layer
+            size = np.bincount(self.groups)
+            glo = np.minimum(low[:, None], size[None, :])
+            gk = np.minimum(cap[:, None], size[None, :])
+            fields.update(expert_group=self.groups, group_capacity=gk, group_min_experts=glo)
+            cap, low = gk.sum(axis=1), glo.sum(axis=1)
         fitness = self.scorer.fitness(rows, round) - self.config.expert_cost
         demand = float(cap.sum())
         if self.config.expert_cost > 0:       # the band follows the pairs worth their cost
@@ -220,13 +243,14 @@ class AlignmentCoordinator:
         lower, upper = self.monitor.bounds(demand, self.config.tolerance)
         if self.config.expert_cost > 0:       # experts may idle when fewer are needed
             lower = np.zeros_like(lower)
-        fields: dict[str, Any] = {}
         if self.config.expert_memory is not None:
             usage = np.asarray(self.config.expert_memory, dtype=float)
             budget = self.profiler.budget(rows)
             cheapest = np.sort(usage)
             need = np.where(low > 0, np.cumsum(cheapest)[np.maximum(low - 1, 0)], 0.0)
             low = np.where(need <= budget + 1e-9, low, 0)
+            if self.groups is not None:
+                fields["group_min_experts"] = np.where((low == 0)[:, None], 0, fields["group_min_experts"])
             fields.update(usage=usage, budget=budget)
         return AlignmentProblem(fitness=fitness, capacity=cap, min_experts=low, expert_min_load=lower,
                                 expert_max_load=upper, previous=self.held[rows],
@@ -293,7 +317,7 @@ class AlignmentCoordinator:
         down = up = 0
         for row, rep in parsed:
             reported_rows.add(row)
-            assigned = len(plan[str(row)])
+            assigned = self.assigned_count(plan[str(row)])
             self.profiler.observe(row, assigned=assigned, train_seconds=rep.train_seconds,
                                   download_seconds=rep.download_seconds, finished=rep.finished, deadline=deadline)
             self._routing(row, rep.routing, "routing")
@@ -316,7 +340,7 @@ class AlignmentCoordinator:
         for key, experts in plan.items():
             row = int(key)
             if row not in reported_rows and experts:
-                self.profiler.dropout(row, len(experts))
+                self.profiler.dropout(row, self.assigned_count(experts))
                 dropouts.append(self.client_ids[row])
         mean_accuracy = float(np.mean(accs)) if accs else None
         for row, pr in probes:

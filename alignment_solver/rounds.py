@@ -36,7 +36,11 @@ class ClientStatus(_Model):
                                        description="download bytes per second")
     samples: Optional[int] = Field(None, ge=0, le=MAX_COUNT, description="local training samples per expert pass")
     max_experts: Optional[int] = Field(None, ge=0, le=MAX_COUNT, description="most experts it will train")
+    configured_experts: Optional[int] = Field(None, ge=0, le=MAX_COUNT, description=(
+        "experts its operator configured (Flower node config, NVFlare site config): a client never planned "
+        "starts there instead of the profiler's default; an upper limit like max_experts"))
     routing: Optional[list[NonNegative]] = Field(None, description="samples the gate routes to each expert")
+    label: Optional[str] = Field(None, max_length=200, description="readable name (partition id, site name)")
 
 
 class ExpertReport(_Model):
@@ -66,7 +70,8 @@ class ClientReport(_Model):
 class PlannedClient(_Model):
     client_id: Label
     experts: list[int]
-    capacity: int
+    capacity: int = Field(description="experts it could take (per layer, with per-layer units)")
+    label: Optional[str] = None
     probe: list[int] = Field(default_factory=list, description="experts to evaluate on held-out data, not train")
 
 

@@ -1,29 +1,37 @@
-"""Flower plug-in: an aligned strategy on Flower's Message API, and a client-side helper.
+"""Flower plug-in: an aligned strategy on Flower's Message API, and client-side helpers.
 
-Parameters travel as one ``ArrayRecord`` whose keys name their owner: a key
-``expert{j}.<name>`` belongs to expert ``j`` (``expert_of`` can be replaced), every other key is
-shared.  Each round ``AlignedStrategy`` sends each node only the shared arrays and its own
-experts; replies carry back the arrays it trained and a ``MetricRecord`` with these keys:
+Parameters travel as one ``ArrayRecord`` whose keys name their owner
+(:mod:`alignment_solver.integrations.units`): ``...experts.{j}.<name>`` (a PyTorch
+``nn.ModuleList`` called ``experts``, in any MoE layer) or ``expert{j}.<name>`` belongs to expert
+``j``; every other key is shared.  ``expert_of`` replaces the patterns; ``units="layer"`` makes
+each (layer, expert) its own unit.  A model in which no key belongs to an expert is refused with
+a ValueError at the first ``configure_train``.  Each round ``AlignedStrategy`` sends each node only
+the shared arrays and its own units; replies carry back the arrays it received and trained and a
+``MetricRecord`` with these keys (lists follow the order of ``experts``):
 
 =====================  =====================================================================
 ``num-examples``       local training samples (weight of the shared arrays)
-``experts``            list of the expert ids it trained (must be the ones it was sent)
-``expert-samples``     samples routed to each of those experts (their averaging weights)
-``expert-loss``        mean loss on those samples, per expert
-``expert-accuracy``    accuracy on those samples, per expert
+``experts``            list of the unit ids it trained (a subset of ``config["experts"]``)
+``expert-samples``     samples routed to each of those units (their averaging weights; 0 allowed)
+``expert-loss``        mean loss on those samples, per unit
+``expert-accuracy``    accuracy on those samples, per unit
 ``train-seconds``      wall time of local training (and ``download-seconds``, optional)
 ``max-experts``        optional: most experts it will take next round (capacity report)
-``routing``            optional: samples its gate routes to each expert (cold-start prior)
+``routing``            optional: samples its gate routes to each unit (cold-start prior)
 =====================  =====================================================================
+
+Other metric keys are ignored.  Evaluate replies carry ``num-examples``, ``accuracy`` and ``loss``.
+Before a node's first round the strategy sends it a ``QUERY`` message; a ClientApp with a query
+handler answers with a ``ConfigRecord`` ``"capacity"`` holding what its node config declares
+(``max-experts``, ``label``, ``routing``: see :func:`capacity_reply`).  A node without a query
+handler starts at the profiler's default.
 
 Every reply is checked by :mod:`alignment_solver.integrations.replies` (the same code the
 NVFlare adapter uses) against the round's plan and the model's schema; a reply that fails is
 rejected, logged with its reason and counted as a failed client, and the round goes on.
 
 :func:`train_reply` builds such a reply for the numpy MoE of :mod:`alignment_solver.training`;
-a PyTorch ClientApp does the same in a few lines: load the received keys into the model, train
-the gate and the experts listed in ``config["experts"]`` (mask the others' gate logits), and
-return ``ArrayRecord`` of those keys plus the metrics above.
+:mod:`alignment_solver.integrations.torch` does it for a PyTorch model in a few lines.
 """
 
 from __future__ import annotations
@@ -45,10 +53,10 @@ from ..coordinator import AlignmentCoordinator, CoordinatorConfig
 from ..errors import ReplyError
 from ..load_monitor import cv
 from ..state import write_atomic
-from ..training.model import expert_of
 from .local import evaluate_arrays, train_arrays
 from .replies import (AggregationConfig, Reply, ReplyChecker, aggregate, capacity_report, changed_experts,
-                      check_evaluation)
+                      check_declaration, check_evaluation)
+from .units import UnitMap
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: record[k].numpy() for k in record.keys()}
@@ -58,22 +66,36 @@ def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
+def array_bytes(messages: Iterable[Message]) -> int:
+    """Bytes of the array payloads of ``messages`` (their ``ArrayRecord`` contents)."""
+    total = 0
+    for msg in messages:
+        if msg.has_error():
+            continue
+        for record in msg.content.array_records.values():
+            total += sum(len(a.data) for a in record.values())
+    return total
+
+
 class AlignedStrategy(Strategy):
     """Client-expert alignment for federated MoE training, as a Flower strategy.
 
     Contract, per round ``r``:
 
-    - ``configure_train``: the connected nodes (sorted by id, so a seed fixes the plan) are the
-      available clients; each node's last capacity report (``max-experts``, ``routing`` from its
-      previous reply) is passed on, new nodes get the profiler's safe default.
-      ``AlignmentCoordinator.plan_round`` decides; each node with experts gets its own ``TRAIN``
-      message: a fresh ``ConfigRecord`` (the round settings plus ``experts``) and an
-      ``ArrayRecord`` with the shared arrays and only its experts.
+    - ``configure_train``: on the first call the model's keys are mapped to units
+      (:class:`~alignment_solver.integrations.units.UnitMap`; ValueError if no key belongs to an
+      expert).  The connected nodes (sorted by id, so a seed fixes the plan) are the available
+      clients.  A node never seen is first asked for its declared capacity, label and routing
+      (one ``QUERY`` message, ``query_timeout`` seconds; no answer: the profiler's default); later
+      its last capacity report (``max-experts``, ``routing`` from its previous reply) is passed on.
+      ``AlignmentCoordinator.plan_round`` decides; each node with units gets its own ``TRAIN``
+      message: a fresh ``ConfigRecord`` (the round settings plus ``experts`` and ``units``) and an
+      ``ArrayRecord`` with the shared arrays and only its units' arrays.
     - ``aggregate_train``: each reply is validated (``ReplyChecker``); rejected replies are
       logged with the reason and kept in ``history[r]["rejected"]`` (error replies, whose source
-      may be the SuperLink rather than the node, in ``history[r]["errors"]``).  Per expert, the accepted
+      may be the SuperLink rather than the node, in ``history[r]["errors"]``).  Per unit, the accepted
       replies that trained it are combined (``aggregation``: weighted mean by
-      ``expert-samples``, median or trimmed mean, optional update clipping); an expert nobody
+      ``expert-samples``, median or trimmed mean, optional update clipping); a unit nobody
       trained keeps its arrays; shared arrays are combined over all accepted replies by
       ``num-examples``.  A node's weight is capped at the ``num-examples`` of its first accepted
       reply (and every claim at ``aggregation.max_examples``).  Accepted replies become
@@ -85,41 +107,81 @@ class AlignedStrategy(Strategy):
     - ``configure_evaluate`` / ``aggregate_evaluate``: the full model to every node (or
       ``fraction_evaluate`` of them); ``accuracy`` and ``loss`` averaged by ``num-examples``.
 
-    ``history`` keeps, per round, the plan, what each node said it trained and the aggregate
-    metrics; it is written as JSON to ``history_path`` (if given) after every step.
+    ``num_experts`` counts experts per MoE layer; with ``units="layer"`` the coordinator plans
+    ``layers * num_experts`` units, at least one of each layer per training node.  ``history``
+    keeps, per round, the plan (each node with its readable ``label``), what each node said it
+    trained and the aggregate metrics; it is written as JSON to ``history_path`` (if given) after
+    every step.
     """
 
     def __init__(self, *, num_experts: int, config: Optional[CoordinatorConfig] = None,
                  state_path: Optional[str] = None, fraction_evaluate: float = 1.0, min_nodes: int = 1,
                  train_config: Optional[dict[str, Any]] = None, deadline: Optional[float] = None,
                  history_path: Optional[str] = None, aggregation: Optional[AggregationConfig] = None,
-                 expert_of: Callable[[str], Optional[int]] = expert_of) -> None:
-        if state_path and Path(state_path).exists():
-            self.coordinator = AlignmentCoordinator.load(state_path, num_experts=num_experts)
-        else:
-            self.coordinator = AlignmentCoordinator(num_experts, config=config)
-        # Flower numbers each run's rounds from 1; a restarted server continues the coordinator's.
-        done = max(self.coordinator.last_round, -1 if self.coordinator.pending is None
-                   else self.coordinator.pending["round"])
-        self.offset = done + 1
+                 expert_of: Optional[Callable[[str], Optional[int]]] = None, units: str = "expert",
+                 query_timeout: float = 30.0) -> None:
+        if units not in ("expert", "layer"):
+            raise ValueError(f"units must be one of ['expert', 'layer']; got {units!r}")
+        if units == "layer" and expert_of is not None:
+            raise ValueError("units='layer' reads each key's layer itself; a custom expert_of works with units='expert'")
+        if not (isinstance(query_timeout, (int, float)) and 0 <= query_timeout < float("inf")):
+            raise ValueError(f"query_timeout must be a number of seconds >= 0; got {query_timeout!r}")
+        self.config = config or CoordinatorConfig()
+        self.coordinator: Optional[AlignmentCoordinator] = None
         self.num_experts = num_experts
+        self.units = units
         self.state_path = state_path
         self.fraction_evaluate = fraction_evaluate
         self.min_nodes = min_nodes
         self.train_config = dict(train_config or {})
         self.deadline = deadline
-        self.expert_of = expert_of
+        self.custom_expert_of = expert_of
+        self.unit_map: Optional[UnitMap] = None
+        self.query_timeout = float(query_timeout)
         self.history_path = history_path
         self.aggregation = aggregation or AggregationConfig()
         self.reports: dict[int, dict[str, Any]] = {}        # node id -> last capacity report
+        self.declared: dict[int, dict[str, Any]] = {}       # node id -> what its configuration declared
+        self.labels: dict[int, str] = {}                    # node id -> readable label
         self.weight_caps: dict[str, float] = {}             # node id -> num-examples of its first accepted reply
         self.current: dict[str, np.ndarray] = {}
         self.history: dict[int, dict[str, Any]] = {}
+        self.offset = 0
+        if units == "expert":
+            self._open_coordinator(num_experts, None)
+
+    def _open_coordinator(self, units: int, groups: Optional[list[int]]) -> None:
+        config = self.config if groups is None else self.config.model_copy(update={"unit_groups": groups})
+        if self.state_path and Path(self.state_path).exists():
+            self.coordinator = AlignmentCoordinator.load(self.state_path, num_experts=units)
+        else:
+            self.coordinator = AlignmentCoordinator(units, config=config)
+        # Flower numbers each run's rounds from 1; a restarted server continues the coordinator's.
+        done = max(self.coordinator.last_round, -1 if self.coordinator.pending is None
+                   else self.coordinator.pending["round"])
+        self.offset = done + 1
+
+    def expert_of(self, key: str) -> Optional[int]:
+        """The unit owning ``key`` (None: shared); known from the first ``configure_train`` on."""
+        if self.unit_map is None:
+            raise RuntimeError("the unit map is built from the model at the first configure_train")
+        return self.unit_map.unit_of(key)
+
+    def _map_units(self, arrays: dict[str, np.ndarray]) -> None:
+        """Map the model's keys to units once; ValueError (never a silent FedAvg) if none maps."""
+        if self.unit_map is not None:
+            return
+        self.unit_map = UnitMap(arrays, units=self.units, expert_of=self.custom_expert_of,
+                                num_experts=self.num_experts)
+        if self.coordinator is None:
+            self._open_coordinator(self.unit_map.num_units, self.unit_map.groups)
+        log(INFO, "AlignedStrategy: %d units (%s), %d layer(s), %d shared arrays", self.unit_map.num_units,
+            self.units, self.unit_map.num_layers, len(self.unit_map.shared_keys()))
 
     def summary(self) -> None:
-        cfg = self.coordinator.config
-        log(INFO, "\t├──> AlignedStrategy: %d experts, tolerance %.2f, backend %s, soft band %s",
-            self.num_experts, cfg.tolerance, cfg.backend, cfg.soft)
+        cfg = self.config
+        log(INFO, "\t├──> AlignedStrategy: %d experts per layer (units: %s), tolerance %.2f, backend %s, soft band %s",
+            self.num_experts, self.units, cfg.tolerance, cfg.backend, cfg.soft)
         log(INFO, "\t└──> state checkpoint: %s", self.state_path or "none")
 
     # ---- training ---------------------------------------------------------------------------
@@ -131,13 +193,52 @@ class AlignedStrategy(Strategy):
             time.sleep(0.1)
         return sorted(int(n) for n in grid.get_node_ids())
 
+    def _query(self, grid: Grid, nodes: list[int]) -> None:
+        """Ask nodes never seen what their configuration declares (capacity, label, routing)."""
+        new = [n for n in nodes if n not in self.declared]
+        send = getattr(grid, "send_and_receive", None)
+        if not new or send is None or self.query_timeout <= 0:
+            for n in new:
+                self.declared[n] = {}
+            return
+        cfg = ConfigRecord({"num-experts": self.coordinator.E, "units": self.units})
+        msgs = [Message(content=RecordDict({"config": cfg}), message_type=MessageType.QUERY, dst_node_id=n)
+                for n in new]
+        answered = 0
+        for reply in send(msgs, timeout=self.query_timeout):
+            node = int(reply.metadata.src_node_id)
+            if node not in new or node in self.declared:
+                continue
+            self.declared[node] = {}
+            if reply.has_error():
+                continue
+            record = reply.content.get("capacity") if "capacity" in reply.content else None
+            try:
+                self.declared[node] = check_declaration(dict(record) if isinstance(record, ConfigRecord) else record,
+                                                        self.coordinator.E)
+                answered += 1
+            except ReplyError as exc:
+                log(WARNING, "configure_train: ignored the capacity declaration of node %s: %s", node, exc)
+        for n in new:
+            self.declared.setdefault(n, {})
+        log(INFO, "configure_train: %d of %d new nodes declared their capacity", answered, len(new))
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.current = to_numpy(arrays)
+        self._map_units(self.current)
         nodes = self._wait_for_nodes(grid)
+        self._query(grid, nodes)
         statuses = []
         for node in nodes:
-            status: dict[str, Any] = {"client_id": node, **self.reports.get(node, {})}
+            first = self.declared.get(node, {})
+            if "label" in first:
+                self.labels[node] = first["label"]
+            status: dict[str, Any] = {"client_id": node, "label": self.labels.get(node)}
+            if node in self.reports:
+                status.update(self.reports[node])
+            else:
+                status.update({k: v for k, v in first.items() if k != "label"})
             statuses.append(status)
         replan = self.coordinator.pending is not None
         if replan:
@@ -153,12 +254,13 @@ class AlignedStrategy(Strategy):
                 continue
             mine = {k: v for k, v in self.current.items() if self.expert_of(k) in pc.experts}
             cfg = ConfigRecord({**dict(config), **self.train_config, "server-round": server_round,
-                                "experts": [int(e) for e in pc.experts]})
+                                "experts": [int(e) for e in pc.experts], "units": self.units})
             content = RecordDict({"arrays": to_record({**shared, **mine}), "config": cfg})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=int(pc.client_id)))
-            planned[str(pc.client_id)] = {"experts": pc.experts, "capacity": pc.capacity}
+            planned[str(pc.client_id)] = {"experts": pc.experts, "capacity": pc.capacity, "label": pc.label}
         self.history[server_round] = {"nodes": nodes, "plan": planned, "status": plan.status,
-                                      "planned_load": plan.planned_load}
+                                      "planned_load": plan.planned_load, "bytes_down": array_bytes(messages),
+                                      "labels": {str(n): self.labels[n] for n in nodes if n in self.labels}}
         if self.state_path:
             self.coordinator.save(self.state_path)
         log(INFO, "configure_train: planned %d of %d nodes, planned load %s (%s)", len(messages), len(nodes),
@@ -185,7 +287,7 @@ class AlignedStrategy(Strategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
         plan = self.history.get(server_round, {}).get("plan", {})
-        checker = ReplyChecker(self.current, self.num_experts, owner=self.expert_of, config=self.aggregation)
+        checker = ReplyChecker(self.current, self.coordinator.E, owner=self.expert_of, config=self.aggregation)
         replies = list(replies)
         errors = [f"{m.error.code}: {m.error.reason}" for m in replies if m.has_error()]
         for reason in errors:               # the error's source is the SuperLink, not always the node
@@ -205,7 +307,7 @@ class AlignedStrategy(Strategy):
         trained = sorted(trained_set)
         changed = changed_experts(self.current, new, self.expert_of)
         entry = self.history.setdefault(server_round, {})
-        entry.update(received=received, rejected=checked.rejected, errors=errors, dropouts=summary.dropouts,
+        entry.update(bytes_up=array_bytes(replies), received=received, rejected=checked.rejected, errors=errors, dropouts=summary.dropouts,
                      trained_experts=trained, changed_experts=changed, load=summary.expert_clients,
                      load_cv=cv(np.array(summary.expert_clients)), mean_accuracy=summary.mean_accuracy)
         if self.state_path:
@@ -268,6 +370,36 @@ class AlignedStrategy(Strategy):
 
 
 # ---- client side ------------------------------------------------------------------------------
+def declared_capacity(node_config: Any) -> dict[str, Any]:
+    """What a node's configuration declares: ``max-experts``, ``label`` and ``routing``.
+
+    ``label`` is the config's ``label``, else ``partition-{partition-id}``; ``routing`` is a
+    comma-separated string of numbers (node config values are scalars).  Keys that are absent are
+    left out; the server checks the values.
+    """
+    cfg = dict(node_config or {})
+    out: dict[str, Any] = {}
+    if "max-experts" in cfg:
+        out["max-experts"] = int(cfg["max-experts"])
+    if "label" in cfg:
+        out["label"] = str(cfg["label"])
+    elif "partition-id" in cfg:
+        out["label"] = f"partition-{cfg['partition-id']}"
+    if "routing" in cfg:
+        out["routing"] = [float(v) for v in str(cfg["routing"]).split(",") if v.strip()]
+    return out
+
+
+def capacity_reply(msg: Message, context: Any, *, max_experts: Optional[int] = None) -> Message:
+    """The answer to the strategy's capacity ``QUERY``: a ``ConfigRecord`` ``"capacity"`` built by
+    :func:`declared_capacity` from ``context.node_config`` (``max_experts``, if given, wins).  Use it
+    as the ClientApp's query handler."""
+    declared = declared_capacity(context.node_config)
+    if max_experts is not None:
+        declared["max-experts"] = int(max_experts)
+    return Message(content=RecordDict({"capacity": ConfigRecord(declared)}), reply_to=msg)
+
+
 def train_reply(msg: Message, x: np.ndarray, y: np.ndarray, *, num_experts: int, hidden: int = 0, top_k: int = 2,
                 lr: float = 0.5, epochs: int = 2, batch_size: int = 32, max_experts: Optional[int] = None,
                 seed: int = 0) -> Message:

@@ -1,7 +1,12 @@
 """NVIDIA FLARE plug-in: an aligned server workflow on the ModelController API, and a client helper.
 
-Parameters travel as the ``params`` dict of an ``FLModel``, keyed as in the Flower plug-in: a key
-``expert{j}.<name>`` belongs to expert ``j``, every other key is shared.  Each round
+Parameters travel as the ``params`` dict of an ``FLModel``, keyed as in the Flower plug-in
+(:mod:`alignment_solver.integrations.units`): ``...experts.{j}.<name>`` (PyTorch ``nn.ModuleList``)
+or ``expert{j}.<name>`` belongs to expert ``j``, every other key is shared; ``units="layer"``
+makes each (layer, expert) its own unit, and ``expert_of`` names a replacement mapping.  A model
+in which no key belongs to an expert is refused (ValueError) before the first round.  Before a
+site's first round the controller sends it a ``query`` task; the site answers with what its
+configuration declares (``metrics``: ``max-experts``, ``label``, ``routing``).  Each round
 :class:`AlignedController` sends each planned site its own ``train`` task: an ``FLModel`` with the
 shared arrays and only that site's experts, and ``meta = {"experts": [...], "round": r}``.  A
 site replies with the arrays it trained and the metrics of the Flower plug-in (``num-examples``,
@@ -32,13 +37,14 @@ from ..coordinator import AlignmentCoordinator, CoordinatorConfig
 from ..errors import ReplyError
 from ..load_monitor import cv
 from ..state import write_atomic
-from ..training.model import expert_of
 from .local import evaluate_arrays, received_experts, train_arrays
 from .replies import (AggregationConfig, Reply, ReplyChecker, aggregate, capacity_report, changed_experts,
-                      check_evaluation)
+                      check_declaration, check_evaluation)
+from .units import UnitMap
 
 TRAIN_TASK = "train"
 EVALUATE_TASK = "validate"
+QUERY_TASK = "query"
 
 
 def load_callable(spec: str) -> Callable[..., Any]:
@@ -61,6 +67,9 @@ class AlignedController(ModelController):
     Contract, per round ``r`` of ``num_rounds`` (NVFlare's 0-based round; the coordinator's round
     is ``r + offset``, where ``offset`` continues an existing state file):
 
+    - before the first round the model's keys are mapped to units (ValueError if no key belongs
+      to an expert); a site never seen gets a ``query`` task (``query_timeout`` seconds) and its
+      declared capacity, label and routing set its first plan;
     - the connected sites (sorted by name; NVFlare's dead-client list left out) are the available
       clients, each with its last capacity
       report (``max-experts``, ``routing``); ``AlignmentCoordinator.plan_round`` decides;
@@ -79,7 +88,9 @@ class AlignedController(ModelController):
     (the first takes ``num_experts`` and returns the initial arrays, the second takes the arrays and
     returns a dict of metrics);
     ``coordinator_config`` and ``aggregation_config`` are the fields of :class:`CoordinatorConfig` and
-    :class:`AggregationConfig`.
+    :class:`AggregationConfig`; ``expert_of`` (optional) names a ``key -> expert id or None`` function
+    the same way.  ``num_experts`` counts experts per MoE layer (``units="layer"``: the coordinator
+    plans ``layers * num_experts`` units).
     """
 
     def __init__(self, *, num_experts: int, initial_model: str, num_rounds: int = 3,
@@ -87,8 +98,17 @@ class AlignedController(ModelController):
                  aggregation_config: Optional[dict] = None, min_clients: int = 1, wait_for_clients: float = 60.0,
                  train_timeout: int = 600, evaluate_timeout: int = 60, deadline: Optional[float] = None,
                  state_path: str = "aligned_state.json", history_path: str = "aligned_history.json",
-                 model_path: str = "aligned_model.npz") -> None:
+                 model_path: str = "aligned_model.npz", units: str = "expert", expert_of: str = "",
+                 query_timeout: int = 30) -> None:
         super().__init__(persistor_id="", ignore_result_error=True)
+        if units not in ("expert", "layer"):
+            raise ValueError(f"units must be one of ['expert', 'layer']; got {units!r}")
+        self._units = units
+        self._expert_of = expert_of
+        self._query_timeout = int(query_timeout)
+        self.unit_map: Optional[UnitMap] = None
+        self.labels: dict[str, str] = {}
+        self.declared: dict[str, dict[str, Any]] = {}
         self._num_experts = int(num_experts)
         self._initial_model = initial_model
         self._num_rounds = int(num_rounds)
@@ -122,18 +142,50 @@ class AlignedController(ModelController):
         return p if p.is_absolute() else Path(self.get_run_dir()) / p
 
     def _setup(self) -> None:
-        state = self._path(self._state_path)
-        if state is not None and state.exists():
-            self.coordinator = AlignmentCoordinator.load(state, num_experts=self._num_experts)
-        else:
-            self.coordinator = AlignmentCoordinator(self._num_experts, config=self.config)
-        done = max(self.coordinator.last_round, -1 if self.coordinator.pending is None
-                   else self.coordinator.pending["round"])
-        self.offset = done + 1
         arrays = load_callable(self._initial_model)(self._num_experts)
         if not isinstance(arrays, Mapping) or not arrays:
             raise ValueError(f"initial_model {self._initial_model!r} must return a non-empty dict of arrays")
         self.current = {str(k): np.asarray(v) for k, v in arrays.items()}
+        self.unit_map = UnitMap(self.current, units=self._units, num_experts=self._num_experts,
+                                expert_of=load_callable(self._expert_of) if self._expert_of else None)
+        E = self.unit_map.num_units
+        state = self._path(self._state_path)
+        if state is not None and state.exists():
+            self.coordinator = AlignmentCoordinator.load(state, num_experts=E)
+        else:
+            config = self.config if self.unit_map.groups is None else \
+                self.config.model_copy(update={"unit_groups": self.unit_map.groups})
+            self.coordinator = AlignmentCoordinator(E, config=config)
+        done = max(self.coordinator.last_round, -1 if self.coordinator.pending is None
+                   else self.coordinator.pending["round"])
+        self.offset = done + 1
+        self.info(f"{E} units ({self._units}), {self.unit_map.num_layers} layer(s), "
+                  f"{len(self.unit_map.shared_keys())} shared arrays")
+
+    def expert_of(self, key: str) -> Optional[int]:
+        """The unit owning ``key`` (None: shared)."""
+        return self.unit_map.unit_of(key)
+
+    def _query(self, sites: list[str]) -> None:
+        """Ask sites never seen what their configuration declares (capacity, label, routing)."""
+        new = [s for s in sites if s not in self.declared]
+        for s in new:
+            self.declared[s] = {}
+        if not new or self._query_timeout <= 0:
+            return
+        data = FLModel(params={}, meta={"num-experts": self.coordinator.E, "units": self._units})
+        results = self.send_model_and_wait(task_name=QUERY_TASK, data=data, targets=new, timeout=self._query_timeout)
+        for res in results:
+            site = str((res.meta or {}).get("client_name", "?"))
+            if site not in self.declared:
+                continue
+            try:
+                self.declared[site] = check_declaration(res.metrics or {}, self.coordinator.E)
+            except ReplyError as exc:
+                self.warning(f"ignored the capacity declaration of site {site}: {exc}")
+        for s, d in self.declared.items():
+            if "label" in d:
+                self.labels[s] = d["label"]
 
     def _connected(self) -> list[str]:
         """Sites NVFlare knows and does not deem disconnected, sorted by name."""
@@ -197,28 +249,32 @@ class AlignedController(ModelController):
 
     def _train_round(self, r: int) -> None:
         sites = self._connected()
-        statuses = [{"client_id": s, **self.reports.get(s, {})} for s in sites]
+        self._query(sites)
+        statuses = [{"client_id": s, "label": self.labels.get(s, s),
+                     **(self.reports[s] if s in self.reports else
+                        {k: v for k, v in self.declared.get(s, {}).items() if k != "label"})} for s in sites]
         replan = self.coordinator.pending is not None
         plan = self.coordinator.plan_round(r + self.offset, statuses, deadline=self._deadline, replan=replan)
-        shared = {k: v for k, v in self.current.items() if expert_of(k) is None}
+        shared = {k: v for k, v in self.current.items() if self.expert_of(k) is None}
         planned = {str(pc.client_id): [int(e) for e in pc.experts] for pc in plan.clients if pc.experts}
         self.history[r] = {"coordinator_round": r + self.offset, "sites": sites, "plan": planned,
                            "capacity": {str(pc.client_id): pc.capacity for pc in plan.clients},
+                           "labels": {str(pc.client_id): pc.label for pc in plan.clients},
                            "status": plan.status, "planned_load": plan.planned_load}
         self._save()
         self.info(f"round {r}: planned {len(planned)} of {len(sites)} sites: {planned} ({plan.status})")
         with self._lock:
             self._replies = []
         for site, experts in planned.items():
-            mine = {k: v for k, v in self.current.items() if expert_of(k) in experts}
+            mine = {k: v for k, v in self.current.items() if self.expert_of(k) in experts}
             data = FLModel(params_type=ParamsType.FULL, params={**shared, **mine}, current_round=r,
-                           total_rounds=self._num_rounds, meta={"experts": experts, "round": r})
+                           total_rounds=self._num_rounds, meta={"experts": experts, "round": r, "units": self._units})
             self.send_model(task_name=TRAIN_TASK, data=data, targets=[site], timeout=self._train_timeout,
                             callback=self._collect)
         self._wait_for_tasks()
         with self._lock:
             replies, self._replies = self._replies, []
-        checker = ReplyChecker(self.current, self._num_experts, owner=expert_of, config=self.aggregation)
+        checker = ReplyChecker(self.current, self.coordinator.E, owner=self.expert_of, config=self.aggregation)
         checked = checker.check_round(replies, planned, self.weight_caps)
         for site, reason in checked.rejected.items():
             self.warning(f"round {r}: rejected the reply of site {site}: {reason}")
@@ -229,8 +285,8 @@ class AlignedController(ModelController):
             self.reports[site] = capacity_report(rep)
             received[site] = [e.expert for e in rep.report.experts]
         summary = self.coordinator.observe_round(r + self.offset, [rep.report for rep in checked.accepted])
-        new, trained = aggregate(self.current, checked.accepted, expert_of, self.aggregation)
-        changed = changed_experts(self.current, new, expert_of)
+        new, trained = aggregate(self.current, checked.accepted, self.expert_of, self.aggregation)
+        changed = changed_experts(self.current, new, self.expert_of)
         self.history[r].update(received=received, rejected=checked.rejected, dropouts=[str(d) for d in summary.dropouts],
                                trained_experts=sorted(trained), changed_experts=changed,
                                load=summary.expert_clients, load_cv=cv(np.array(summary.expert_clients)),
@@ -292,6 +348,17 @@ def evaluate_model(model: FLModel, x: np.ndarray, y: np.ndarray, *, num_experts:
                                                       top_k=top_k))
 
 
+def capacity_model(site: str, *, max_experts: Optional[int] = None, label: Optional[str] = None,
+                   routing: Optional[list[float]] = None) -> FLModel:
+    """The answer to the controller's ``query`` task: what this site's configuration declares."""
+    metrics: dict[str, Any] = {"label": label or site}
+    if max_experts is not None:
+        metrics["max-experts"] = int(max_experts)
+    if routing is not None:
+        metrics["routing"] = [float(v) for v in routing]
+    return FLModel(params={}, metrics=metrics)
+
+
 def run_client(data: Callable[[str], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], *, num_experts: int,
                max_experts: Optional[Callable[[str], int]] = None,
                on_train: Optional[Callable[[str, FLModel], None]] = None,
@@ -299,7 +366,8 @@ def run_client(data: Callable[[str], tuple[np.ndarray, np.ndarray, np.ndarray, n
     """The Client API loop of a site: ``data(site)`` gives ``(x_train, y_train, x_val, y_val)``.
 
     ``train`` tasks go to :func:`train_model` (reporting ``max_experts(site)`` as the site's
-    capacity, if given), ``validate`` tasks to :func:`evaluate_model`; ``on_train(site, model)``
+    capacity, if given), ``validate`` tasks to :func:`evaluate_model`, ``query`` tasks to
+    :func:`capacity_model` (the same capacity, declared before the first round); ``on_train(site, model)``
     (optional) is called with each received training model first, and ``on_reply(site, reply)``
     (optional) may replace the training reply before it is sent.
     """
@@ -321,8 +389,10 @@ def run_client(data: Callable[[str], tuple[np.ndarray, np.ndarray, np.ndarray, n
         elif flare.is_evaluate():
             flare.send(evaluate_model(model, xv, yv, num_experts=num_experts,
                                       **{k: v for k, v in train_kwargs.items() if k in ("hidden", "top_k")}))
+        elif flare.get_task_name() == QUERY_TASK:
+            flare.send(capacity_model(site, max_experts=capacity))
         else:
             flare.send(FLModel(params={}, metrics={}))
 
 
-__all__ = ["AlignedController", "evaluate_model", "load_callable", "run_client", "train_model"]
+__all__ = ["AlignedController", "capacity_model", "evaluate_model", "load_callable", "run_client", "train_model"]

@@ -225,6 +225,32 @@ class ReplyChecker:
         return out
 
 
+MAX_LABEL = 200
+
+
+def check_declaration(values: Any, num_experts: int) -> dict[str, Any]:
+    """What a node's configuration declares before its first round, as ``ClientStatus`` fields.
+
+    ``values`` is the node's answer to a capacity query: ``max-experts`` (an integer in
+    [0, 10**6]), ``label`` (printable text, at most 200 characters) and ``routing`` (``num_experts``
+    finite numbers >= 0), each optional; other keys are ignored.  ReplyError names the bad value.
+    """
+    if not isinstance(values, Mapping):
+        raise ReplyError(f"has no capacity record; got {describe(values)}")
+    out: dict[str, Any] = {}
+    k = _count(values, "max-experts", low=0, high=MAX_DECLARED_EXPERTS, required=False)
+    if k is not None:
+        out["configured_experts"] = k
+    if "label" in values:
+        label = values["label"]
+        if not isinstance(label, str) or not label or len(label) > MAX_LABEL or not label.isprintable():
+            raise ReplyError(f"'label' must be printable text of 1 to {MAX_LABEL} characters; got {describe(label)}")
+        out["label"] = label
+    if "routing" in values:
+        out["routing"] = _numbers(values, "routing", num_experts, low=0, high=MAX_MAGNITUDE)
+    return out
+
+
 def capacity_report(reply: ValidReply) -> dict[str, Any]:
     """What an accepted reply says about the client's next round (``max_experts``, ``routing``)."""
     return {k: v for k, v in (("max_experts", reply.max_experts), ("routing", reply.routing)) if v is not None}
@@ -286,4 +312,4 @@ def aggregate(current: Mapping[str, np.ndarray], accepted: list[ValidReply], own
 
 
 __all__ = ["AggregationConfig", "Reply", "ReplyChecker", "RoundReplies", "ValidReply", "aggregate", "capacity_report",
-           "changed_experts", "check_evaluation", "finite_number"]
+           "changed_experts", "check_declaration", "check_evaluation", "finite_number"]
