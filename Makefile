@@ -1,11 +1,14 @@
 # `make run` and `make test` each create .venv when it is missing and install what they need:
 # `make run` the package with the `train` extra (about 600 MB), `make test` every extra
-# (pulp, train, flower, nvflare, dev: about 1.3 GB, Ray included).
+# (pulp, train, flower, nvflare, torch, dev: about 2 GB, Ray and PyTorch included).  PyPI's default
+# torch is a CUDA build of several GB; `make test` first installs $(TORCH), which on these
+# machines is a CPU build on local disk, so the `torch` extra's range (torch>=2.1) is already met.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-train
+TORCH ?= torch==2.13.0
 
 .PHONY: run test lint bench clean
 
@@ -18,7 +21,8 @@ $(RUN_STAMP): setup.cfg pyproject.toml | $(VENV)/bin/python
 	touch $(RUN_STAMP)
 
 $(STAMP): setup.cfg pyproject.toml | $(VENV)/bin/python
-	$(BIN)/python -m pip install --quiet -e '.[pulp,train,flower,nvflare,dev]'
+	$(BIN)/python -m pip install --quiet '$(TORCH)'
+	$(BIN)/python -m pip install --quiet -e '.[pulp,train,flower,nvflare,torch,dev]'
 	touch $(STAMP) $(RUN_STAMP)
 
 run: $(RUN_STAMP)

@@ -193,3 +193,47 @@ def test_a_restarted_server_continues_from_its_state(tmp_path):
     msgs = configure(resumed, 1, model())          # re-plans past the abandoned round, with a warning
     resumed.aggregate_train(1, [honest(msgs[n]) for n in msgs])
     assert resumed.coordinator.last_round == 8 and len(resumed.coordinator.monitor.history) == 4
+
+
+class QueryGrid(Grid):
+    """A grid whose nodes answer the capacity query: declared, forged or with an error."""
+
+    def __init__(self, nodes, answers):
+        super().__init__(nodes)
+        self.answers = answers
+        self.queried = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            self.queried.append(node)
+            assert m.metadata.message_type == MessageType.QUERY
+            answer = self.answers.get(node)
+            if answer is None:
+                continue                                        # never answers: the timeout passes
+            if answer == "error":
+                reply = Message(Error(code=0, reason="no query handler"), reply_to=m)
+            else:
+                reply = Message(content=RecordDict({"capacity": ConfigRecord(answer)}), reply_to=m)
+            reply.metadata.__dict__["_src_node_id"] = node
+            out.append(reply)
+        return out
+
+
+def test_new_nodes_declare_capacity_and_label_before_their_first_round(tmp_path):
+    cfg = CoordinatorConfig(capacity={"default_capacity": 1, "max_capacity": 3})
+    s = AlignedStrategy(num_experts=E, config=cfg)
+    grid = QueryGrid(NODES, {11: {"max-experts": 3, "label": "partition-0"}, 12: "error",
+                             13: {"max-experts": -3, "label": "bad\nlabel"}})
+    msgs = {m.metadata.dst_node_id: m for m in s.configure_train(1, to_record(model()), ConfigRecord({}), grid)}
+    plan = s.history[1]["plan"]
+    assert plan["11"]["capacity"] == 3 and plan["11"]["label"] == "partition-0"
+    assert len(msgs[11].content["config"]["experts"]) >= 2
+    for node in ("12", "13", "14"):                       # error, forged, silent: the profiler's default
+        assert plan[node]["capacity"] == 1 and plan[node]["label"] is None, node
+    assert sorted(grid.queried) == NODES
+    s.aggregate_train(1, [honest(m) for m in msgs.values()])
+    list(s.configure_train(2, to_record(model()), ConfigRecord({}), grid))
+    assert sorted(grid.queried) == NODES                  # each node is asked once
+    assert s.history[2]["plan"]["11"]["label"] == "partition-0"

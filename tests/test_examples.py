@@ -110,3 +110,61 @@ def test_nvflare_job_readme_recipe(workdir, which):
                 break
             time.sleep(0.5)
         assert not left, left
+
+
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs the torch extra")
+
+
+@needs_flower
+@needs_torch
+def test_flower_torch_readme_compares_aligned_with_fedavg(workdir):
+    """Both strategies run; every node gets the shared arrays and exactly its experts in both blocks."""
+    blocks = bash_blocks(ROOT / "examples" / "flower_torch" / "README.md")
+    assert len(blocks) == 2
+    proc = run_block(blocks[0], workdir, flower_env())
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "| round | aligned accuracy | fedavg accuracy |" in proc.stdout
+    out = workdir / "runs" / "flower_torch"
+    aligned = json.loads((out / "aligned.json").read_text())["history"]
+    fedavg = json.loads((out / "fedavg.json").read_text())["history"]
+    assert (out / "accuracy.png").stat().st_size > 0
+    per_expert = 8                                  # keys of one expert: two Linear layers in each of two blocks
+    shared = 8                                      # embed, two routers, head: weight and bias each
+    mb = {"aligned": 0, "fedavg": 0}
+    for r in range(1, 11):
+        h = aligned[str(r)]
+        assert h["plan"] and not h["rejected"] and not h["dropouts"], (r, h)
+        assert h["changed_experts"] == h["trained_experts"]
+        for node, got in h["received"].items():
+            plan = h["plan"][node]
+            assert got["experts"] == plan["experts"] and 1 <= len(plan["experts"]) <= plan["capacity"]
+            assert len(got["keys"]) == shared + per_expert * len(plan["experts"])
+            assert {k.split(".")[1] for k in got["keys"] if ".experts." in k} == {"0", "1"}    # both blocks
+            assert plan["label"].startswith("partition-")
+        for name, hist in (("aligned", aligned), ("fedavg", fedavg)):
+            mb[name] += hist[str(r)]["bytes_down"] + hist[str(r)]["bytes_up"]
+    assert mb["aligned"] < 0.6 * mb["fedavg"], mb
+    assert {aligned["1"]["plan"][n]["capacity"] for n in aligned["1"]["plan"]} == {1, 2, 3}   # declared in round 1
+    assert aligned["10"]["central_accuracy"] > aligned["0"]["central_accuracy"] + 0.2
+
+
+@needs_nvflare
+@needs_torch
+def test_flower_torch_model_through_the_nvflare_simulator(workdir):
+    blocks = bash_blocks(ROOT / "examples" / "flower_torch" / "README.md")
+    (workdir / "home").mkdir()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "HOME": str(workdir / "home")}
+    proc = run_block(blocks[1], workdir, env, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    history = json.loads((workdir / "nvflare-torch/server/simulate_job/aligned_history.json").read_text())
+    assert [int(r) for r in history] == [-1, 0, 1, 2]
+    for r in ("0", "1", "2"):
+        h = history[r]
+        assert h["received"] == h["plan"] and not h["dropouts"] and not h["rejected"], (r, h)
+        assert h["changed_experts"] == h["trained_experts"]
+        for site, units in h["plan"].items():       # per-layer units: at least one expert of each block
+            assert {u // 8 for u in units} == {0, 1} and max(len([u for u in units if u // 8 == b])
+                                                             for b in (0, 1)) <= h["capacity"][site]
+    assert history["0"]["capacity"] == {"site-1": 1, "site-2": 2, "site-3": 3, "site-4": 1}
+    assert history["2"]["central"]["accuracy"] > history["-1"]["central"]["accuracy"] + 0.1

@@ -107,7 +107,12 @@ def test_simulator_five_sites_three_rounds_one_forging(tmp_path):
         h = history[str(r)]
         assert list(h["rejected"]) == ["site-5"] and "holds NaN" in h["rejected"]["site-5"], h["rejected"]
         assert h["dropouts"] == ["site-5"] and sorted(h["received"]) == [f"site-{k}" for k in range(1, 5)]
-    assert any(len(history[str(r)]["trained_experts"]) < 6 for r in range(3))   # idle experts stay unchanged
+    for r in range(3):                                  # experts only the forger held are not trained
+        h = history[str(r)]
+        honest = set().union(*(set(e) for site, e in h["plan"].items() if site != "site-5"))
+        assert set(h["trained_experts"]) == honest, (r, h["plan"], h["trained_experts"])
+    assert history["0"]["capacity"] == {"site-1": 1, "site-2": 2, "site-3": 1, "site-4": 3, "site-5": 1}
+    assert history["0"]["labels"] == {f"site-{k}": f"site-{k}" for k in range(1, 6)}   # declared before round 0
     central = [history[str(r)]["central"]["accuracy"] for r in range(-1, 3)]
     assert central[-1] > central[0] + 0.3, central
     from alignment_solver import AlignmentCoordinator

@@ -1,4 +1,4 @@
-"""ClientApp: the user's own PyTorch loop; the aligned path adds five lines (marked ``# aligned``)."""
+"""ClientApp: the user's own PyTorch loop; the aligned path adds nine lines (marked ``# aligned``)."""
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +30,9 @@ def local_train(model, context, server_round, on_batch=lambda out, y: None) -> i
 
 
 def capacity(context: Context) -> int:
-    """Experts per MoE layer this node takes: 1, 2 or 3 (cycled over the partitions)."""
-    return 1 + int(context.node_config["partition-id"]) % 3
+    """Experts per MoE layer this node takes: its node config's ``max-experts``, else 1, 2 or 3
+    cycled over the partitions (the simulation gives nodes no other config)."""
+    return int(context.node_config.get("max-experts", 1 + int(context.node_config["partition-id"]) % 3))
 
 
 @app.train()
@@ -45,10 +46,10 @@ def train(msg: Message, context: Context) -> Message:
                                    "metrics": MetricRecord({"num-examples": n})}), reply_to=msg)
     client = AlignedClient(model, msg)                                           # aligned
     with client.training():                                                      # aligned
-        local_train(model, context, server_round, on_batch=client.track)
+        local_train(model, context, server_round, on_batch=client.track)       # aligned
     return client.reply(max_experts=capacity(context))                           # aligned
 
 
-@app.query()
-def query(msg: Message, context: Context) -> Message:
+@app.query()                                                                     # aligned
+def query(msg: Message, context: Context) -> Message:                            # aligned
     return capacity_reply(msg, context, max_experts=capacity(context))           # aligned

@@ -103,3 +103,13 @@ def settings(context) -> dict:
     """The run config over :data:`DEFAULTS`; ``run_simulation`` passes none, so ``run.py`` hands
     its settings over in the environment variable ``FLOWER_TORCH_CONFIG`` (JSON)."""
     return {**DEFAULTS, **json.loads(os.environ.get("FLOWER_TORCH_CONFIG", "{}")), **dict(context.run_config)}
+
+
+def initial_model(num_experts: int = EXPERTS) -> dict[str, np.ndarray]:
+    """NVFlare's ``initial_model`` hook (the controller names it ``flower_torch.task:initial_model``)."""
+    return initial_arrays(0)
+
+
+def central_evaluation(arrays: dict) -> dict:
+    """NVFlare's ``central_evaluation`` hook: accuracy on the held-out test set."""
+    return {"accuracy": accuracy(arrays, 1)}
