@@ -62,6 +62,26 @@ def table(runs: dict[str, dict], rounds: int) -> str:
     return "\n".join(lines)
 
 
+def equal_bytes(runs: dict[str, dict], rounds: int) -> str:
+    """One sentence: FedAvg's accuracy when it had moved as many MB as aligned did in all rounds."""
+    def curve(data):
+        total, out = 0.0, []
+        for r in range(1, rounds + 1):
+            h = data["history"][str(r)]
+            total += (h["bytes_down"] + h["bytes_up"]) / 1e6
+            out.append((r, total, h["central_accuracy"]))
+        return out
+    aligned, fedavg = curve(runs["aligned"]), curve(runs["fedavg"])
+    budget = aligned[-1][1]
+    within = [c for c in fedavg if c[1] <= budget + 1e-9]
+    if not within:
+        return f"Aligned moved {budget:.2f} MB in {rounds} rounds; FedAvg needs more than that for one round."
+    r, mb, acc = within[-1]
+    return (f"Aligned moved {budget:.2f} MB in {rounds} rounds for {aligned[-1][2]:.3f}; with no more bytes "
+            f"FedAvg completed {r} rounds ({mb:.2f} MB) for {acc:.3f}, and reached {fedavg[-1][2]:.3f} after "
+            f"{rounds} rounds with {fedavg[-1][1]:.2f} MB ({fedavg[-1][1] / budget:.1f}x aligned's bytes).")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=10)
@@ -74,20 +94,29 @@ def main() -> None:
     runs = {s: simulate(s, args.rounds, args.nodes, out, args.units) for s in ("aligned", "fedavg")}
     text = (f"{args.nodes} nodes (one shifted-digits domain each), {args.rounds} rounds, two MoE blocks (top-2 of 8 "
             f"experts), units={args.units}; central accuracy on the held-out test set after each round; MB = "
-            f"array bytes sent to and received from the nodes.\n\n{table(runs, args.rounds)}\n")
+            f"array bytes sent to and received from the nodes.\n\n{table(runs, args.rounds)}\n\n"
+            f"{equal_bytes(runs, args.rounds)}\n")
     (out / "results.md").write_text(text)
     print(text)
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
         for s, data in runs.items():
             rs = list(range(1, args.rounds + 1))
-            ax.plot(rs, [data["history"][str(r)]["central_accuracy"] for r in rs], marker="o", label=s)
+            acc = [data["history"][str(r)]["central_accuracy"] for r in rs]
+            mb, total = [], 0.0
+            for r in rs:
+                total += (data["history"][str(r)]["bytes_down"] + data["history"][str(r)]["bytes_up"]) / 1e6
+                mb.append(total)
+            ax.plot(rs, acc, marker="o", label=s)
+            bx.plot(mb, acc, marker="o", label=s)
         ax.set_xlabel("round")
         ax.set_ylabel("central test accuracy")
+        bx.set_xlabel("MB moved (cumulative)")
         ax.legend()
+        bx.legend()
         fig.tight_layout()
         fig.savefig(out / "accuracy.png", dpi=110)
     except ImportError:
