@@ -1,4 +1,4 @@
-"""Hard wall-clock limits: a backend runs in a forked worker that is killed when time is up.
+"""Hard wall-clock limits: a backend runs in a worker process that is killed when time is up.
 
 Contract of :func:`run` (used by :func:`~alignment_solver.solve` whenever ``time_limit`` is set,
 and always for backends that start processes of their own):
@@ -17,25 +17,38 @@ and always for backends that start processes of their own):
   parent-death signal, when the caller itself is killed.  Backends that start solver processes
   (``child_processes``) get a private temporary directory, removed in every one of those cases.
 
-Workers are forked from the caller, which is safe only while no other thread holds locks:
-where ``fork`` is missing (Windows), other Python threads run, or gRPC or Ray are loaded (a
-Flower server), :func:`available` is False and the backend runs in-process with a cooperative
-deadline (CP-SAT and greedy check it while building, flow between rounds, CP-SAT's own limit
-is set to it); the limit then holds only as well as the backend keeps it.
+How the worker starts (``isolation()``, recorded in ``stats["isolation"]``):
+
+- ``"fork"``: forked from the caller, the fastest, used while that is safe: no other Python
+  thread runs, gRPC and Ray are not loaded, and the caller is not a daemonic process;
+- ``"forkserver"``: other threads run (a Flower or NVFlare server): forked from multiprocessing's
+  fork server, a fresh single-threaded interpreter that preloads the solvers (the first solve
+  pays its start-up, about a second here);
+- ``"subprocess"``: the caller is a daemonic process (a ``multiprocessing.Pool`` worker, which
+  may not start children through multiprocessing): a fresh interpreter that reads the task from a
+  pipe (about a second of start-up on every solve).
+
+In every mode the worker leads its own process group, dies with its parent (Linux' parent-death
+signal; the fork server exits with the caller), and its group and temporary directory go at the
+limit.  Only where none of them is possible (no ``fork``: Windows) does the backend run
+in-process with a cooperative deadline, ``stats["isolation"] = "in-process"``.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import multiprocessing as mp
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from dataclasses import replace
+from multiprocessing.connection import Connection
 from typing import Any, Optional
 
 import numpy as np
@@ -52,11 +65,44 @@ _PR_SET_PDEATHSIG = 1
 _FORK_UNSAFE = ("grpc", "ray")
 
 
+#: modules the fork server imports once, so each worker it forks starts with them loaded
+_PRELOAD = ["alignment_solver.deadline", "alignment_solver.backends.flow", "alignment_solver.backends.cpsat",
+            "alignment_solver.backends.greedy"]
+_children: list[subprocess.Popen] = []     # killed subprocess workers, reaped at the next run and at exit
+
+
 def available() -> bool:
-    """Whether workers can be forked safely here: ``fork`` exists, no other Python thread runs,
-    and no module known to keep background threads (gRPC, Ray) is loaded."""
+    """Whether workers can be forked from the caller safely here: ``fork`` exists, no other Python
+    thread runs, no module known to keep background threads (gRPC, Ray) is loaded, and the caller
+    is not a daemonic process."""
     return ("fork" in mp.get_all_start_methods() and threading.active_count() == 1
-            and not any(m in sys.modules for m in _FORK_UNSAFE))
+            and not any(m in sys.modules for m in _FORK_UNSAFE) and not mp.current_process().daemon)
+
+
+def isolation() -> str:
+    """How a worker starts here: ``"fork"``, ``"forkserver"``, ``"subprocess"`` or ``"in-process"``."""
+    if "fork" not in mp.get_all_start_methods():
+        return "in-process"
+    if available():
+        return "fork"
+    if not mp.current_process().daemon and "forkserver" in mp.get_all_start_methods():
+        return "forkserver"
+    return "subprocess"
+
+
+def _reap() -> None:
+    for child in list(_children):
+        if child.poll() is not None:
+            _children.remove(child)
+
+
+@atexit.register
+def _reap_all() -> None:
+    for child in _children:
+        try:
+            child.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def _pack(x: np.ndarray) -> tuple[tuple[int, int], bytes]:
@@ -79,7 +125,14 @@ def _die_with_parent(sig: int) -> None:
 
 def _worker(conn: Any, impl: Backend, problem: AlignmentProblem, request: SolveRequest, tmpdir: str,
             parent: int) -> None:
-    os.setpgrp()
+    """Solve in this process and send the answer (and incumbents) through ``conn``.  ``parent``:
+    the pid whose death must end this worker (0: do not check; the fork server's children)."""
+    try:
+        os.setpgrp()
+    except PermissionError:               # already a session (and group) leader: the subprocess mode
+        pass
+    if not parent:                        # forked by the fork server: let it exit with the caller
+        _release_fork_server()
     if impl.child_processes:
         def stop(signum: int, frame: Any) -> None:
             shutil.rmtree(tmpdir, ignore_errors=True)
@@ -89,7 +142,7 @@ def _worker(conn: Any, impl: Backend, problem: AlignmentProblem, request: SolveR
         _die_with_parent(signal.SIGTERM)
     else:
         _die_with_parent(signal.SIGKILL)
-    if os.getppid() != parent:            # the caller died before the death signal was armed
+    if parent and os.getppid() != parent:     # the caller died before the death signal was armed
         os._exit(1)
     if tmpdir:
         os.environ["TMPDIR"] = tmpdir
@@ -110,16 +163,68 @@ def _worker(conn: Any, impl: Backend, problem: AlignmentProblem, request: SolveR
         conn.close()
 
 
+def _release_fork_server() -> None:
+    """Close this process's copy of the fork server's liveness pipe.  Every process the fork
+    server forks holds one, and the server exits only when all are closed; with the worker
+    holding one, a killed caller would leave the server, and so the worker, running."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        server._forkserver_alive_fd = None
+
+
+def _subprocess_main(task_fd: int, result_fd: int, parent: int) -> None:
+    """Entry point of a ``"subprocess"`` worker: read the task from ``task_fd``, answer on ``result_fd``."""
+    with Connection(task_fd, writable=False) as task:
+        impl, problem, request, tmpdir = task.recv()
+    _worker(Connection(result_fd, readable=False), impl, problem, request, tmpdir, parent)
+
+
+def _start_subprocess(impl: Backend, problem: AlignmentProblem, request: SolveRequest,
+                      tmpdir: str) -> tuple[subprocess.Popen, Connection]:
+    task_r, task_w = os.pipe()
+    result_r, result_w = os.pipe()
+    code = "import sys; from alignment_solver.deadline import _subprocess_main as m; m(*map(int, sys.argv[1:]))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))}
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", code, str(task_r), str(result_w), str(os.getpid())],
+                                pass_fds=(task_r, result_w), start_new_session=True, stdin=subprocess.DEVNULL,
+                                env=env)
+    finally:
+        os.close(task_r)
+        os.close(result_w)
+    _children.append(proc)
+    with Connection(task_w, readable=False) as task:
+        try:
+            task.send((impl, problem, request, tmpdir))
+        except BrokenPipeError:
+            pass                          # the worker died at start; the caller sees no answer
+    return proc, Connection(result_r, writable=False)
+
+
 def _kill(proc: Any) -> None:
     """Kill the worker's process group without waiting for it to be torn down (a worker holding
-    gigabytes takes a moment); multiprocessing reaps it at the next start or at exit."""
+    gigabytes takes a moment); it is reaped at the next start or at exit."""
     if proc.pid is None:
         return
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    proc.join(timeout=0)
+    if isinstance(proc, subprocess.Popen):
+        proc.poll()
+    else:
+        proc.join(timeout=0)
+
+
+def _exit_code(proc: Any) -> Optional[int]:
+    return proc.poll() if isinstance(proc, subprocess.Popen) else proc.exitcode
 
 
 def run(impl: Backend, problem: AlignmentProblem, request: SolveRequest, time_limit: Optional[float],
@@ -132,16 +237,25 @@ def run(impl: Backend, problem: AlignmentProblem, request: SolveRequest, time_li
     limit_at = None if time_limit is None else t0 + time_limit
     child_request = replace(request, deadline=None if limit_at is None else limit_at - MARGIN)
     tmpdir = tempfile.mkdtemp(prefix="alignment-solver-") if impl.child_processes else ""
-    ctx = mp.get_context("fork")
-    parent = os.getpid()
-    receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_worker, args=(send, impl, problem, child_request, tmpdir, parent), daemon=True)
+    mode = isolation()
+    _reap()
     final: Optional[tuple[str, Any]] = None
     incumbent: Optional[dict[str, Any]] = None
     fallback: Optional[AlignmentResult] = None
+    proc: Any = None
+    receive: Any = None
     try:
-        proc.start()
-        send.close()
+        if mode == "subprocess":
+            proc, receive = _start_subprocess(impl, problem, child_request, tmpdir)
+        else:
+            ctx = mp.get_context(mode)
+            if mode == "forkserver":
+                ctx.set_forkserver_preload(_PRELOAD)
+            receive, send = ctx.Pipe(duplex=False)
+            parent = os.getpid() if mode == "fork" else 0
+            proc = ctx.Process(target=_worker, args=(send, impl, problem, child_request, tmpdir, parent), daemon=True)
+            proc.start()
+            send.close()
         if limit_at is not None:
             fallback = GreedyBackend().solve(problem, replace(request, deadline=limit_at))
         until = None if limit_at is None else limit_at + GRACE - 0.05
@@ -161,10 +275,21 @@ def run(impl: Backend, problem: AlignmentProblem, request: SolveRequest, time_li
                 final = (kind, payload)
                 break
     finally:
-        receive.close()
-        _kill(proc)
+        if receive is not None:
+            receive.close()
+        if proc is not None:
+            _kill(proc)
         if tmpdir:
             shutil.rmtree(tmpdir, ignore_errors=True)
+    result = _answer(impl, problem, request, time_limit, t0, limit_at, final, incumbent, fallback, proc)
+    result.stats["isolation"] = mode
+    return result
+
+
+def _answer(impl: Backend, problem: AlignmentProblem, request: SolveRequest, time_limit: Optional[float],
+            t0: float, limit_at: Optional[float], final: Optional[tuple[str, Any]],
+            incumbent: Optional[dict[str, Any]], fallback: Optional[AlignmentResult], proc: Any) -> AlignmentResult:
+    """The worker's own answer if it has one, else the best plan seen (see the module docstring)."""
     elapsed = time.perf_counter() - t0
     soft_penalty = request.soft_penalty if request.soft else None
     if final is not None and final[0] == "final":
@@ -182,7 +307,7 @@ def run(impl: Backend, problem: AlignmentProblem, request: SolveRequest, time_li
     elif limit_at is not None and time.perf_counter() >= limit_at:
         why = f"{impl.name} was stopped at the time limit of {time_limit:g} s"
     else:
-        why = f"the {impl.name} worker ended without an answer (exit code {proc.exitcode})"
+        why = f"the {impl.name} worker ended without an answer (exit code {_exit_code(proc)})"
     candidates = []
     if incumbent is not None:
         cand = AlignmentResult(problem, SolveStatus.FEASIBLE, impl.name, assignment=_unpack(incumbent["x"]),

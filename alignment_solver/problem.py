@@ -37,6 +37,10 @@ Label = Union[int, str]
 MAX_MAGNITUDE = 1e15
 #: Largest integer accepted for ``capacity`` and ``min_experts``.
 MAX_COUNT = 10 ** 9
+#: Relative slack on a weighted load or budget row, times the row's magnitude (its largest bound or
+#: coefficient): what summation order can change, far below what a plan's smallest term weighs
+#: unless coefficients span more than 1e9 (which ``ill_conditioned`` names).
+ROW_RTOL = 1e-9
 
 
 def integer_band(fair: float, tolerance: float) -> tuple[int, int]:
@@ -467,6 +471,25 @@ class AlignmentProblem(BaseModel):
     def is_flow(self) -> bool:
         """True when the problem is a min-cost flow (count loads, no budget; group rows are laminar)."""
         return self.weight_matrix is None and not self.has_budget
+
+    @cached_property
+    def load_tolerance(self) -> np.ndarray:
+        """(E,) slack allowed on each expert's load row: ``ROW_RTOL`` times the row's magnitude
+        (its largest finite bound or allowed weight; 0 for count loads, which are exact)."""
+        w = self.weight_matrix
+        if w is None:
+            return _frozen(np.zeros(self.n_experts))
+        big = np.where(self.allowed_matrix, w, 0.0).max(axis=0)
+        bounds = np.maximum(self.min_load_array, np.where(np.isfinite(self.max_load_array), self.max_load_array, 0.0))
+        return _frozen(ROW_RTOL * np.maximum(big, bounds))
+
+    @cached_property
+    def budget_tolerance(self) -> Optional[np.ndarray]:
+        """(C,) slack allowed on each budget row, relative to the row's magnitude like ``load_tolerance``."""
+        if self.budget is None:
+            return None
+        big = np.where(self.allowed_matrix, self.usage_matrix, 0.0).max(axis=1)
+        return _frozen(ROW_RTOL * np.maximum(big, self.budget))
 
     def objective_value(self, assignment: np.ndarray) -> float:
         return float(self.objective_matrix[assignment].sum())

@@ -27,7 +27,6 @@ class SolveStatus(str, enum.Enum):
         return self in (SolveStatus.OPTIMAL, SolveStatus.FEASIBLE)
 
 
-TOL = 1e-6
 #: OPTIMAL is said only with a bound within this relative gap, (bound - objective) / max(1, |objective|).
 OPTIMAL_GAP = 1e-6
 
@@ -121,11 +120,14 @@ class AlignmentResult:
         row = self.assignment[self.problem.client_index(client_id)]
         return [self.problem.expert_label(int(e)) for e in np.flatnonzero(row)]
 
-    def violations(self, *, tol: float = TOL, band: bool = True) -> list[str]:
+    def violations(self, *, band: bool = True) -> list[str]:
         """Every constraint of the problem that the assignment breaks, checked from scratch.
 
-        Empty for a feasible answer.  In soft mode the load band may appear here by design;
-        ``band=False`` leaves it out (the hard constraints only).
+        Empty for a feasible answer.  Counts are compared exactly; weighted load and budget rows
+        with a slack relative to each row's magnitude (``problem.load_tolerance``,
+        ``budget_tolerance``: 1e-9 of its largest bound or coefficient), so a row of tiny
+        numbers is checked as strictly as a row of large ones.  In soft mode the load band may
+        appear here by design; ``band=False`` leaves it out (the hard constraints only).
         """
         p, x = self.problem, self.assignment
         out: list[str] = []
@@ -139,6 +141,7 @@ class AlignmentResult:
                        f"{p.min_experts_array[c]}")
         if band:
             load = self.expert_load
+            tol = p.load_tolerance
             for e in np.flatnonzero(load < p.min_load_array - tol):
                 out.append(f"expert {p.expert_label(int(e))!r} has load {load[e]:g} < expert_min_load "
                            f"{p.min_load_array[e]:g}")
@@ -155,7 +158,7 @@ class AlignmentResult:
                            f"group_min_experts {p.group_min_matrix[c, g]}")
         if p.has_budget:
             used = (p.usage_matrix * x).sum(axis=1)
-            for c in np.flatnonzero(used > p.budget + tol):
+            for c in np.flatnonzero(used > p.budget + p.budget_tolerance):
                 out.append(f"client {p.client_label(int(c))!r} uses {used[c]:g} > budget {p.budget[c]:g}")
         bad = x & ~p.allowed_matrix
         for c, e in np.argwhere(bad)[:20]:

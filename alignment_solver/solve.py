@@ -42,10 +42,11 @@ def solve(problem: AlignmentProblem, *, backend: str = "auto", time_limit: Optio
 
     - ``backend``: ``"auto"``, ``"flow"``, ``"cpsat"``, ``"pulp_cbc"``, ``"pulp_highs"`` or ``"greedy"``.
     - ``time_limit``: seconds (> 0) or None.  The call returns within ``time_limit`` + 0.5 s,
-      model building included, where workers can be forked: the backend runs in a worker
-      process killed at the limit, and the answer is then the best plan found so far (greedy
-      at worst), FEASIBLE at most (:mod:`alignment_solver.deadline`).  A result cut by the
-      limit is not deterministic.
+      model building included: the backend runs in a worker process (forked, from the fork
+      server when threads run, or a fresh interpreter in a daemonic process;
+      ``stats["isolation"]``) killed at the limit, and the answer is then the best plan found so
+      far (greedy at worst), FEASIBLE at most (:mod:`alignment_solver.deadline`).  A result cut
+      by the limit is not deterministic.
     - ``seed``: integer in ``[0, 2**31 - 1]``; the same problem and seed give the same assignment (CP-SAT: with
       one worker and no time limit, see ``result.stats["deterministic"]``).
     - ``soft``: turn the load band into slack priced at ``soft_penalty`` per unit (default:
@@ -98,13 +99,17 @@ def solve(problem: AlignmentProblem, *, backend: str = "auto", time_limit: Optio
     if blockers:
         return AlignmentResult(problem, SolveStatus.INFEASIBLE, name, explanation="; ".join(blockers),
                                solve_seconds=time.perf_counter() - started)
-    if deadline.available() and (impl.isolation == "always" or (impl.isolation == "time_limit" and time_limit)):
+    isolated = impl.isolation == "always" or (impl.isolation == "time_limit" and time_limit)
+    if isolated and deadline.isolation() != "in-process":
         result = deadline.run(impl, problem, request, time_limit, started=started)
     else:
         if time_limit is not None:
             request = replace(request, deadline=started + time_limit)
         result = impl.solve(problem, request)
+        result.stats.setdefault("isolation", "in-process")
     result = verified(result, soft)
+    if impl.floating_point:
+        result = confirmed(result, request)
     if result.status is SolveStatus.INFEASIBLE and not result.explanation:
         result.explanation = diagnosis.explain(problem, soft=soft) or (
             "the solver proved that no assignment satisfies every constraint (no single client or expert explains it)")
@@ -136,3 +141,77 @@ def verified(result: AlignmentResult, soft: bool) -> AlignmentResult:
         result.status = SolveStatus.FEASIBLE
     return result
 
+
+
+#: a nonzero number below this, or a row or objective whose nonzero numbers span more than
+#: ``SPAN``, is beyond what floating-point MIP solvers' tolerances (1e-6 .. 1e-9) separate
+TINY, SPAN, OBJECTIVE_SPAN = 1e-6, 1e6, 1e9
+
+
+def _span(values: np.ndarray) -> tuple[float, float]:
+    nz = np.abs(values[np.isfinite(values) & (values != 0)])
+    return (float(nz.min()), float(nz.max())) if len(nz) else (1.0, 1.0)
+
+
+def ill_conditioned(problem: AlignmentProblem) -> Optional[str]:
+    """Why a floating-point MIP solver's proof may not hold for this problem, or None.
+
+    Objective coefficients spanning more than 1e9, load weights or usage spanning more than 1e6,
+    or any nonzero weight, usage, budget or load bound below 1e-6.
+    """
+    allowed = problem.allowed_matrix
+    lo, hi = _span(problem.objective_matrix[allowed])
+    if hi / lo > OBJECTIVE_SPAN:
+        return f"objective coefficients span {lo:.3g} .. {hi:.3g}"
+    rows = []
+    if problem.weight_matrix is not None:
+        rows.append(("load weights", problem.weight_matrix[allowed]))
+    if problem.usage_matrix is not None:
+        rows += [("usage", problem.usage_matrix[allowed]), ("budget", problem.budget)]
+    if problem.weight_matrix is not None:
+        rows.append(("load bounds", np.concatenate([problem.min_load_array, problem.max_load_array])))
+    for name, values in rows:
+        lo, hi = _span(np.asarray(values, dtype=float))
+        if lo < TINY:
+            return f"{name} as small as {lo:.3g}"
+        if hi / lo > SPAN and name in ("load weights", "usage"):
+            return f"{name} span {lo:.3g} .. {hi:.3g}"
+    return None
+
+
+def confirmed(result: AlignmentResult, request: SolveRequest) -> AlignmentResult:
+    """Test a floating-point MIP backend's OPTIMAL or INFEASIBLE against the original data.
+
+    The greedy plan is computed on the problem as given: if it is feasible where the backend said
+    INFEASIBLE, or better than its OPTIMAL, the claim is refuted and the greedy plan returned as
+    FEASIBLE (``stats["refuted"]``).  Otherwise, on an ill-conditioned problem
+    (:func:`ill_conditioned`) the claim is not confirmed: OPTIMAL becomes FEASIBLE without a bound
+    and INFEASIBLE becomes NO_SOLUTION_FOUND (``stats["unconfirmed"]``).
+    """
+    from .backends.greedy import GreedyBackend
+
+    if result.status not in (SolveStatus.OPTIMAL, SolveStatus.INFEASIBLE):
+        return result
+    problem, claim = result.problem, result.status.value.upper()
+    check = GreedyBackend().solve(problem, replace(request, deadline=None, report=None))
+    better = check.has_solution and (result.status is SolveStatus.INFEASIBLE or check.objective > result.objective
+                                     + OPTIMAL_GAP * max(1.0, abs(result.objective)))
+    if better:
+        why = (f"{result.backend} said {claim}" + ("" if result.status is SolveStatus.INFEASIBLE
+                                                  else f" at {result.objective:.6g}")
+               + f", but the greedy plan satisfies every constraint at {check.objective:.6g}")
+        return AlignmentResult(problem, SolveStatus.FEASIBLE, result.backend, assignment=check.assignment,
+                               solve_seconds=result.solve_seconds, build_seconds=result.build_seconds,
+                               soft=result.soft, soft_penalty=result.soft_penalty,
+                               explanation=f"{why}; the claim was refuted and the greedy plan is returned",
+                               stats={**result.stats, "refuted": why})
+    reason = ill_conditioned(problem)
+    if reason is None:
+        return result
+    note = f"{result.backend}'s {claim} is not confirmed: {reason}, beyond floating-point MIP tolerances"
+    result.stats["unconfirmed"] = note
+    if result.status is SolveStatus.OPTIMAL:
+        result.status, result.bound = SolveStatus.FEASIBLE, None
+        return result
+    return AlignmentResult(problem, SolveStatus.NO_SOLUTION_FOUND, result.backend, solve_seconds=result.solve_seconds,
+                           build_seconds=result.build_seconds, explanation=note, stats=result.stats)

@@ -212,3 +212,38 @@ def networkx_flow(p: AlignmentProblem, scale: float = 1e6) -> Optional[float]:
     def tail(c, e):
         return ("c", c) if groups is None else ("g", c, int(np.asarray(p.expert_group)[e]))
     return sum(G[c, e] * flow[tail(c, e)].get(("e", e), 0) for c in range(C) for e in range(E))
+
+
+def strict_violations(p: AlignmentProblem, x: np.ndarray, soft: bool = False, rtol: float = 1e-9) -> list[str]:
+    """Like :func:`violations`, with each weighted row's slack ``rtol`` times that row's magnitude
+    (its largest finite bound or allowed coefficient), so rows of tiny numbers are checked as
+    strictly as rows of large ones."""
+    G, w, cap, low, L, U, allowed, usage = _dense(p)
+    x = np.asarray(x, dtype=bool)
+    out = [v for v in violations(p, x, soft=True, tol=np.inf)]
+    if usage is not None:
+        mag = np.maximum(np.where(allowed, usage, 0).max(1), np.asarray(p.budget, float))
+        out += [f"budget of client {c}" for c in
+                np.flatnonzero((usage * x).sum(1) > np.asarray(p.budget) + rtol * mag)]
+    if not soft:
+        load = (w * x).sum(0)
+        mag = np.maximum(np.where(allowed, w, 0).max(0), np.maximum(L, np.where(np.isfinite(U), U, 0)))
+        if p.load_weight is None:
+            mag = np.zeros_like(mag)                          # counts are exact
+        out += [f"load of expert {e}" for e in np.flatnonzero((load < L - rtol * mag) | (load > U + rtol * mag))]
+    return out
+
+
+def strict_brute_force(p: AlignmentProblem) -> Optional[float]:
+    """Best objective over every 0-1 matrix under :func:`strict_violations` (None if infeasible)."""
+    C, E = p.fitness.shape
+    assert C * E <= 12
+    G = _dense(p)[0]
+    rows = np.array(list(itertools.product([0, 1], repeat=E)), dtype=bool)
+    best = None
+    for combo in itertools.product(range(len(rows)), repeat=C):
+        x = rows[list(combo)]
+        if not strict_violations(p, x):
+            v = float((G * x).sum())
+            best = v if best is None else max(best, v)
+    return best

@@ -23,7 +23,7 @@ from alignment_solver import AlignmentProblem, SolveStatus, solve
 from alignment_solver.solve import default_soft_penalty
 
 from .conftest import EXACT
-from .oracles import scipy_milp, value, violations
+from .oracles import scipy_milp, strict_brute_force, strict_violations, value, violations
 
 INSTANCES = 1000
 CHUNK = 100
@@ -157,3 +157,52 @@ def test_rows_without_a_small_denominator_are_a_restriction_never_a_proof():
                              expert_min_load=np.sqrt(2))
     r = solve(tight, backend="cpsat")
     assert r.status is not SolveStatus.INFEASIBLE
+
+
+def _log(rng: np.random.Generator, shape, low: float, high: float) -> np.ndarray:
+    return np.exp(rng.uniform(np.log(low), np.log(high), shape))
+
+
+def mixed_scale_instance(seed: int) -> AlignmentProblem:
+    """Fitness 1e-7..1e6 and weights 1e-6..1e2 in one problem, bands and budgets cut near a plan's load."""
+    rng = np.random.default_rng([2027, seed])
+    C, E = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+    fields: dict = {"fitness": _log(rng, (C, E), 1e-7, 1e6) * rng.choice([-1, 1], (C, E), p=[0.2, 0.8]),
+                    "capacity": rng.integers(1, E + 1, C)}
+    w = _log(rng, (C, E) if rng.random() < 0.5 else (C,), 1e-6, 1e2)
+    fields["load_weight"] = w
+    w = np.broadcast_to(w[:, None] if w.ndim == 1 else w, (C, E))
+    x = rng.random((C, E)) < 0.5
+    load = (w * x).sum(axis=0)
+    fields["expert_max_load"] = load * (1 + rng.choice([0.0, 5e-7, -5e-7, 1e-3], E))
+    fields["expert_min_load"] = np.where(rng.random(E) < 0.3, load * (1 - 1e-3), 0.0)
+    if rng.random() < 0.5:
+        usage = _log(rng, (E,), 1e-5, 1e2)
+        fields["usage"] = usage
+        fields["budget"] = (usage[None, :] * x).sum(axis=1) * (1 + rng.choice([0.0, 5e-7, 0.5], C))
+    return AlignmentProblem(**fields)
+
+
+@pytest.mark.slow
+def test_claims_hold_on_mixed_scale_data():
+    """OPTIMAL, FEASIBLE and INFEASIBLE checked against brute force with row-relative tolerances.
+
+    Each backend may decline (NO_SOLUTION_FOUND: greedy, cpsat on rows it rounded, and a MIP
+    backend whose claim could not be confirmed) but never claims what is false."""
+    counts: dict = {}
+    for seed in range(300):
+        problem = mixed_scale_instance(seed)
+        best = strict_brute_force(problem)
+        for backend in [b for b in BACKENDS if b != "flow"]:
+            r = solve(problem, backend=backend)
+            where = f"seed {seed}, {backend}: {r.summary()} {r.stats.get('refuted') or r.stats.get('unconfirmed') or ''}"
+            counts[(backend, r.status)] = counts.get((backend, r.status), 0) + 1
+            tol = 1e-6 * max(1.0, abs(best)) if best is not None else 0.0
+            if r.has_solution:
+                assert strict_violations(problem, r.assignment) == [], where
+                assert best is not None and r.objective <= best + tol, where
+            if r.status is SolveStatus.OPTIMAL:
+                assert r.objective >= best - tol, where
+            elif r.status is SolveStatus.INFEASIBLE:
+                assert best is None, where
+    assert sum(n for (b, st), n in counts.items() if st is SolveStatus.OPTIMAL) > 100, counts

@@ -67,6 +67,7 @@ class PulpBackend(Backend):
 
     requires: tuple[str, ...] = ("pulp",)
     isolation = "always"
+    floating_point = True
 
     def make_solvers(self, time_limit: Optional[float], seed: int) -> list:
         """Solver settings to try in order (a later one only if an earlier one fails to run)."""

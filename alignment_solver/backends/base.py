@@ -43,6 +43,9 @@ class Backend:
     requires: tuple[str, ...] = ()
     isolation: str = "time_limit"
     child_processes: bool = False
+    #: proofs rest on floating-point tolerances (CBC, HiGHS): :func:`~alignment_solver.solve.confirmed`
+    #: re-tests its OPTIMAL and INFEASIBLE on the original data
+    floating_point: bool = False
     #: backend options: name -> (default, description); values are checked by ``check_option``.
     options: dict[str, tuple[Any, str]] = {}
 

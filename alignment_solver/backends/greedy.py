@@ -29,10 +29,11 @@ class _State:
         self.G = G if self.every else np.where(p.allowed_matrix, G, -np.inf)
         self.w = None if p.weight_matrix is None else np.asarray(p.weight_matrix)   # None: count loads
         self.u = None if p.usage_matrix is None else np.asarray(p.usage_matrix)
-        self.B = p.budget
+        self.B = None if p.budget is None else p.budget + p.budget_tolerance
         self.k = p.capacity_array
         self.lo = p.min_experts_array
-        self.L, self.U = p.min_load_array, p.max_load_array
+        self.L, self.U = p.min_load_array, p.max_load_array + p.load_tolerance     # the checker's own slack
+        self.L_short = p.min_load_array - p.load_tolerance
         self.x = np.zeros(p.fitness.shape, dtype=bool) if start is None else np.array(start, dtype=bool)
         self.count = self.x.sum(axis=1)
         self.load = self.x.sum(axis=0).astype(float) if self.w is None else (self.w * self.x).sum(axis=0)
@@ -59,9 +60,9 @@ class _State:
         ok = ~self.x[rows] & (self.count[rows] < self.k[rows])[:, None]
         if not self.every:
             ok &= np.isfinite(self.G[rows])
-        ok &= self.load[None, :] + (1.0 if self.w is None else self.w[rows]) <= self.U[None, :] + 1e-9
+        ok &= self.load[None, :] + (1.0 if self.w is None else self.w[rows]) <= self.U[None, :]
         if self.u is not None:
-            ok &= self.used[rows, None] + self.u[rows] <= self.B[rows, None] + 1e-9
+            ok &= self.used[rows, None] + self.u[rows] <= self.B[rows, None]
         if self.grouped:
             ok &= self.group_room(rows)
         return ok
@@ -71,9 +72,9 @@ class _State:
         ok = ~self.x[:, e] & (self.count < self.k)
         if not self.every:
             ok &= np.isfinite(self.G[:, e])
-        ok &= self.load[e] + (1.0 if self.w is None else self.w[:, e]) <= self.U[e] + 1e-9
+        ok &= self.load[e] + (1.0 if self.w is None else self.w[:, e]) <= self.U[e]
         if self.u is not None:
-            ok &= self.used + self.u[:, e] <= self.B + 1e-9
+            ok &= self.used + self.u[:, e] <= self.B
         if self.grouped:
             ok &= self.gcount[:, self.group[e]] < self.gk[:, self.group[e]]
         return ok
@@ -89,7 +90,7 @@ class _State:
         group_start = np.repeat(starts, np.diff(np.r_[starts, len(cols)]))
         csum = np.cumsum(w)
         within = csum - (csum[group_start] - w[group_start])
-        keep = self.load[cols] + within <= self.U[cols] + 1e-9
+        keep = self.load[cols] + within <= self.U[cols]
         rows, cols = rows[keep], cols[keep]
         self.x[rows, cols] = True
         np.add.at(self.count, rows, 1)
@@ -126,11 +127,11 @@ def complete(problem: AlignmentProblem, start: Optional[np.ndarray] = None,
     reach = (np.isfinite(s.G).sum(axis=0).astype(float) if s.w is None
              else np.where(np.isfinite(s.G), s.w, 0).sum(axis=0))
     for e in np.argsort(-(s.L / np.maximum(reach, 1e-12)), kind="stable"):
-        while s.load[e] < s.L[e] - 1e-9 and not late():
+        while s.load[e] < s.L_short[e] and not late():
             rows = np.flatnonzero(s.fits_expert(e))
             if not len(rows):
                 break
-            short = s.L[e] - s.load[e] - 1e-9
+            short = s.L_short[e] - s.load[e]
             guess = int(np.ceil(short)) + 1 if s.w is None else len(rows)
             rows = rows[_best_first(s.G[rows, e], min(guess, len(rows)))]
             need = np.searchsorted(np.cumsum(s.weight(rows, np.full(len(rows), e))), short) + 1
