@@ -158,7 +158,7 @@ def test_a_round_without_a_valid_reply_keeps_the_model_and_says_so(tmp_path, cap
 
 
 def test_inflated_counts_are_capped_by_the_first_report(tmp_path):
-    s = strategy(tmp_path)
+    s = strategy(tmp_path, aggregation=AggregationConfig(relative_clip=None))   # the weight cap alone
     msgs = configure(s, 1, model())
     s.aggregate_train(1, [honest(msgs[n], n=50) for n in msgs])
     msgs = configure(s, 2, model())
@@ -237,3 +237,50 @@ def test_new_nodes_declare_capacity_and_label_before_their_first_round(tmp_path)
     list(s.configure_train(2, to_record(model()), ConfigRecord({}), grid))
     assert sorted(grid.queried) == NODES                  # each node is asked once
     assert s.history[2]["plan"]["11"]["label"] == "partition-0"
+
+
+def pushed(msgs):
+    """Give the configured messages ids, as the grid does when it pushes them."""
+    for node, m in msgs.items():
+        m.metadata.__dict__["_message_id"] = f"msg-{node}"
+    return msgs
+
+
+def test_a_reply_to_a_message_never_sent_is_not_used(tmp_path):
+    s = strategy(tmp_path)
+    msgs = pushed(configure(s, 1, model()))
+    victim = NODES[0]
+    fake = Message(content=RecordDict({"config": ConfigRecord({"experts": [0]})}), dst_node_id=victim,
+                   message_type=MessageType.TRAIN)
+    fake.metadata.__dict__["_message_id"] = "never-sent"
+    rogue = honest(msgs[victim], value=777.0)
+    rogue.metadata.__dict__["_reply_to_message_id"] = "never-sent"
+    arrays, metrics = s.aggregate_train(1, [honest(msgs[n]) for n in NODES[1:] if n in msgs] + [rogue])
+    assert not np.any(to_numpy(arrays)["gate.W"] == 777.0)
+    assert "is not a reply to the message" in s.history[1]["rejected"][str(victim)]
+    assert victim in s.history[1]["dropouts"]
+
+
+def test_a_reply_forged_in_another_nodes_name_does_not_reject_the_honest_node(tmp_path):
+    s = strategy(tmp_path)
+    msgs = pushed(configure(s, 1, model()))
+    a, b = NODES[0], NODES[1]
+    forged_reply = honest(msgs[a], value=777.0)
+    forged_reply.metadata.__dict__["_src_node_id"] = b           # node a answers its own message in b's name
+    replies = [honest(msgs[n]) for n in NODES if n != a] + [forged_reply]
+    arrays, metrics = s.aggregate_train(1, replies)
+    assert str(b) in s.history[1]["received"] and f"{b} (foreign)" in s.history[1]["rejected"]
+    assert b not in s.history[1]["dropouts"] and a in s.history[1]["dropouts"]
+    assert not np.any(to_numpy(arrays)["gate.W"] == 777.0)
+
+
+def test_aggregating_a_round_twice_or_one_never_configured_is_ignored(tmp_path):
+    s = strategy(tmp_path)
+    msgs = configure(s, 1, model())
+    first = s.aggregate_train(1, [honest(msgs[n]) for n in msgs])
+    assert first[0] is not None
+    state = json.loads((tmp_path / "s.json").read_text())
+    assert s.aggregate_train(1, [honest(msgs[n], value=5.0) for n in msgs]) == (None, None)
+    assert s.aggregate_train(7, []) == (None, None)
+    assert json.loads((tmp_path / "s.json").read_text()) == state
+    assert configure(s, 2, model())                      # and the next round goes on

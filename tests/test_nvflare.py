@@ -214,3 +214,23 @@ def test_poc_deployment_survives_a_site_killed_in_round_two(tmp_path):
             break
         time.sleep(0.5)
     assert not left, [" ".join(p.cmdline()) for p in left]
+
+
+def test_replies_of_another_round_or_an_unknown_params_type_are_errors_and_diffs_are_marked():
+    from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+
+    from alignment_solver.integrations.nvflare import AlignedController
+
+    c = AlignedController(num_experts=2, initial_model="digits_task:initial_model", state_path="")
+    c._round = 3
+    c._collect(FLModel(params_type=ParamsType.FULL, params={"a": np.ones(1)}, current_round=2, meta={"client_name": "s1"}))
+    c._collect(FLModel(params_type=ParamsType.DIFF, params={"a": np.ones(1)}, current_round=3, meta={"client_name": "s2"}))
+    odd = FLModel(params={"a": np.ones(1)}, meta={"client_name": "s3"})
+    odd.params_type = "WEIGHTS_AND_BIASES"                 # what a hostile or broken site could deserialise
+    c._collect(odd)
+    c._collect(FLModel(params={"a": np.ones(1)}, meta={"client_name": "s4"}))
+    r1, r2, r3, r4 = c._replies
+    assert r1.error == "a reply for round 2, received in round 3"
+    assert r2.error is None and r2.diff
+    assert "params_type must be FULL or DIFF" in r3.error
+    assert r4.error is None and not r4.diff

@@ -39,7 +39,9 @@ def with_arrays(r, **changes):
     (with_arrays(reply(), **{"gate.W": np.zeros((1, 1))}), r"must have shape \(4, 3\); got \(1, 1\)"),
     (with_arrays(reply(), **{"gate.b": np.array([1.0, np.nan, 0])}), "NaN or infinite"),
     (with_arrays(reply(), **{"gate.b": np.array([1.0, np.inf, 0])}), "NaN or infinite"),
-    (with_arrays(reply(), **{"gate.b": np.array(["a", "b", "c"])}), "must be numeric"),
+    (with_arrays(reply(), **{"gate.b": np.array(["a", "b", "c"])}), "must be floating point"),
+    (with_arrays(reply(), **{"gate.b": np.full(E, np.iinfo(np.uint64).max)}), "must be floating point"),
+    (with_arrays(reply(), **{"gate.b": np.full(E, np.iinfo(np.int64).min)}), "must be floating point"),
     (reply(n=10 ** 18), r"num-examples' must be an integer in \[1, 1e\+06\]"),
     (reply(n=-5), "num-examples"), (reply(n=float("nan")), "num-examples"), (reply(n=2.5), "num-examples"),
     (reply(**{"expert-samples": [-1]}), "expert-samples' must hold integers"),
@@ -90,7 +92,7 @@ def test_weight_caps_bound_a_client_that_inflates_its_count():
     honest = [reply(i, (0,), 1.0, n=100) for i in range(3)]
     liar = reply(3, (0,), 777.0, n=1_000_000)
     out = checker().check_round(honest + [liar], plan, weight_caps={"3": 100.0})
-    new, _ = aggregate(MODEL, out.accepted, expert_of)
+    new, _ = aggregate(MODEL, out.accepted, expert_of, AggregationConfig(relative_clip=None))
     assert np.allclose(new["gate.W"], (3 * 1 + 777) / 4)        # capped: one vote of 100, not 10^6
 
 
@@ -99,7 +101,7 @@ def test_robust_methods_ignore_one_outlier(method, expected):
     plan = {str(i): [0] for i in range(5)}
     replies = [reply(i, (0,), 1.0) for i in range(4)] + [reply(4, (0,), 1e6)]
     out = checker(method=method, trim=0.2).check_round(replies, plan)
-    new, _ = aggregate(MODEL, out.accepted, expert_of, AggregationConfig(method=method, trim=0.2))
+    new, _ = aggregate(MODEL, out.accepted, expert_of, AggregationConfig(method=method, trim=0.2, relative_clip=None))
     if expected is None:
         assert new["gate.W"][0, 0] > 1e5
     else:
@@ -135,3 +137,67 @@ def test_check_evaluation_names_the_bad_metric():
                            (None, "has no metrics record")]:
         with pytest.raises(ReplyError, match=match):
             check_evaluation(metrics, 10)
+
+
+F32 = {"gate.W": np.zeros((4, E), np.float32), "steps": np.zeros(1, np.int64),
+       **{f"expert{j}.W": np.zeros((4, 2), np.float32) for j in range(E)}}
+
+
+@pytest.mark.parametrize("value, words", [(1e300, "infinite values in the model's dtype float32"),
+                                          (3.5e38, "infinite values in the model's dtype float32")])
+def test_values_that_overflow_the_model_dtype_are_rejected(value, words):
+    c = ReplyChecker(F32, E, owner=expert_of)
+    r = Reply(1, arrays={"gate.W": np.full((4, E), value), "expert0.W": np.zeros((4, 2))},
+              metrics=reply().metrics)
+    out = c.check_round([r], PLAN)
+    assert words in out.rejected["1"]
+    ok = Reply(1, arrays={"gate.W": np.full((4, E), 3.0e38), "expert0.W": np.zeros((4, 2), np.float64)},
+               metrics=reply().metrics)
+    checked = c.check(ok, [0])
+    assert checked.arrays["gate.W"].dtype == np.float32 and np.isfinite(checked.arrays["gate.W"]).all()
+
+
+def test_integer_arrays_must_fit_and_difference_replies_are_added():
+    c = ReplyChecker(F32, E, owner=expert_of)
+    big = Reply(1, arrays={"steps": np.array([2 ** 64 - 1], np.uint64)}, metrics={**reply().metrics, "experts": [],
+                "expert-samples": [], "expert-loss": [], "expert-accuracy": []})
+    assert "outside the range" in c.check_round([big], PLAN).rejected["1"]
+    current = {**F32, "gate.W": np.ones((4, E), np.float32)}
+    c = ReplyChecker(current, E, owner=expert_of)
+    diff = Reply(1, arrays={"gate.W": np.full((4, E), 0.5), "expert0.W": np.full((4, 2), 0.25)},
+                 metrics=reply().metrics, diff=True)
+    checked = c.check(diff, [0])
+    assert np.allclose(checked.arrays["gate.W"], 1.5) and np.allclose(checked.arrays["expert0.W"], 0.25)
+
+
+def test_one_huge_update_cannot_move_the_mean_far():
+    """Relative clipping: 1e30 among honest replies is scaled to 10x the median update norm."""
+    honest = [reply(node=n, experts=(), value=1.0) for n in (1, 2, 3, 4)]
+    hostile = reply(node=5, experts=(), value=1e30)
+    plan = {str(n): [0] for n in range(1, 6)}
+    out = checker().check_round(honest + [hostile], plan)
+    new, _ = aggregate(MODEL, out.accepted, expert_of, AggregationConfig())
+    assert np.abs(new["gate.W"]).max() < 10.0
+    off, _ = aggregate(MODEL, out.accepted, expert_of, AggregationConfig(relative_clip=None))
+    assert np.abs(off["gate.W"]).max() > 1e28
+
+
+def test_a_claim_of_max_examples_cannot_take_the_whole_mean():
+    plan = {str(n): [] for n in range(1, 5)}
+    base = {"experts": [], "expert-samples": [], "expert-loss": [], "expert-accuracy": []}
+    replies = [Reply(n, arrays={"gate.b": np.full(E, 0.1)}, metrics={**base, "num-examples": 100}) for n in (1, 2, 3)]
+    replies.append(Reply(4, arrays={"gate.b": np.full(E, 1.0)}, metrics={**base, "num-examples": 10 ** 6}))
+    out = checker().check_round(replies, {**plan, **{k: [0] for k in plan}})
+    new, _ = aggregate(MODEL, out.accepted, expert_of)
+    assert new["gate.b"][0] == pytest.approx((3 * 100 * 0.1 + 500 * 1.0) / 800)   # capped at 5 x the median claim
+
+
+@pytest.mark.parametrize("method", ["median", "trimmed_mean"])
+def test_robust_methods_with_too_few_trainers_follow_the_few_rule(method):
+    """Expert 1 is trained by two replies only: nothing can be trimmed, so 'few' decides."""
+    accepted = checker().check_round([reply(node=2, experts=(0, 1), value=1.0), reply(node=3, experts=(1,), value=3.0)],
+                                     PLAN).accepted
+    mean, trained = aggregate(MODEL, accepted, expert_of, AggregationConfig(method=method, relative_clip=None))
+    assert mean["expert1.b"][0] == pytest.approx(2.0) and 1 in trained
+    kept, trained = aggregate(MODEL, accepted, expert_of, AggregationConfig(method=method, few="keep"))
+    assert np.array_equal(kept["expert1.b"], MODEL["expert1.b"]) and 1 not in trained

@@ -146,6 +146,8 @@ class AlignedStrategy(Strategy):
         self.weight_caps: dict[str, float] = {}             # node id -> num-examples of its first accepted reply
         self.current: dict[str, np.ndarray] = {}
         self.history: dict[int, dict[str, Any]] = {}
+        self.sent: dict[int, dict[int, Message]] = {}       # round -> node -> the TRAIN message it was sent
+        self.aggregated: set[int] = set()
         self.offset = 0
         if units == "expert":
             self._open_coordinator(num_experts, None)
@@ -258,6 +260,9 @@ class AlignedStrategy(Strategy):
             content = RecordDict({"arrays": to_record({**shared, **mine}), "config": cfg})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=int(pc.client_id)))
             planned[str(pc.client_id)] = {"experts": pc.experts, "capacity": pc.capacity, "label": pc.label}
+        self.sent = {r: m for r, m in self.sent.items() if r >= server_round - 1}
+        self.sent[server_round] = {int(m.metadata.dst_node_id): m for m in messages}
+        self.aggregated.discard(server_round)
         self.history[server_round] = {"nodes": nodes, "plan": planned, "status": plan.status,
                                       "planned_load": plan.planned_load, "bytes_down": array_bytes(messages),
                                       "labels": {str(n): self.labels[n] for n in nodes if n in self.labels}}
@@ -284,16 +289,41 @@ class AlignedStrategy(Strategy):
         except Exception as exc:           # an Array that does not deserialise is the client's fault
             return Reply(node, error=f"arrays record cannot be read: {type(exc).__name__}: {exc}")
 
+    def _genuine(self, server_round: int, replies: list[Message]) -> tuple[list[Message], dict[str, str]]:
+        """Replies that answer the very message this round sent their node; the others with why."""
+        sent = self.sent.get(server_round, {})
+        genuine, foreign = [], []
+        for m in replies:
+            node = int(m.metadata.src_node_id)
+            expected = sent.get(node)
+            if expected is None:
+                foreign.append((node, f"node {node} was sent no training message in round {server_round}"))
+            elif m.metadata.reply_to_message_id != expected.metadata.message_id:
+                foreign.append((node, f"is not a reply to the message round {server_round} sent node {node}"))
+            else:
+                genuine.append(m)
+        honest = {int(m.metadata.src_node_id) for m in genuine}
+        return genuine, {(str(n) if n not in honest else f"{n} (foreign)"): why for n, why in foreign}
+
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+        replies = list(replies)
+        pending = None if self.coordinator is None or self.coordinator.pending is None \
+            else self.coordinator.pending["round"]
+        if server_round not in self.sent or server_round in self.aggregated or pending != server_round + self.offset:
+            log(WARNING, "aggregate_train: round %d was not configured by this strategy or is already aggregated; "
+                "its %d replies are ignored", server_round, len(replies))
+            return None, None
+        self.aggregated.add(server_round)
         plan = self.history.get(server_round, {}).get("plan", {})
         checker = ReplyChecker(self.current, self.coordinator.E, owner=self.expert_of, config=self.aggregation)
-        replies = list(replies)
         errors = [f"{m.error.code}: {m.error.reason}" for m in replies if m.has_error()]
         for reason in errors:               # the error's source is the SuperLink, not always the node
             log(WARNING, "aggregate_train: round %d: a reply is an error: %s", server_round, reason)
-        checked = checker.check_round([self._reply(m) for m in replies if not m.has_error()],
+        genuine, foreign = self._genuine(server_round, [m for m in replies if not m.has_error()])
+        checked = checker.check_round([self._reply(m) for m in genuine],
                                       {node: p["experts"] for node, p in plan.items()}, self.weight_caps)
+        checked.rejected.update(foreign)
         for node, reason in checked.rejected.items():
             log(WARNING, "aggregate_train: round %d: rejected the reply of node %s: %s", server_round, node, reason)
         received = {}

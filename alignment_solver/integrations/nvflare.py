@@ -133,6 +133,7 @@ class AlignedController(ModelController):
         self.history: dict[int, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._replies: list[Reply] = []
+        self._round = -1
 
     # ---- paths and set-up ---------------------------------------------------------------------
     def _path(self, name: str) -> Optional[Path]:
@@ -236,9 +237,17 @@ class AlignedController(ModelController):
         self.info(f"finished {self._num_rounds} rounds")
 
     def _collect(self, result: FLModel) -> None:
+        """Keep one site's training reply: FULL or DIFF parameters of this round only."""
         site = str(result.meta.get("client_name", "?"))
+        kind = str(getattr(result.params_type, "value", result.params_type) or "FULL").upper()
+        if result.current_round is not None and result.current_round != self._round:
+            reply = Reply(site, error=f"a reply for round {result.current_round}, received in round {self._round}")
+        elif kind not in ("FULL", "DIFF"):
+            reply = Reply(site, error=f"params_type must be FULL or DIFF; got {kind}")
+        else:
+            reply = Reply(site, arrays=result.params, metrics=result.metrics, diff=kind == "DIFF")
         with self._lock:
-            self._replies.append(Reply(site, arrays=result.params, metrics=result.metrics))
+            self._replies.append(reply)
 
     def _wait_for_tasks(self) -> None:
         while self.get_num_standing_tasks() > 0:
@@ -265,6 +274,7 @@ class AlignedController(ModelController):
         self.info(f"round {r}: planned {len(planned)} of {len(sites)} sites: {planned} ({plan.status})")
         with self._lock:
             self._replies = []
+            self._round = r
         for site, experts in planned.items():
             mine = {k: v for k, v in self.current.items() if self.expert_of(k) in experts}
             data = FLModel(params_type=ParamsType.FULL, params={**shared, **mine}, current_round=r,

@@ -6,18 +6,25 @@ calls the same two functions:
 - :meth:`ReplyChecker.check_round` checks each reply against the round's plan and the model's
   schema before anything is used.  A reply passes only if its node was planned and replied once;
   every array key exists in the model, belongs to the shared part or to an expert the reply lists,
-  has the model's shape, a numeric dtype and finite values; the experts it lists were assigned to
-  it, and each one comes with all of its arrays; counts are integers with
+  has the model's shape and dtype kind (float for float arrays, integers that fit for integer
+  ones) and finite values once cast to the model's dtype (1e300 is infinite in float32); a
+  difference reply (``Reply.diff``, NVFlare's ``ParamsType.DIFF``) is added to the current arrays
+  first; the experts it lists were assigned to it, and each one comes with all of its arrays; counts are integers with
   ``1 <= num-examples <= max_examples`` and ``expert-samples <= num-examples``; losses, seconds
   and routing are finite and non-negative, accuracies lie in [0, 1]; ``max-experts`` is an
   integer in [0, 10**6].  A failed reply is rejected with the reason (it counts as a failed
   client); the others go on.
 - :func:`aggregate` averages each key over the accepted replies that sent it: shared keys by
   ``num-examples``, an expert's keys by the samples routed to it (at least 1), each weight capped
-  by the client's ``weight_cap``; or, robustly, the coordinate-wise ``median`` or
-  ``trimmed_mean`` (unweighted, ``trim`` of the values cut at each end).  ``clip_norm`` first
-  scales each reply's update (its arrays minus the current ones, as one vector) to that L2 norm
-  at most.  Keys nobody sent keep their current value.
+  by the client's ``weight_cap`` and, with 3 or more accepted replies, at ``weight_factor`` times
+  their median ``num-examples``; or, robustly, the coordinate-wise ``median`` or
+  ``trimmed_mean`` (unweighted, ``trim`` of the values cut at each end).  Each reply's update (its
+  arrays minus the current ones, as one vector) is first scaled to at most ``relative_clip``
+  times the median update norm of the round's accepted replies (3 or more, median above 0) and
+  to ``clip_norm``.
+  A key with too few contributions for the robust method to drop any (``median``: fewer than 3;
+  ``trimmed_mean``: fewer than ``1 / trim``) follows ``few``: the weighted mean of the clipped
+  updates, or ``"keep"`` its current value.  Keys nobody sent keep their current value.
 
 Reply metrics use the keys of the Flower integration: ``num-examples``, ``experts``,
 ``expert-samples``, ``expert-loss``, ``expert-accuracy``, ``train-seconds``,
@@ -52,6 +59,14 @@ class AggregationConfig(BaseModel):
     trim: float = Field(0.2, ge=0, lt=0.5, description="share cut at each end by trimmed_mean")
     clip_norm: Optional[float] = Field(None, gt=0, allow_inf_nan=False,
                                        description="L2 cap on each reply's update (None: no clipping)")
+    relative_clip: Optional[float] = Field(10.0, gt=0, allow_inf_nan=False, description=(
+        "each reply's update norm at most this multiple of the median over the round's accepted replies "
+        "(applies from 3 replies; None: off)"))
+    weight_factor: Optional[float] = Field(5.0, ge=1, allow_inf_nan=False, description=(
+        "a reply's weight at most this multiple of the median accepted num-examples (from 3 replies; None: off)"))
+    few: Literal["mean", "keep"] = Field("mean", description=(
+        "median / trimmed_mean over too few contributions to drop any: the weighted mean of the clipped "
+        "updates, or keep the current value"))
     max_examples: int = Field(1_000_000, ge=1, description="a reply claiming more num-examples is rejected")
 
 
@@ -63,6 +78,7 @@ class Reply:
     arrays: Any = None
     metrics: Any = None
     error: Optional[str] = None
+    diff: bool = False          # the arrays are differences to the current ones (NVFlare ParamsType.DIFF)
 
 
 @dataclass
@@ -176,15 +192,7 @@ class ReplyChecker:
             if j is not None and j not in experts:
                 raise ReplyError(f"array {key!r} belongs to expert {j}, which the reply does not list "
                                  f"(experts: {experts})")
-            arr = np.asarray(value)
-            want = self.schema[key]
-            if arr.shape != want.shape:
-                raise ReplyError(f"array {key!r} must have shape {want.shape}; got {arr.shape}")
-            if arr.dtype.kind not in "fiu":
-                raise ReplyError(f"array {key!r} must be numeric (float or integer); got dtype {arr.dtype}")
-            if not np.all(np.isfinite(arr)):
-                raise ReplyError(f"array {key!r} holds NaN or infinite values")
-            checked[key] = arr.astype(np.float64 if want.dtype.kind != "f" else want.dtype, copy=True)
+            checked[key] = self._array(key, value, reply.diff)
         for j in experts:
             missing = sorted(self.expert_keys.get(j, set()) - set(checked))
             if missing:
@@ -202,6 +210,37 @@ class ReplyChecker:
         return ValidReply(client_id=reply.client_id, arrays=checked, num_examples=n, weight=cap,
                           expert_weights={e: min(max(s, 1.0), cap) for e, s in zip(experts, samples)},
                           report=report, max_experts=max_experts, routing=routing)
+
+    def _array(self, key: str, value: Any, diff: bool) -> np.ndarray:
+        """The reply's array in the model's dtype, or ReplyError (shape, dtype kind, range, finiteness)."""
+        arr = np.asarray(value)
+        want = self.schema[key]
+        if arr.shape != want.shape:
+            raise ReplyError(f"array {key!r} must have shape {want.shape}; got {arr.shape}")
+        if want.dtype.kind == "f":
+            if arr.dtype.kind != "f":
+                raise ReplyError(f"array {key!r} must be floating point like the model's {want.dtype}; got {arr.dtype}")
+            with np.errstate(over="ignore", invalid="ignore"):
+                out = arr.astype(want.dtype, copy=True)
+                if diff:
+                    out = want + out
+            if not np.all(np.isfinite(out)):
+                raise ReplyError(f"array {key!r} holds NaN or infinite values in the model's dtype {want.dtype}")
+            return out
+        if want.dtype.kind in "iu":
+            if arr.dtype.kind not in "iu":
+                raise ReplyError(f"array {key!r} must hold integers like the model's {want.dtype}; got {arr.dtype}")
+            info = np.iinfo(want.dtype)
+            if arr.size and (int(arr.min()) < info.min or int(arr.max()) > info.max):
+                raise ReplyError(f"array {key!r} holds values outside the range of the model's {want.dtype}")
+            out = arr.astype(want.dtype, copy=True)
+            if diff:
+                total = want.astype(object) + out.astype(object)
+                if arr.size and (min(total.flat) < info.min or max(total.flat) > info.max):
+                    raise ReplyError(f"array {key!r} plus the current values leaves the range of {want.dtype}")
+                out = want + out
+            return out
+        raise ReplyError(f"array {key!r} has the model dtype {want.dtype}, which replies cannot update")
 
     def check_round(self, replies: Iterable[Reply], plan: Mapping[str, list[int]],
                     weight_caps: Optional[Mapping[str, float]] = None) -> RoundReplies:
@@ -222,6 +261,12 @@ class ReplyChecker:
                 out.accepted.append(self.check(reply, plan.get(key), caps.get(key)))
             except ReplyError as exc:
                 out.rejected[key] = str(exc)
+        factor = self.config.weight_factor
+        if factor is not None and len(out.accepted) >= 3:
+            cap = factor * float(np.median([r.num_examples for r in out.accepted]))
+            for r in out.accepted:
+                r.weight = min(r.weight, cap)
+                r.expert_weights = {e: min(w, cap) for e, w in r.expert_weights.items()}
         return out
 
 
@@ -276,39 +321,52 @@ def check_evaluation(metrics: Any, max_examples: int) -> tuple[int, float, float
     return n, float(metrics["accuracy"]), float(metrics["loss"])
 
 
-def _clipped(current: Mapping[str, np.ndarray], reply: ValidReply, clip: float) -> dict[str, np.ndarray]:
-    deltas = {k: v - current[k] for k, v in reply.arrays.items()}
-    norm = math.sqrt(sum(float(np.sum(d * d)) for d in deltas.values()))
-    if norm <= clip:
+def _update_norm(current: Mapping[str, np.ndarray], reply: ValidReply) -> float:
+    return math.sqrt(sum(float(np.sum((v.astype(np.float64) - current[k]) ** 2)) for k, v in reply.arrays.items()))
+
+
+def _scaled(current: Mapping[str, np.ndarray], reply: ValidReply, norm: float, limit: float) -> dict[str, np.ndarray]:
+    """The reply's arrays with its update scaled to norm ``limit`` (unchanged when already within)."""
+    if norm <= limit:
         return reply.arrays
-    scale = clip / norm
-    return {k: current[k] + scale * d for k, d in deltas.items()}
+    scale = limit / norm
+    return {k: (current[k] + scale * (v.astype(np.float64) - current[k])).astype(v.dtype) for k, v in reply.arrays.items()}
 
 
 def aggregate(current: Mapping[str, np.ndarray], accepted: list[ValidReply], owner: Callable[[str], Optional[int]],
               config: AggregationConfig = AggregationConfig()) -> tuple[dict[str, np.ndarray], set[int]]:
-    """New parameters from the accepted replies, and the experts somebody trained."""
+    """New parameters from the accepted replies, and the experts whose arrays were updated."""
+    norms = [_update_norm(current, r) for r in accepted]
+    limits = [math.inf] * len(accepted)
+    if config.relative_clip is not None and len(accepted) >= 3 and float(np.median(norms)) > 0:
+        limits = [config.relative_clip * float(np.median(norms))] * len(accepted)
+    if config.clip_norm is not None:
+        limits = [min(lim, config.clip_norm) for lim in limits]
     contributions: dict[str, list[tuple[np.ndarray, float]]] = {}
-    for reply in accepted:
-        arrays = reply.arrays if config.clip_norm is None else _clipped(current, reply, config.clip_norm)
-        for k, v in arrays.items():
+    for reply, norm, limit in zip(accepted, norms, limits):
+        for k, v in _scaled(current, reply, norm, limit).items():
             j = owner(k)
             w = reply.weight if j is None else reply.expert_weights[j]
             contributions.setdefault(k, []).append((v, w))
     new = {k: np.array(v, copy=True) for k, v in current.items()}
+    updated = set()
     for k, items in contributions.items():
-        stack = np.stack([v for v, _ in items])
-        if config.method == "mean":
+        stack = np.stack([np.asarray(v, dtype=np.float64) for v, _ in items])
+        m = len(items)
+        cut = min(int(math.floor(config.trim * m)), (m - 1) // 2)
+        robust = (config.method == "median" and m >= 3) or (config.method == "trimmed_mean" and cut >= 1)
+        if config.method != "mean" and not robust and config.few == "keep":
+            continue
+        if config.method == "mean" or not robust:
             w = np.array([w for _, w in items])
             value = np.tensordot(w / w.sum(), stack, axes=1)
         elif config.method == "median":
             value = np.median(stack, axis=0)
         else:
-            m = len(items)
-            cut = min(int(math.floor(config.trim * m)), (m - 1) // 2)
             value = np.sort(stack, axis=0)[cut:m - cut].mean(axis=0)
         new[k] = value.astype(current[k].dtype, copy=False)
-    return new, {j for k in contributions if (j := owner(k)) is not None}
+        updated.add(k)
+    return new, {j for k in updated if (j := owner(k)) is not None}
 
 
 __all__ = ["AggregationConfig", "Reply", "ReplyChecker", "RoundReplies", "ValidReply", "aggregate", "capacity_report",
