@@ -30,12 +30,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class CapacityConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     default_capacity: int = Field(1, ge=0, description="experts for a client never seen")
     max_capacity: int = Field(3, ge=1, description="no client trains more experts than this")
     quantile: float = Field(0.8, ge=0.5, le=1.0, description="pessimistic quantile of observed seconds")
-    window: int = Field(10, ge=1, description="observations kept per client")
+    window: int = Field(10, ge=1, le=1000, description="observations kept per client")
     recovery_rounds: int = Field(2, ge=1, description="early finishes in a row to regain one expert")
     early_fraction: float = Field(0.7, gt=0, le=1, description="finished within this share of the deadline")
     expert_bytes: Optional[float] = Field(None, gt=0, description="bytes to download one expert")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import sys
 from importlib import resources
 from pathlib import Path
@@ -47,14 +49,50 @@ def _read_text(path: str, what: str) -> str:
 
 def _read_json(path: str, what: str) -> Any:
     text = _read_text(path, what)
+    where = "from stdin" if path == "-" else f"file {path}"
     try:
         return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{what} {'from stdin' if path == '-' else f'file {path}'} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InputError(f"{what} {where} nests JSON too deeply") from None
+    except ValueError as exc:          # invalid JSON, or an integer too long to read
+        raise InputError(f"{what} {where} is not valid JSON: {str(exc)[:200]}") from None
 
 
 def _load_problem(path: str) -> AlignmentProblem:
-    return AlignmentProblem.model_validate(_read_json(path, "problem"))
+    try:
+        return AlignmentProblem.model_validate(_read_json(path, "problem"))
+    except RecursionError:
+        raise InputError(f"problem {'from stdin' if path == '-' else f'file {path}'} nests lists too deeply") from None
+
+
+def _check_output(output: Optional[str]) -> None:
+    """Refuse an output path that cannot be written, before anything is solved or changed."""
+    if not output:
+        return
+    path = Path(output)
+    if path.is_dir():
+        raise InputError(f"output {output} is a directory; give a file path")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"output {output}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError(f"output {output} is not writable")
+
+
+def _write_output(text: str, output: Optional[str]) -> None:
+    """Write ``text`` to ``output`` atomically (a reader never sees half a file), or print it."""
+    if not output:
+        print(text)
+        return
+    path = Path(output)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _print_loads(result) -> None:
@@ -69,6 +107,7 @@ def _print_loads(result) -> None:
 
 def _solve_cmd(args: argparse.Namespace) -> int:
     try:
+        _check_output(args.output)
         problem = _load_problem(args.problem)
     except InputError as exc:
         return _fail(str(exc))
@@ -81,7 +120,10 @@ def _solve_cmd(args: argparse.Namespace) -> int:
         return _fail(_one_line(exc))
     print(result.summary())
     if args.output:
-        Path(args.output).write_text(result.model_dump_json(indent=2))
+        try:
+            _write_output(result.model_dump_json(indent=2), args.output)
+        except OSError as exc:
+            return _fail(f"cannot write {args.output}: {exc.strerror}")
     if not result.has_solution:
         print(f"alignment-solver: {result.status.value}: {result.explanation}", file=sys.stderr)
         return 1
@@ -114,13 +156,6 @@ def _backends_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write(text: str, output: Optional[str]) -> None:
-    if output:
-        Path(output).write_text(text)
-    else:
-        print(text)
-
-
 def _init_cmd(args: argparse.Namespace) -> int:
     from .coordinator import AlignmentCoordinator, CoordinatorConfig
 
@@ -143,6 +178,7 @@ def _coordinator_cmd(args: argparse.Namespace) -> int:
 
     key = "clients" if args.command == "plan" else "reports"
     try:
+        _check_output(args.output)
         if not Path(args.state).is_file():
             raise InputError(f"state file {args.state} does not exist (create it with: alignment-solver init "
                              f"--state {args.state} --experts E)" if not Path(args.state).exists()
@@ -163,11 +199,15 @@ def _coordinator_cmd(args: argparse.Namespace) -> int:
             else:
                 rnd = args.round if args.round is not None else (coord.pending or {}).get("round", -1)
                 out = coord.observe_round(rnd, payload)
+            _write_output(out.model_dump_json(indent=2), args.output)   # before the save: no state without output
     except InputError as exc:
         return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"cannot write {args.output}: {exc.strerror}; the state file is unchanged")
+    except RecursionError:
+        return _fail(f"{key} input nests too deeply")
     except (AlignmentError, ValidationError, ValueError) as exc:
         return _fail(_one_line(exc, key))
-    _write(out.model_dump_json(indent=2), args.output)
     return 0
 
 
@@ -216,6 +256,17 @@ def _simulate_cmd(args: argparse.Namespace) -> int:
     if "note" in out:
         print(f"alignment-solver: {out['note']}", file=sys.stderr)
     return 0
+
+
+def _seconds(text: str) -> float:
+    """A finite number of seconds >= 0 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0; got {text!r}") from None
+    if not (value >= 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0; got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--deadline", type=float, help="round deadline in seconds")
             cmd.add_argument("--replan", action="store_true",
                              help="replace the plan of a round that is planned and not yet observed")
-        cmd.add_argument("--lock-timeout", dest="lock_timeout", type=float, default=60.0, metavar="S",
+        cmd.add_argument("--lock-timeout", dest="lock_timeout", type=_seconds, default=60.0, metavar="S",
                          help="wait at most S seconds for another process holding the state file (default 60)")
         cmd.add_argument("-o", "--output", help=f"write the {output} JSON here (default: stdout)")
         cmd.set_defaults(func=_coordinator_cmd)

@@ -37,29 +37,29 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from .capacity import CapacityConfig, CapacityProfiler
 from .errors import ReportError, RoundError, StateError, read_text
 from .load_monitor import ExpertLoadMonitor, MonitorConfig, cv
-from .problem import MAX_COUNT, AlignmentProblem
+from .problem import MAX_COUNT, MAX_ROUND, AlignmentProblem
 from .result import AlignmentResult, SolveStatus
 from .rounds import ClientReport, ClientStatus, Label, NonNegative, PlannedClient, RoundPlan, RoundSummary
 from .scoring import FitnessScorer, ScorerConfig
 from .solve import solve
-from .state import MAX_EXPERTS, STATE_VERSION, check_state, locked, write_atomic
+from .state import MAX_EXPERTS, STATE_VERSION, check_state, generation_on_disk, locked, write_atomic
 _REPORTS = TypeAdapter(list[ClientReport])
 
 
 class CoordinatorConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     scorer: ScorerConfig = ScorerConfig()
     monitor: MonitorConfig = MonitorConfig()
     capacity: CapacityConfig = CapacityConfig()
-    tolerance: float = Field(0.1, ge=0, description="load band half-width around the fair share")
+    tolerance: float = Field(0.1, ge=0, le=1e6, description="load band half-width around the fair share")
     switch_penalty: float = Field(0.02, ge=0, description="fitness cost of sending a client a new expert")
     min_experts: int = Field(1, ge=0, description="fewest experts a client with capacity trains")
     soft: bool = Field(True, description="penalised load band, so a round can always go ahead")
     backend: str = "auto"
-    time_limit: Optional[float] = Field(None, gt=0)
+    time_limit: Optional[float] = Field(None, gt=0, le=1e7)
     seed: int = Field(0, ge=0, le=2 ** 30, description="solve seed of round r is seed + r")
-    deadline: Optional[float] = Field(None, gt=0, description="default round deadline in seconds")
+    deadline: Optional[float] = Field(None, gt=0, le=MAX_COUNT, description="default round deadline in seconds")
     fallback: Literal["greedy", "none"] = Field(
         "greedy", description="when the solve finds nothing (e.g. its time limit), plan with the greedy backend")
     expert_memory: Optional[list[NonNegative]] = Field(None, description="(E,) memory of each expert: budget rows")
@@ -95,6 +95,7 @@ class AlignmentCoordinator:
         self._rows: dict[Label, int] = {}
         self.held = np.zeros((0, self.E), dtype=bool)
         self.pending: Optional[dict[str, Any]] = None     # the last plan, until observed
+        self.generation: Optional[int] = None             # of the state file this coordinator loaded or saved
 
     # ---- clients ------------------------------------------------------------------------------
     def _ensure(self, ids: Sequence[Label]) -> np.ndarray:
@@ -144,14 +145,17 @@ class AlignmentCoordinator:
         (a baseline strategy): it receives the round's problem and returns a (C, E) bool
         assignment, reported as FEASIBLE.  Every input is checked before the state changes.
         """
-        if isinstance(round, bool) or not isinstance(round, (int, np.integer)) or not 0 <= round <= MAX_COUNT:
-            raise ValueError(f"round must be an integer in [0, {MAX_COUNT:g}]; got {round!r}")
-        if deadline is not None and not (isinstance(deadline, (int, float)) and np.isfinite(deadline) and deadline > 0):
+        if isinstance(round, bool) or not isinstance(round, (int, np.integer)) or not 0 <= round < MAX_ROUND:
+            raise RoundError(f"round must be an integer in [0, 2**53); got {round!r}")
+        if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
+                                     or not np.isfinite(deadline) or not deadline > 0):
             raise ValueError(f"deadline must be None or a number of seconds > 0; got {deadline!r}")
         self._check_order(int(round), replan)
         statuses = [c if isinstance(c, ClientStatus) else
                     ClientStatus.model_validate(c) if isinstance(c, dict) else ClientStatus(client_id=c)
                     for c in clients]
+        if deadline is not None and deadline > MAX_COUNT:
+            raise ValueError(f"deadline must be at most {MAX_COUNT:g} seconds; got {deadline!r}")
         ids = [s.client_id for s in statuses]
         if len(set(ids)) != len(ids):
             dup = next(i for i in ids if ids.count(i) > 1)
@@ -364,14 +368,29 @@ class AlignmentCoordinator:
     # ---- persistence --------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         rows, experts = np.nonzero(self.held)
-        return {"version": STATE_VERSION, "num_experts": self.E, "config": self.config.model_dump(mode="json"),
+        return {"generation": self.generation or 0, "version": STATE_VERSION, "num_experts": self.E, "config": self.config.model_dump(mode="json"),
                 "client_ids": self.client_ids, "held": [rows.tolist(), experts.tolist()],
                 "scorer": self.scorer.state(), "monitor": self.monitor.state(), "profiler": self.profiler.state(),
                 "pending": self.pending}
 
     def save(self, path: Union[str, Path]) -> None:
-        """Write the whole state as JSON, atomically and under the file's lock."""
-        write_atomic(path, json.dumps(self.state(), allow_nan=False))
+        """Write the whole state as JSON, atomically and under the file's lock.
+
+        The file carries a generation number.  ``save`` refuses (StateError) to overwrite a file
+        that another writer changed since this coordinator loaded or last saved it, or that it
+        never loaded: plain ``load`` ... ``save`` from two processes would otherwise lose one of
+        them silently.  :meth:`session` serialises such writers.
+        """
+        with locked(path):
+            on_disk = generation_on_disk(path)
+            if on_disk is not None and on_disk != self.generation:
+                mine = "it never loaded" if self.generation is None else f"it loaded generation {self.generation}"
+                raise StateError(f"state file {path} is at generation {on_disk}, but {mine}: another writer changed "
+                                 f"it; load it again (AlignmentCoordinator.session serialises writers)")
+            state = self.state()
+            state["generation"] += 1
+            write_atomic(path, json.dumps(state, allow_nan=False))
+            self.generation = state["generation"]
 
     @classmethod
     def from_state(cls, state: Any, *, num_experts: Optional[int] = None) -> "AlignmentCoordinator":
@@ -402,6 +421,7 @@ class AlignmentCoordinator:
         for name, value in checked["profiler"].items():
             setattr(coord.profiler, name, value)
         coord.pending = checked["pending"]
+        coord.generation = checked["generation"]
         return coord
 
     @classmethod
@@ -410,8 +430,10 @@ class AlignmentCoordinator:
         text = read_text(path, "state", StateError)
         try:
             state = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise StateError(f"state file {path} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise StateError(f"state file {path} nests JSON too deeply") from None
+        except ValueError as exc:          # invalid JSON, or an integer too long to read
+            raise StateError(f"state file {path} is not valid JSON: {str(exc)[:200]}") from None
         return cls.from_state(state, num_experts=num_experts)
 
     @classmethod

@@ -27,7 +27,7 @@ from .problem import integer_band
 
 
 class MonitorConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     decay: float = Field(0.8, ge=0, le=1, description="deficit carried into the next round")
     gain: float = Field(0.5, ge=0, description="how much of the deficit is added to the lower bound")

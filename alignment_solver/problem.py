@@ -37,6 +37,8 @@ Label = Union[int, str]
 MAX_MAGNITUDE = 1e15
 #: Largest integer accepted for ``capacity`` and ``min_experts``.
 MAX_COUNT = 10 ** 9
+#: Round numbers and ever-growing counters stay below this (the largest integer JSON readers keep exactly).
+MAX_ROUND = 2 ** 53
 #: Relative slack on a weighted load or budget row, times the row's magnitude (its largest bound or
 #: coefficient): what summation order can change, far below what a plan's smallest term weighs
 #: unless coefficients span more than 1e9 (which ``ill_conditioned`` names).

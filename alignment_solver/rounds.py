@@ -9,13 +9,27 @@ which returns a ``RoundSummary``.  Experts are indices ``0..E-1``.
 
 from __future__ import annotations
 
-from typing import Annotated, Optional, Union
+from typing import Annotated, Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+import numpy as np
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
 
 from .problem import MAX_COUNT, MAX_MAGNITUDE
 
-Label = Union[int, str]
+
+def _label(value: Any) -> Any:
+    """A client label is an integer or a string: booleans (JSON true/false) are refused, numpy
+    integers become ints."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"a client id must be an integer or a string, not a boolean; got {value!r}")
+    if isinstance(value, np.integer):
+        return int(value)
+    if not isinstance(value, (int, str)):
+        raise ValueError(f"a client id must be an integer or a string; got {type(value).__name__}")
+    return value
+
+
+Label = Annotated[Union[int, str], BeforeValidator(_label)]
 NonNegative = Annotated[float, Field(ge=0, le=MAX_MAGNITUDE, allow_inf_nan=False)]
 MAX_BYTES = 10 ** 18
 

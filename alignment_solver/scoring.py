@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class ScorerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     mode: Literal["accuracy", "loss"] = "accuracy"
     alpha: float = Field(1.0, gt=0, description="loss-driven score exp(-alpha * mean loss)")

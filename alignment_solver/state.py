@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import glob
 import os
+import re
 import tempfile
 import threading
 import time
@@ -25,7 +26,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from .errors import StateError, describe
-from .problem import MAX_COUNT
+from .problem import MAX_COUNT, MAX_ROUND
 
 STATE_VERSION = 1
 MAX_EXPERTS = 100_000           # experts a coordinator (or a state file) may declare
@@ -105,6 +106,9 @@ def check_state(state: Any, *, window: int) -> dict[str, Any]:
     """
     if not isinstance(state, dict):
         raise StateError(f"state must be a JSON object; got {describe(state)}")
+    generation = state.get("generation", 0)
+    if isinstance(generation, bool) or not isinstance(generation, int) or not 0 <= generation < MAX_ROUND:
+        raise StateError(f"state field generation must be an integer in [0, 2**53); got {describe(generation)}")
     version = _get(state, "version")
     if version != STATE_VERSION:
         raise StateError(f"state field version must be {STATE_VERSION}; got {describe(version)}")
@@ -121,7 +125,7 @@ def check_state(state: Any, *, window: int) -> dict[str, Any]:
         dup = next(c for c in ids if str(c) in seen or seen.add(str(c)))
         raise StateError(f"state field client_ids must be unique (also as JSON keys); {dup!r} appears twice")
     n = len(ids)
-    out: dict[str, Any] = {"E": E, "client_ids": ids}
+    out: dict[str, Any] = {"E": E, "client_ids": ids, "generation": generation}
 
     held = _get(state, "held")
     if not isinstance(held, list) or len(held) != 2:
@@ -131,13 +135,13 @@ def check_state(state: Any, *, window: int) -> dict[str, Any]:
     out["held_experts"] = _numbers(held[1], "held[1] (experts)", (count,), integer=True, low=0, high=E - 1)
 
     out["Q"] = _numbers(_get(state, "scorer.Q"), "scorer.Q", (n, E), integer=False, low=-MAX_COUNT, high=MAX_COUNT)
-    out["N"] = _numbers(_get(state, "scorer.N"), "scorer.N", (n, E), integer=True, low=0, high=MAX_COUNT)
+    out["N"] = _numbers(_get(state, "scorer.N"), "scorer.N", (n, E), integer=True, low=0, high=MAX_ROUND)
 
     mon: dict[str, Any] = {}
     for name in ("round_clients", "round_samples", "total_clients", "total_samples", "deficit"):
         mon[name] = _numbers(_get(state, f"monitor.{name}"), f"monitor.{name}", (E,), integer=False,
                              low=0, high=1e18)
-    last_round = _integer(_get(state, "monitor.last_round"), "monitor.last_round", -1, MAX_COUNT)
+    last_round = _integer(_get(state, "monitor.last_round"), "monitor.last_round", -1, MAX_ROUND - 1)
     mon["last_round"] = last_round
     mon["last_trained"] = _numbers(_get(state, "monitor.last_trained"), "monitor.last_trained", (E,),
                                    integer=True, low=-1, high=last_round)
@@ -150,9 +154,10 @@ def check_state(state: Any, *, window: int) -> dict[str, Any]:
     for name in ("train", "download", "memory"):
         prof[name] = _numbers(_get(state, f"profiler.{name}"), f"profiler.{name}", (n, window), integer=False,
                               low=0, high=1e15, nullable=True)
-    for name in ("slot", "mem_slot", "limit", "streak", "planned", "finished"):
+    for name in ("slot", "mem_slot", "streak", "planned", "finished"):       # counters: they only grow
         prof[name] = _numbers(_get(state, f"profiler.{name}"), f"profiler.{name}", (n,), integer=True,
-                              low=0, high=MAX_COUNT)
+                              low=0, high=MAX_ROUND)
+    prof["limit"] = _numbers(_get(state, "profiler.limit"), "profiler.limit", (n,), integer=True, low=0, high=MAX_COUNT)
     prof["declared"] = _numbers(_get(state, "profiler.declared"), "profiler.declared", (n,), integer=True,
                                 low=-1, high=MAX_COUNT)
     for name in ("throughput", "bandwidth", "samples"):
@@ -166,7 +171,7 @@ def check_state(state: Any, *, window: int) -> dict[str, Any]:
                 or not set(pending) <= {"round", "deadline", "experts", "probes"}:
             raise StateError("state field pending must be null or an object with keys round, deadline, experts "
                              f"(and optionally probes); got {describe(pending)}")
-        _integer(pending["round"], "pending.round", last_round + 1, MAX_COUNT)
+        _integer(pending["round"], "pending.round", last_round + 1, MAX_ROUND - 1)
         deadline = pending["deadline"]
         if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
                                      or not 0 < deadline < 1e15):
@@ -182,7 +187,7 @@ def _check_rows(table: Any, field: str, n: int, E: int) -> None:
     if not isinstance(table, dict):
         raise StateError(f"state field {field} must be an object; got {describe(table)}")
     for key, planned in table.items():
-        if not (key.isdigit() and int(key) < n and str(int(key)) == key):
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and int(key) < n and str(int(key)) == key):
             raise StateError(f"state field {field} has key {key!r}; keys are client rows 0..{n - 1}")
         arr = _numbers(planned, f"{field}[{key!r}]", (len(planned) if isinstance(planned, list) else -1,),
                        integer=True, low=0, high=E - 1)
@@ -196,7 +201,8 @@ _locks: dict[str, list] = {}       # real path -> [RLock, fd, depth]
 
 
 def _lock_path(path: Path) -> str:
-    return os.path.realpath(f"{path}.lock")
+    """The lock file of the state file ``path`` after symlinks: one lock for a link and its target."""
+    return os.path.realpath(path) + ".lock"
 
 
 @contextlib.contextmanager
@@ -242,13 +248,16 @@ def locked(path: str | os.PathLike, *, timeout: Optional[float] = 60.0) -> Itera
 def write_atomic(path: str | os.PathLike, text: str) -> None:
     """Replace ``path`` by ``text`` so that a reader sees the old or the new file, never a part.
 
-    Runs under :func:`locked`; temporaries of writers killed mid-save are removed first.
+    Runs under :func:`locked`; temporaries of writers of this very file killed mid-save are
+    removed first.  A symbolic link stays a link: its target is written.
     """
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
+    path = Path(os.path.realpath(path))
+    folder = path.parent
     with locked(path):
+        own = re.compile(rf"{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")      # mkstemp's names for this file only
         for stale in folder.glob(f"{glob.escape(path.name)}.*.tmp"):
-            stale.unlink(missing_ok=True)
+            if own.fullmatch(stale.name):
+                stale.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=folder)
         try:
             with os.fdopen(fd, "w") as fh:
@@ -264,3 +273,20 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+_GENERATION = re.compile(rb'\s*\{\s*"generation"\s*:\s*(\d{1,16})\s*[,}]')
+
+
+def generation_on_disk(path: str | os.PathLike) -> Optional[int]:
+    """The ``generation`` a state file starts with (0 for files written before it existed), or
+    None when there is no file.  Reads only its first bytes."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(128)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StateError(f"state file {path} cannot be read: {exc.strerror}") from None
+    m = _GENERATION.match(head)
+    return int(m.group(1)) if m else 0

@@ -52,7 +52,7 @@ MAX_DECLARED_EXPERTS = 10 ** 6
 class AggregationConfig(BaseModel):
     """How accepted replies are combined, and the largest sample count a reply may claim."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     method: Literal["mean", "median", "trimmed_mean"] = Field(
         "mean", description="weighted mean, or coordinate-wise median / trimmed mean (robust, unweighted)")
