@@ -108,3 +108,22 @@ def test_missing_package_is_reported(monkeypatch):
     assert "pulp_cbc" not in available_backends()
     with pytest.raises(BackendUnavailableError, match="no_such_package_xyz"):
         solve(random_problem(5, 2), backend="pulp_cbc")
+
+
+def test_the_pulp_backends_use_no_deprecated_pulp_api():
+    """In-process (the solve itself runs in a worker, out of pytest's sight): PuLP 4.0-style calls only."""
+    import warnings
+
+    pytest.importorskip("pulp")
+    from alignment_solver.backends import get_backend
+    from alignment_solver.backends.base import SolveRequest
+    from alignment_solver.instances import random_problem
+
+    problem = random_problem(20, 4, seed=0, budget=True)
+    for name in ("pulp_cbc", "pulp_highs"):
+        if name not in available_backends():
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            result = get_backend(name).solve(problem, SolveRequest(time_limit=None, seed=0, soft=False, soft_penalty=1.0))
+        assert result.status.value == "optimal", name

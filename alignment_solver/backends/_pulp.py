@@ -39,15 +39,15 @@ def build_pulp(lm: LinearModel):
     import pulp
 
     prob = pulp.LpProblem("alignment", pulp.LpMaximize)
-    x = [pulp.LpVariable(f"x{j}", cat=pulp.LpBinary) for j in range(lm.n)]
+    x = [prob.add_variable(f"x{j}", cat=pulp.LpBinary) for j in range(lm.n)]
     objective = pulp.LpAffineExpression(list(zip(x, lm.obj.tolist())))
     for row in lm.rows():
         f = _pow2(float(np.abs(row.coef).max(initial=0.0)))       # exact rescaling of the row
         coef, lo, hi = row.coef / f, row.lo / f, row.hi / f
         expr = pulp.LpAffineExpression(list(zip((x[j] for j in row.pairs), coef.tolist())))
         if lm.soft and row.kind == "load":
-            short = pulp.LpVariable(f"short{row.index}", lowBound=0)
-            over = pulp.LpVariable(f"over{row.index}", lowBound=0)
+            short = prob.add_variable(f"short{row.index}", lowBound=0)
+            over = prob.add_variable(f"over{row.index}", lowBound=0)
             expr = expr + short - over
             objective = objective - (lm.soft_penalty * f) * (short + over)
         name = f"{row.kind}{row.index}"

@@ -95,7 +95,7 @@ class UnitMap:
             ids = list(range(len(self.groups)))
         if not ids:
             sample = next((k for k in self.keys if "expert" in k.lower()), self.keys[0] if self.keys else None)
-            tried = "expert_of (custom)" if self.custom else f"the patterns {list(EXPERT_PATTERNS)}"
+            tried = "expert_of (custom)" if self.custom else "the patterns " + " and ".join(EXPERT_PATTERNS)
             raise ValueError(
                 f"no parameter key belongs to an expert (e.g. {sample!r} matched none of {tried}); the aligned "
                 f"strategy would silently run plain FedAvg. Keep experts in an nn.ModuleList named 'experts' "
