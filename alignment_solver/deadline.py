@@ -200,11 +200,14 @@ def _start_subprocess(impl: Backend, problem: AlignmentProblem, request: SolveRe
         os.close(task_r)
         os.close(result_w)
     _children.append(proc)
-    with Connection(task_w, readable=False) as task:
-        try:
-            task.send((impl, problem, request, tmpdir))
-        except BrokenPipeError:
-            pass                          # the worker died at start; the caller sees no answer
+
+    def send() -> None:                   # the fresh interpreter reads only once started (about a second):
+        with Connection(task_w, readable=False) as task:          # meanwhile the caller computes its fallback
+            try:
+                task.send((impl, problem, request, tmpdir))
+            except (BrokenPipeError, OSError):
+                pass                      # the worker died or was killed first; the caller sees no answer
+    threading.Thread(target=send, name="alignment-solver-task", daemon=True).start()
     return proc, Connection(result_r, writable=False)
 
 
