@@ -201,10 +201,14 @@ def _start_subprocess(impl: Backend, problem: AlignmentProblem, request: SolveRe
         os.close(result_w)
     _children.append(proc)
 
+    from multiprocessing.reduction import ForkingPickler
+
+    data = ForkingPickler.dumps((impl, problem, request, tmpdir))    # here: the caller's greedy may touch the problem
+
     def send() -> None:                   # the fresh interpreter reads only once started (about a second):
         with Connection(task_w, readable=False) as task:          # meanwhile the caller computes its fallback
             try:
-                task.send((impl, problem, request, tmpdir))
+                task.send_bytes(data)
             except (BrokenPipeError, OSError):
                 pass                      # the worker died or was killed first; the caller sees no answer
     threading.Thread(target=send, name="alignment-solver-task", daemon=True).start()
