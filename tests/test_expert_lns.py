@@ -10,12 +10,15 @@ import numpy as np
 import pytest
 
 from alignment_solver import AlignmentProblem, solve
-from alignment_solver.backends import _expert_lns, _lagrangian, _local
-from alignment_solver.backends.base import SolveRequest
 from alignment_solver.backends.cpsat import CpSatBackend
 from alignment_solver.instances import read_orlib_gap
+from alignment_solver.request import SolveRequest
+from alignment_solver.search import expert_lns, local, prices
+from alignment_solver.search.pipeline import sub_solver
 
 from .oracles import scipy_milp, value, violations
+
+CPSAT = sub_solver(CpSatBackend()._run)     # CP-SAT on sub-problems, as the pipeline passes it
 
 ORLIB = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "orlib-gap"
 
@@ -33,8 +36,8 @@ def _weighted(rng, budget):
 
 
 def _start(problem, penalty, iterations=200):
-    ws = _lagrangian.row_lagrangian(problem, deadline=math.inf, soft_penalty=penalty, max_iterations=iterations)
-    score = _lagrangian.priced(problem, ws.stats["load_prices"], ws.prices)
+    ws = prices.row_lagrangian(problem, deadline=math.inf, soft_penalty=penalty, max_iterations=iterations)
+    score = prices.priced(problem, ws.stats["load_prices"], ws.prices)
     return ws.x, score
 
 
@@ -54,7 +57,7 @@ def test_sub_problem_differs_from_the_full_problem_by_a_constant(soft):
     checked = 0
     for problem, x, _ in _cases(rng, 30, penalty):
         experts = np.sort(rng.choice(problem.n_experts, 2, replace=False))
-        clients, sub = _expert_lns.sub_problem(problem, x, experts)
+        clients, sub = expert_lns.sub_problem(problem, x, experts)
         assert set(clients.tolist()) == set(np.flatnonzero(x[:, experts].any(axis=1)).tolist())
         pick = np.ix_(clients, experts)
         own = x[pick]
@@ -77,7 +80,7 @@ def test_keeps_hard_rows_never_worsens_and_stays_below_the_optimum(soft):
     penalty = 1.5 if soft else None
     gained = 0
     for problem, x, score in _cases(rng, 25, penalty):
-        y, info = _expert_lns.improve(problem, x, deadline=math.inf, seed=0, score=score, soft_penalty=penalty,
+        y, info = expert_lns.improve(problem, x, CPSAT, deadline=math.inf, seed=0, score=score, soft_penalty=penalty,
                                       max_steps=40, step_limit=30.0)
         assert info["steps"] <= 40
         assert violations(problem, y, soft=soft) == []
@@ -93,13 +96,13 @@ def test_is_deterministic_per_seed_and_stops_at_the_bound():
     problem = read_orlib_gap(ORLIB / "d10100.txt", "min")
     x, score = _start(problem, None, iterations=2000)
     assert x is not None
-    x = _local.improve(problem, x, deadline=math.inf)
-    runs = [_expert_lns.improve(problem, x, deadline=math.inf, seed=4, score=score, max_steps=20, step_limit=30.0)
+    x = local.improve(problem, x, deadline=math.inf)
+    runs = [expert_lns.improve(problem, x, CPSAT, deadline=math.inf, seed=4, score=score, max_steps=20, step_limit=30.0)
             for _ in range(2)]
     assert np.array_equal(runs[0][0], runs[1][0])
     assert runs[0][1]["improved"] >= 1
     reached = value(problem, runs[0][0])
-    _, info = _expert_lns.improve(problem, runs[0][0], deadline=math.inf, seed=4, score=score,
+    _, info = expert_lns.improve(problem, runs[0][0], CPSAT, deadline=math.inf, seed=4, score=score,
                                   bound=reached, max_steps=20)
     assert info["steps"] == 0
 
@@ -125,11 +128,11 @@ def test_experts_come_from_the_free_mask_and_a_round_shares_no_expert_and_no_cli
     for problem, x, score in _cases(rng, 20, None):
         free = rng.random(problem.n_experts) < 0.6
         for k in (1, 2, 4):
-            experts = _expert_lns._experts(x, score, k, rng, free)
+            experts = expert_lns._experts(x, score, k, rng, free)
             assert len(experts) == min(k, int(free.sum()))
             assert free[experts].all() and np.array_equal(experts, np.unique(experts))
         for n in (1, 2, 3):
-            steps = _expert_lns._round(problem, x, score, 2, rng, n)
+            steps = expert_lns._round(problem, x, score, 2, rng, n)
             assert 1 <= len(steps) <= n
             seen_clients, seen_experts = set(), set()
             for clients, experts, sub in steps:
@@ -143,5 +146,5 @@ def test_experts_come_from_the_free_mask_and_a_round_shares_no_expert_and_no_cli
     problem = read_orlib_gap(ORLIB / "d10100.txt", "min")          # one expert per client: rounds of two
     x, score = _start(problem, None, iterations=2000)
     for k in (2, 3, 5):
-        (c1, e1, _), (c2, e2, _) = _expert_lns._round(problem, x, score, k, rng, 2)
+        (c1, e1, _), (c2, e2, _) = expert_lns._round(problem, x, score, k, rng, 2)
         assert len(e1) == len(e2) == k and set(c1.tolist()).isdisjoint(c2.tolist())

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from alignment_solver import AlignmentProblem, solve
-from alignment_solver.backends import _knapsack, _lagrangian
+from alignment_solver.backends.flow import FlowBackend
 from alignment_solver.instances import random_problem
+from alignment_solver.search import knapsack, prices
 
 from .oracles import scipy_milp, value, violations
 
@@ -38,7 +39,7 @@ def test_best_sets_match_enumeration(seed):
     cap = rng.integers(1, 4, C)
     low = rng.integers(0, 2, C).clip(max=cap)
     B = rng.integers(0, 10, C)
-    best, x = _knapsack.best_sets(v, u, B, low, cap)
+    best, x = knapsack.best_sets(v, u, B, low, cap)
     want = _enumerated(v, u, B, low, cap)
     np.testing.assert_allclose(best, want)
     ok = np.isfinite(want)
@@ -66,7 +67,7 @@ def test_the_bound_is_never_below_the_milp_optimum(soft):
     checked = 0
     while checked < 25:
         problem = _budgeted(rng)
-        prices = _knapsack.band_prices(problem, deadline=math.inf, soft_penalty=penalty, max_iterations=60)
+        prices = knapsack.band_prices(problem, deadline=math.inf, soft_penalty=penalty, max_iterations=60)
         if prices is None:                       # a client with no set that fits: nothing to bound
             continue
         optimum = scipy_milp(problem, soft_penalty=penalty)
@@ -79,8 +80,8 @@ def test_non_integer_usage_without_a_small_denominator_is_left_to_the_budget_pri
     problem = random_problem(30, 4, seed=0, budget=True)
     odd = AlignmentProblem(fitness=problem.fitness, capacity=problem.capacity, usage=problem.usage * math.pi,
                            budget=problem.budget * math.pi)
-    assert _knapsack.integer_budget(problem) is not None
-    assert _knapsack.integer_budget(odd) is None and _knapsack.band_prices(odd, deadline=math.inf) is None
+    assert knapsack.integer_budget(problem) is not None
+    assert knapsack.integer_budget(odd) is None and knapsack.band_prices(odd, deadline=math.inf) is None
 
 
 def test_where_budgets_bind_the_bound_is_well_below_the_lp_and_the_plan_near_it():
@@ -89,7 +90,7 @@ def test_where_budgets_bind_the_bound_is_well_below_the_lp_and_the_plan_near_it(
     from .test_conformance import _lp_bound
 
     problem = random_problem(1000, 32, seed=1, budget=True)
-    ws = _lagrangian.lagrangian(problem, deadline=math.inf, seed=0)
+    ws = prices.lagrangian(problem, FlowBackend().solve, deadline=math.inf, seed=0)
     lp = _lp_bound(problem)
     assert ws.stats["method"] == "band prices"
     assert violations(problem, ws.x) == []
@@ -120,32 +121,32 @@ def test_candidate_columns_give_the_full_programmes_optimum(seed):
     cap = rng.integers(1, 4, C)
     low = rng.integers(0, 2, C).clip(max=cap)
     B = rng.integers(0, 9, C)
-    sets = _knapsack.Knapsacks(u, B, low, cap)
+    sets = knapsack.Knapsacks(u, B, low, cap)
     assert sets.columns < E
     best, x = sets.best(v)
-    want, _ = _knapsack._programme(v, u, B, low, cap)
+    want, _ = knapsack._programme(v, u, B, low, cap)
     np.testing.assert_allclose(best, want)
     ok = np.isfinite(want)
     count, spend = x.sum(axis=1), (u * x).sum(axis=1)
     assert np.all((count[ok] >= low[ok]) & (count[ok] <= cap[ok]) & (spend[ok] <= B[ok]))
     np.testing.assert_allclose(np.where(x, v, 0.0).sum(axis=1)[ok], want[ok])
     shift = rng.normal(0.0, 0.3, E)
-    np.testing.assert_allclose(sets.best(v, shift)[0], _knapsack._programme(v - shift, u, B, low, cap)[0])
+    np.testing.assert_allclose(sets.best(v, shift)[0], knapsack._programme(v - shift, u, B, low, cap)[0])
 
 
 def test_prices_searched_on_a_sample_keep_the_bound_valid_and_the_answer_deterministic(monkeypatch):
     """Above SAMPLE_CLIENTS clients the search starts on a sample; bounds come from every client."""
-    monkeypatch.setattr(_knapsack, "SAMPLE_CLIENTS", 60)
+    monkeypatch.setattr(knapsack, "SAMPLE_CLIENTS", 60)
     rng = np.random.default_rng(11)
     checked = 0
     while checked < 8:
         problem = _budgeted(rng)
         if problem.n_clients <= 60:
             problem = random_problem(int(rng.integers(80, 140)), int(rng.integers(3, 7)), seed=checked, budget=True)
-        first = _knapsack.band_prices(problem, deadline=math.inf, max_iterations=40, seed=3)
+        first = knapsack.band_prices(problem, deadline=math.inf, max_iterations=40, seed=3)
         if first is None:
             continue
-        again = _knapsack.band_prices(problem, deadline=math.inf, max_iterations=40, seed=3)
+        again = knapsack.band_prices(problem, deadline=math.inf, max_iterations=40, seed=3)
         assert first.stats["sample"]["clients"] == 60
         assert again.bound == first.bound
         assert all(np.array_equal(a[1], b[1]) for a, b in zip(first.references, again.references))

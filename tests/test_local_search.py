@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from alignment_solver import AlignmentProblem, solve
-from alignment_solver.backends import _lagrangian, _local, _submip
+from alignment_solver.backends.cpsat import _cbc_solve as CBC
+from alignment_solver.backends.flow import FlowBackend
 from alignment_solver.instances import random_problem
+from alignment_solver.search import local, prices, submip
 
 from .oracles import scipy_milp, value, violations
 
@@ -48,11 +50,11 @@ def test_polished_plans_keep_every_hard_row_and_never_get_worse(weighted, soft):
         start = solve(problem, backend="greedy", soft=soft, **({"soft_penalty": penalty} if soft else {}))
         if not start.has_solution:
             continue
-        x = _local.improve(problem, start.assignment, deadline=math.inf, soft_penalty=penalty)
+        x = local.improve(problem, start.assignment, deadline=math.inf, soft_penalty=penalty)
         assert violations(problem, x, soft=soft) == []
         assert value(problem, x, penalty) >= value(problem, start.assignment, penalty) - 1e-9
         improved += value(problem, x, penalty) > value(problem, start.assignment, penalty) + 1e-9
-        assert np.array_equal(x, _local.improve(problem, start.assignment, deadline=math.inf, soft_penalty=penalty))
+        assert np.array_equal(x, local.improve(problem, start.assignment, deadline=math.inf, soft_penalty=penalty))
         if checked % 10 == 0:
             optimum = scipy_milp(problem, soft_penalty=penalty)
             assert optimum is not None and value(problem, x, penalty) <= optimum + 1e-6
@@ -66,8 +68,8 @@ def test_polishing_the_slot_plan_closes_most_of_its_gap_to_the_lp():
     from .test_conformance import _lp_bound
 
     problem = random_problem(1000, 32, seed=0, budget=True)
-    ws = _lagrangian._flow_lagrangian(problem, deadline=math.inf, seed=0, max_iterations=30, soft_penalty=None)
-    x = _local.improve(problem, ws.x, deadline=math.inf)
+    ws = prices._flow_lagrangian(problem, FlowBackend().solve, deadline=math.inf, seed=0, max_iterations=30, soft_penalty=None)
+    x = local.improve(problem, ws.x, deadline=math.inf)
     lp = _lp_bound(problem)
     assert violations(problem, x) == []
     assert value(problem, x) > ws.value
@@ -87,7 +89,7 @@ def test_sub_mip_freeing_every_client_reaches_the_milp_optimum(soft):
         start = solve(problem, backend="greedy", soft=soft, **({"soft_penalty": penalty} if soft else {}))
         if not start.has_solution:
             continue
-        x, info = _submip.improve(problem, start.assignment, deadline=math.inf, seed=0, soft_penalty=penalty,
+        x, info = submip.improve(problem, start.assignment, CBC, deadline=math.inf, seed=0, soft_penalty=penalty,
                                   max_steps=1, step_limit=120)
         optimum = scipy_milp(problem, soft_penalty=penalty)
         assert violations(problem, x, soft=soft) == []
@@ -97,18 +99,18 @@ def test_sub_mip_freeing_every_client_reaches_the_milp_optimum(soft):
 
 def test_sub_mip_improves_a_budgeted_plan_without_breaking_a_row():
     problem = random_problem(600, 12, seed=11, budget=True)
-    ws = _lagrangian._flow_lagrangian(problem, deadline=math.inf, seed=0, max_iterations=30, soft_penalty=None)
-    start = _local.improve(problem, ws.x, deadline=math.inf)
+    ws = prices._flow_lagrangian(problem, FlowBackend().solve, deadline=math.inf, seed=0, max_iterations=30, soft_penalty=None)
+    start = local.improve(problem, ws.x, deadline=math.inf)
     seen = []
-    x, info = _submip.improve(problem, start, deadline=math.inf, seed=3, report=seen.append, max_steps=4,
+    x, info = submip.improve(problem, start, CBC, deadline=math.inf, seed=3, report=seen.append, max_steps=4,
                               step_limit=120)
     assert violations(problem, x) == []
     assert value(problem, x) > value(problem, start) + 1e-6
     assert info["improved"] == len(seen) >= 1 and np.array_equal(seen[-1], x)
-    again, _ = _submip.improve(problem, start, deadline=math.inf, seed=3, max_steps=4, step_limit=120)
+    again, _ = submip.improve(problem, start, CBC, deadline=math.inf, seed=3, max_steps=4, step_limit=120)
     assert np.array_equal(again, x)
     with pytest.raises(ValueError, match="budgeted count-load"):
-        _submip.improve(random_problem(20, 3, seed=0), np.zeros((20, 3), bool), deadline=math.inf, seed=0)
+        submip.improve(random_problem(20, 3, seed=0), np.zeros((20, 3), bool), CBC, deadline=math.inf, seed=0)
 
 
 def test_cpsat_without_pulp_skips_the_sub_mip_and_still_returns_its_plan():

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from alignment_solver import AlignmentProblem
-from alignment_solver.backends import _knapsack, _lagrangian, _rebalance
 from alignment_solver.instances import random_problem
+from alignment_solver.search import knapsack, rebalance
+from alignment_solver.search.values import plan_value
 
 from .oracles import scipy_milp, value, violations
 
@@ -32,15 +33,15 @@ def test_keeps_client_rows_never_worsens_and_mends_the_band(soft):
                                    expert_min_load=math.floor(0.8 * fair), expert_max_load=math.ceil(1.2 * fair),
                                    usage=rng.choice([1.0, 2.0, 3.0], size=E), budget=rng.integers(2, 8, C).astype(float),
                                    allowed=rng.random((C, E)) < 0.9)
-        ints = _knapsack.integer_budget(problem)
+        ints = knapsack.integer_budget(problem)
         G = np.where(problem.allowed_matrix, problem.objective_matrix, -np.inf)
-        best, start = _knapsack.best_sets(G, *ints, problem.min_experts_array, problem.capacity_array)
+        best, start = knapsack.best_sets(G, *ints, problem.min_experts_array, problem.capacity_array)
         if not np.all(np.isfinite(best)):
             continue
-        x = _rebalance.rebalance(problem, start, soft_penalty=penalty)
+        x = rebalance.rebalance(problem, start, soft_penalty=penalty)
         assert _client_rows_kept(problem, x) == []
-        before = _lagrangian.plan_value(problem, start, penalty)
-        after = _lagrangian.plan_value(problem, x, penalty)
+        before = plan_value(problem, start, penalty)
+        after = plan_value(problem, x, penalty)
         assert after >= before
         if np.isfinite(after):
             if not soft:
@@ -63,16 +64,16 @@ def test_mends_a_large_round_from_band_prices_close_to_their_bound():
     problem = AlignmentProblem(fitness=base.fitness, capacity=base.capacity, min_experts=1,
                                expert_min_load=math.floor(0.9 * fair), expert_max_load=math.ceil(1.1 * fair),
                                usage=np.full(32, 2.0), budget=2.0 * affordable)
-    prices = _knapsack.band_prices(problem, deadline=math.inf, max_iterations=30)
+    prices = knapsack.band_prices(problem, deadline=math.inf, max_iterations=30)
     _, reference = min(prices.references, key=lambda r: r[0])
     assert violations(problem, reference) != []
-    x = _rebalance.rebalance(problem, reference)
+    x = rebalance.rebalance(problem, reference)
     assert violations(problem, x) == []
     assert (prices.bound - value(problem, x)) / prices.bound < 0.005
 
 
 def test_is_deterministic():
     problem = random_problem(3000, 16, seed=2, budget=True)
-    prices = _knapsack.band_prices(problem, deadline=math.inf, max_iterations=10)
+    prices = knapsack.band_prices(problem, deadline=math.inf, max_iterations=10)
     _, reference = min(prices.references, key=lambda r: r[0])
-    assert np.array_equal(_rebalance.rebalance(problem, reference), _rebalance.rebalance(problem, reference))
+    assert np.array_equal(rebalance.rebalance(problem, reference), rebalance.rebalance(problem, reference))

@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
-
-import numpy as np
+from typing import Any, Optional
 
 from ..problem import AlignmentProblem
+from ..request import SolveRequest
 from ..result import AlignmentResult
-
-
-@dataclass(frozen=True)
-class SolveRequest:
-    """Options common to every backend, already validated by :func:`~alignment_solver.solve`."""
-
-    time_limit: Optional[float]
-    seed: int
-    soft: bool
-    soft_penalty: float              # price per unit of band violation (also used in hard mode)
-    options: dict[str, Any] = field(default_factory=dict)  # backend-specific, validated
-    deadline: Optional[float] = None  # time.perf_counter() by which the backend should have returned
-    #: called with each improving feasible assignment found before the end, and a valid upper
-    #: bound (or None); the caller keeps the last one in case the backend is stopped.
-    report: Optional[Callable[[np.ndarray, Optional[float]], None]] = None
 
 
 class Backend:

@@ -11,31 +11,10 @@ units.  Workers: 1 by default (deterministic without a time limit, or when optim
 proven before it), ``LIMITED_WORKERS`` under a time limit (not deterministic);
 ``stats["deterministic"]`` says which.
 
-Warm starts (:mod:`._lagrangian`; ``warm_start="none"`` turns them off, ``"lagrangian"`` forces
-one), whose bound is reported as ``bound`` and whose plan is the hint and the answer of last resort:
-
-- ``flow``: budgeted count-load problems (hard or soft band) with at least ``WARM_ARCS``
-  allowed pairs, or ``WARM_ARCS_LIMITED`` under a time limit (CP-SAT alone finds nothing in a
-  minute at 10,000 x 64).  Band prices over exact client knapsacks (:mod:`._knapsack`, where
-  usage has a small common denominator and the table fits; the band repair of :mod:`._rebalance`
-  or else the slot flow turns the clients' sets into the plan), else budget prices with each
-  relaxed answer exact by min-cost flow; the slot flow around the relaxed answer is the plan.
-- ``rows``: every other problem under a time limit from ``ROW_ARCS`` allowed pairs (weighted
-  loads, OR-Library GAP).  Prices on load and budget rows, one independent choice per client,
-  the greedy repair of the relaxed answer as the plan.  After the local search, CP-SAT probes the
-  full model (up to ``PROBE_ARCS`` pairs, until ``PROBE_SHARE`` of the limit) and its answer is
-  returned when proven optimal; else the expert-subset search of :mod:`._expert_lns` improves the
-  better plan until ``POLISH_SHARE`` of the limit is left, and the local search polishes it.
-
-The warm start takes ``BAND_SHARE`` (band prices), ``WARM_SHARE`` (budget prices) or
-``ROW_SHARE`` of the time limit; the local search of :mod:`._local` then polishes its plan
-(until no move gains, or ``LOCAL_SHARE`` of the limit).  After a ``flow`` warm start under a
-time limit, the sub-MIP search of :mod:`._submip` (CBC, option ``sub_mip``) goes on until
-``LOCAL_SHARE`` of the limit; CP-SAT then searches the rest but ``POLISH_SHARE`` from that plan:
-every pair (``rows`` without a time limit, up to ``FULL_MODEL_ARCS``) or each client's best
-``candidates`` pairs by priced fitness plus the plan's own; the local search polishes a FEASIBLE
-answer in what is left.  Without a time limit the polished plan is returned as it is
-(deterministic), FEASIBLE unless the bound closes the gap.
+Problems with budgets or weighted loads at scale, or under a time limit, go through the search
+of :mod:`alignment_solver.search.pipeline` (warm starts, local search, sub-MIP, expert-subset
+search), which calls back into this backend for every CP-SAT model (``warm_start="none"`` turns
+it off, ``"lagrangian"`` forces it).
 """
 
 from __future__ import annotations
@@ -43,34 +22,19 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any, Optional
 
 import numpy as np
 
 from ..formulations.milp import LinearModel
+from ..numeric import common_denominator
 from ..problem import AlignmentProblem
 from ..result import OPTIMAL_GAP, AlignmentResult, SolveStatus
-from . import _expert_lns, _knapsack, _lagrangian, _local, _submip
+from ..search import pipeline
 from .base import Backend, SolveRequest
 
-MAX_DENOMINATOR = 10 ** 6   # rows are exact when all their numbers share a denominator up to this
-MAX_FRACTIONS = 4096        # distinct fractional values examined per row before giving up on exactness
 MAX_ACTIVITY = 2.0 ** 50    # largest integer row activity handed to CP-SAT
 MAX_OBJECTIVE = 2.0 ** 56   # largest integer objective activity handed to CP-SAT
-WARM_ARCS = 50_000
-WARM_ARCS_LIMITED = 10_000  # under a time limit (measured: 1,000 x 32 budgeted, 2 s: no plan alone, 1.2 % below LP warm)
-WARM_SHARE = 0.3        # share of the time limit the flow warm start may use (budget prices)
-BAND_SHARE = 0.5        # the same with band prices (measured on budgeted 5,000 x 64 seeds 1-4, 10,000 x 64 seeds 1-2)
-ROW_ARCS = 1_000        # the row warm start runs under a time limit from this many allowed pairs (d10100, e10100: beat plain CP-SAT)
-ROW_SHARE = 0.5         # share of the time limit the row warm start may use
-ROW_ITERATIONS = 2000   # its subgradient steps at most (the only limit without a time limit)
-FULL_MODEL_ARCS = 200_000   # up to here CP-SAT searches every pair after a row warm start, else candidates
-LOCAL_SHARE = 0.85      # the local search on the warm start's plan may run until this share of the limit
-POLISH_SHARE = 0.05      # the share of the limit kept to polish CP-SAT's answer by the local search
-PROBE_ARCS = 60_000     # after a row warm start, CP-SAT probes the full model up to this many pairs
-PROBE_SHARE = 0.25      # until this share of the limit (measured on OR-Library d20100 ... e801600, 30 s)
-MIN_SEARCH = 0.3        # seconds CP-SAT needs at least to be worth starting after a warm start
 LIMITED_WORKERS = 4     # CP-SAT workers under a time limit (measured best of 1-16 on OR-Library d20100)
 
 
@@ -110,154 +74,12 @@ class CpSatBackend(Backend):
         limit = request.time_limit
         if limit is None and request.deadline is not None:
             limit = request.deadline - t0
-        kind = self._warm_kind(problem, request, limit is not None)
+        kind = pipeline.warm_kind(problem, request, limit is not None)
         if kind is None:
             lm = LinearModel.from_problem(problem, request.soft_penalty if request.soft else None)
             return self._run(problem, lm, request, t0, request.options.get("hint"), request.time_limit)
-        share = ROW_SHARE if kind == "rows" else BAND_SHARE if _knapsack.integer_budget(problem) is not None \
-            else WARM_SHARE
-        deadline = t0 + share * limit if limit is not None else np.inf
-        if request.deadline is not None:
-            deadline = min(deadline, request.deadline)
-        penalty = request.soft_penalty if request.soft else None
-        if kind == "flow":
-            ws = _lagrangian.lagrangian(problem, deadline=deadline, seed=request.seed, soft_penalty=penalty,
-                                        primal_deadline=np.inf if request.deadline is None else request.deadline)
-            ranking = problem.objective_matrix - ws.prices[:, None] * problem.usage_matrix
-        else:
-            ws = _lagrangian.row_lagrangian(problem, deadline=deadline, soft_penalty=penalty,
-                                            max_iterations=ROW_ITERATIONS, primal_deadline=request.deadline)
-            ranking = _lagrangian.priced(problem, ws.stats["load_prices"], ws.prices)
-        stats = {"warm_start": {"kind": kind, "bound": ws.bound, "value": ws.value,
-                                **{k: v for k, v in ws.stats.items() if k != "load_prices"}}}
-        if ws.x is not None:
-            until = t0 + LOCAL_SHARE * limit if limit is not None else np.inf
-            ws.x, ws.value, stats["local_search"] = self._polish(problem, ws.x, penalty, until, request.deadline)
-        bound = float(ws.bound) if np.isfinite(ws.bound) else None
-        if request.report is not None and ws.x is not None:
-            request.report(ws.x, bound)
-        if ws.x is not None and kind == "flow" and limit is not None and request.options.get("sub_mip", True):
-            if _submip.available():
-                end = until if request.deadline is None else min(until, request.deadline)
-                report = None if request.report is None else (lambda y: request.report(y, bound))
-                ws.x, stats["sub_mip"] = _submip.improve(problem, ws.x, deadline=end, seed=request.seed,
-                                                         soft_penalty=penalty, report=report)
-                ws.value = _lagrangian.plan_value(problem, ws.x, penalty)
-            else:
-                stats["sub_mip"] = {"skipped": "PuLP is not installed (pip install 'alignment-solver[pulp]')"}
-        if kind == "rows" and limit is not None and ws.x is not None:
-            return self._rows_search(problem, request, ws, ranking, stats, t0, limit)
-        remaining = None if limit is None else limit - (time.perf_counter() - t0)
-        hint = ws.x if ws.x is not None else ws.reference
-        if remaining is not None and remaining > MIN_SEARCH:
-            arcs = int(problem.allowed_matrix.sum())
-            full = ws.x is None or arcs <= FULL_MODEL_ARCS
-            mask = None
-            if not full:
-                m = min(request.options.get("candidates", 8), problem.n_experts)
-                top = np.argpartition(-np.where(problem.allowed_matrix, ranking, -np.inf), m - 1, axis=1)[:, :m]
-                mask = ws.x.copy()
-                np.put_along_axis(mask, top, True, axis=1)
-            lm = LinearModel.from_problem(problem, penalty, mask=mask)
-            result = self._run(problem, lm, request, t0, hint, remaining - POLISH_SHARE * limit)
-            if result.has_solution and result.status is SolveStatus.FEASIBLE:
-                started = time.perf_counter()
-                x, _, info = self._polish(problem, result.assignment, penalty, t0 + limit, request.deadline)
-                if info["gain"] > 0:
-                    result = AlignmentResult(problem, SolveStatus.FEASIBLE, self.name, assignment=x, bound=result.bound,
-                                             solve_seconds=result.solve_seconds + time.perf_counter() - started,
-                                             build_seconds=result.build_seconds, soft=result.soft,
-                                             soft_penalty=result.soft_penalty, stats={**result.stats, "polished": info})
-            if result.has_solution and result.objective >= ws.value:
-                result.stats.update(stats, restricted_to=None if full else int(mask.sum()))
-                return self._bounded(result, ws.bound, full)
-            if ws.x is None:
-                result.stats.update(stats)
-                return self._bounded(result, ws.bound, full) if result.has_solution else result
-        if ws.x is None:
-            return AlignmentResult(problem, SolveStatus.NO_SOLUTION_FOUND, self.name,
-                                   solve_seconds=time.perf_counter() - t0,
-                                   explanation="the Lagrangian warm start found no assignment that fits every hard row",
-                                   stats=stats)
-        result = AlignmentResult(problem, SolveStatus.FEASIBLE, self.name, assignment=ws.x,
-                                 solve_seconds=time.perf_counter() - t0, soft=request.soft, soft_penalty=penalty,
-                                 stats={**stats, "deterministic": limit is None, "source": "warm start"})
-        return self._bounded(result, ws.bound, False)
-
-    def _rows_search(self, problem: AlignmentProblem, request: SolveRequest, ws: _lagrangian.WarmStart,
-                     ranking: np.ndarray, stats: dict, t0: float, limit: float) -> AlignmentResult:
-        """After a row warm start under a time limit: a CP-SAT probe on the full model (up to
-        ``PROBE_ARCS`` pairs, until ``PROBE_SHARE`` of the limit), returned when it proves its plan
-        optimal; else the expert-subset search of :mod:`._expert_lns` from the better plan, and the
-        local search in the last ``POLISH_SHARE``."""
-        penalty = request.soft_penalty if request.soft else None
-        x, value, bound = ws.x, ws.value, ws.bound
-        probe_time = PROBE_SHARE * limit - (time.perf_counter() - t0)
-        if int(problem.allowed_matrix.sum()) <= PROBE_ARCS and probe_time > MIN_SEARCH:
-            probe = self._run(problem, LinearModel.from_problem(problem, penalty), request, time.perf_counter(),
-                              ws.x, probe_time)
-            stats["probe"] = {"status": probe.status.value, "objective": probe.objective, "bound": probe.bound}
-            if probe.has_solution:
-                probe = self._bounded(probe, ws.bound, True)
-                if probe.status is SolveStatus.OPTIMAL and probe.objective >= ws.value:
-                    probe.stats.update(stats)
-                    return probe
-                bound = probe.bound
-                if probe.objective > value:
-                    x, value = probe.assignment, probe.objective
-        end = t0 + (1 - POLISH_SHARE) * limit
-        if request.deadline is not None:
-            end = min(end, request.deadline)
-        reported = float(bound) if np.isfinite(bound) else None
-        report = None if request.report is None else (lambda y: request.report(y, reported))
-        x, stats["expert_search"] = _expert_lns.improve(problem, x, deadline=end, seed=request.seed, score=ranking,
-                                                        soft_penalty=penalty, bound=bound, report=report)
-        x, _, stats["polished"] = self._polish(problem, x, penalty, t0 + limit, request.deadline)
-        result = AlignmentResult(problem, SolveStatus.FEASIBLE, self.name, assignment=x,
-                                 solve_seconds=time.perf_counter() - t0, soft=request.soft, soft_penalty=penalty,
-                                 stats={**stats, "deterministic": False, "source": "expert search"})
-        return self._bounded(result, bound, False)
-
-    @staticmethod
-    def _polish(problem: AlignmentProblem, x: np.ndarray, penalty: Optional[float], until: float,
-                deadline: Optional[float]) -> tuple[np.ndarray, float, dict]:
-        """The plan after the local search until ``until`` (or ``deadline``), its value, and
-        ``{"gain", "seconds"}``; the gain is NaN when ``x`` breaks a hard row."""
-        started = time.perf_counter()
-        better = _local.improve(problem, x, deadline=until if deadline is None else min(until, deadline),
-                                soft_penalty=penalty)
-        value = _lagrangian.plan_value(problem, better, penalty)
-        with np.errstate(invalid="ignore"):
-            gain = value - _lagrangian.plan_value(problem, x, penalty)
-        return better, value, {"gain": gain, "seconds": time.perf_counter() - started}
-
-    @staticmethod
-    def _warm_kind(problem: AlignmentProblem, request: SolveRequest, limited: bool) -> Optional[str]:
-        """Which warm start runs: "flow" (budgets on count loads), "rows" (anything else, under a
-        time limit or when asked for) or None (always None with per-group rows)."""
-        mode = request.options.get("warm_start", "auto")
-        if mode == "none" or problem.has_groups:     # the warm starts know no per-group rows
-            return None
-        arcs = int(problem.allowed_matrix.sum())
-        if _lagrangian.applies(problem):
-            if mode == "lagrangian" or arcs >= (WARM_ARCS_LIMITED if limited else WARM_ARCS):
-                return "flow"
-            return None
-        if mode == "lagrangian" or (limited and arcs >= ROW_ARCS):
-            return "rows"
-        return None
-
-    @staticmethod
-    def _bounded(result: AlignmentResult, bound: float, full: bool) -> AlignmentResult:
-        """Attach the Lagrangian bound (valid for the full problem) and promote a closed gap; an
-        OPTIMAL from a restricted model (``full`` False) is optimal only for its pairs."""
-        own = result.bound if full and result.bound is not None else np.inf
-        result.bound = max(min(float(bound), own), result.objective)
-        if result.gap is not None and result.gap <= 1e-9:
-            result.status = SolveStatus.OPTIMAL
-        elif result.status is SolveStatus.OPTIMAL and not full:
-            result.status = SolveStatus.FEASIBLE
-        return result
+        solvers = pipeline.Solvers(model=self._run, flow=_flow_solve, mip=_cbc_solve)
+        return pipeline.search(problem, request, kind, solvers, t0=t0, limit=limit, name=self.name)
 
     def _run(self, problem: AlignmentProblem, lm: LinearModel, request: SolveRequest, t0: float,
              hint: Optional[np.ndarray], time_limit: Optional[float]) -> AlignmentResult:
@@ -361,23 +183,6 @@ class IntegerRow:
     exact: bool
 
 
-def _denominator(values: np.ndarray, limit: int = MAX_DENOMINATOR) -> Optional[int]:
-    """Smallest common denominator ``q <= limit`` making every value an integer, or None."""
-    q = 1
-    frac = values[values != np.round(values)]
-    uniq = np.unique(frac)
-    if len(uniq) > MAX_FRACTIONS:
-        return None
-    for v in uniq:
-        f = Fraction(float(v)).limit_denominator(limit)
-        if abs(float(f) - v) > 1e-12 * max(1.0, abs(v)):
-            return None
-        q = q * f.denominator // math.gcd(q, f.denominator)
-        if q > limit:
-            return None
-    return q
-
-
 def _pow2_scale(limit: float, activity: float) -> float:
     """Largest power of two (at most 2**900) that keeps ``activity * scale <= limit``; 1 for no activity."""
     if activity <= 0:
@@ -389,7 +194,7 @@ def integer_row(coef: np.ndarray, lo: float, hi: float) -> IntegerRow:
     """The row ``lo <= coef . x <= hi`` (x in {0,1}) with integer coefficients (see IntegerRow)."""
     coef = np.asarray(coef, dtype=float)
     bounds = np.array([b for b in (lo, hi) if np.isfinite(b)])
-    q = _denominator(np.concatenate([coef, bounds]))
+    q = common_denominator(np.concatenate([coef, bounds]))
     activity = float(np.abs(coef).sum()) + float(np.abs(bounds).sum())
     if q is not None and activity * q <= MAX_ACTIVITY:
         ic = np.rint(coef * q).astype(np.int64)
@@ -425,3 +230,15 @@ class IntegerObjective:
 
     def to_original(self, value: float) -> float:
         return float(value) / self.scale
+
+
+def _flow_solve(problem: AlignmentProblem, request: SolveRequest) -> AlignmentResult:
+    from .flow import FlowBackend
+
+    return FlowBackend().solve(problem, request)
+
+
+def _cbc_solve(problem: AlignmentProblem, request: SolveRequest) -> AlignmentResult:
+    from .pulp_cbc import PulpCbcBackend  # imported only when a step runs (PuLP takes a moment)
+
+    return PulpCbcBackend().solve(problem, request)

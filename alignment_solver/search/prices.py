@@ -1,6 +1,6 @@
 """Lagrangian warm starts (used by ``cpsat`` at scale and under time limits).
 
-:func:`lagrangian`, for budgeted count-load problems: first the band prices of :mod:`._knapsack`
+:func:`lagrangian`, for budgeted count-load problems: first the band prices of :mod:`.knapsack`
 where they apply (a tighter bound; their clients' sets are the slot references), else:
 
 Folding the budget rows into the costs with prices ``lam[c] >= 0`` leaves a count-load problem
@@ -35,12 +35,12 @@ import numpy as np
 from ..formulations.flow import count_band, penalty_for
 from ..formulations.slots import chain_arcs, choose_slots, cover_demand, levels_of
 from ..problem import AlignmentProblem
+from ..request import Solver, SolveRequest
 from ..result import SolveStatus
-from . import _knapsack, _rebalance
-from .base import SolveRequest
-from .flow import FlowBackend
+from . import knapsack, rebalance
+from .bands import BandRows
 from .greedy import complete
-
+from .values import plan_value
 
 PRIMAL_TRIES = 3        # relaxed answers (lowest bounds first) tried as slot references
 SLOT_ARCS = 1_000_000   # above this many allowed pairs the slot flow runs only within the warm start's share
@@ -58,24 +58,6 @@ class WarmStart:
 
 def applies(problem: AlignmentProblem) -> bool:
     return problem.has_budget and problem.weight_matrix is None
-
-
-def plan_value(problem: AlignmentProblem, x: np.ndarray, soft_penalty: Optional[float]) -> float:
-    """The plan's objective (band misses priced at ``soft_penalty``), or -inf if it breaks a hard row
-    (the band too when ``soft_penalty`` is None)."""
-    count = x.sum(axis=1)
-    if np.any(count < problem.min_experts_array) or np.any(count > problem.capacity_array):
-        return -np.inf
-    if not np.all(problem.allowed_matrix[x]):
-        return -np.inf
-    if problem.usage_matrix is not None and np.any((problem.usage_matrix * x).sum(axis=1) > problem.budget + 1e-9):
-        return -np.inf
-    w = problem.weight_matrix
-    load = x.sum(axis=0) if w is None else (w * x).sum(axis=0)
-    miss = float(np.maximum(problem.min_load_array - load, 0).sum() + np.maximum(load - problem.max_load_array, 0).sum())
-    if soft_penalty is None:
-        return -np.inf if miss > 1e-9 else float(problem.objective_matrix[x].sum())
-    return float(problem.objective_matrix[x].sum()) - soft_penalty * miss
 
 
 def _pick(score: np.ndarray, low: np.ndarray, cap: np.ndarray) -> tuple[np.ndarray, float]:
@@ -131,30 +113,6 @@ def repair(problem: AlignmentProblem, x: np.ndarray, score: np.ndarray, deadline
             worst = np.where(x[bad], score[bad], np.inf).argmin(axis=1)
             x[bad, worst] = False
     return complete(problem, start=x, deadline=deadline, score=score)
-
-
-class BandRows:
-    """The expert load rows under Lagrangian prices ``nu`` (E,): ``nu > 0`` prices the upper row,
-    ``nu < 0`` the lower one, ``|nu| <= soft_penalty`` in soft mode."""
-
-    def __init__(self, problem: AlignmentProblem, soft_penalty: Optional[float], share: float = 1.0) -> None:
-        """``share``: the band times it, for a sample of that share of the clients."""
-        self.L, self.U = problem.min_load_array * share, problem.max_load_array * share
-        top = np.full(len(self.L), np.inf if soft_penalty is None else soft_penalty)
-        self.hi = np.where(np.isfinite(self.U), top, 0.0)
-        self.lo = np.where(self.L > 0, -top, 0.0)
-        self.Uf = np.where(np.isfinite(self.U), self.U, 0.0)
-
-    def constant(self, nu: np.ndarray) -> float:
-        """The rows' term of the bound: ``sum_e nu+_e U_e - nu-_e L_e``."""
-        return float(np.maximum(nu, 0) @ self.Uf) - float(np.maximum(-nu, 0) @ self.L)
-
-    def subgradient(self, nu: np.ndarray, load: np.ndarray) -> np.ndarray:
-        L, U = self.L, self.U
-        return np.where(nu > 0, load - self.Uf, np.where(nu < 0, load - L, np.maximum(load - U, 0) + np.minimum(load - L, 0)))
-
-    def step(self, nu: np.ndarray, g: np.ndarray, size: float) -> np.ndarray:
-        return np.clip(nu + size * g, self.lo, self.hi)
 
 
 def row_lagrangian(problem: AlignmentProblem, *, deadline: float, soft_penalty: Optional[float] = None,
@@ -256,25 +214,26 @@ def slot_primal(problem: AlignmentProblem, reference: np.ndarray, soft: bool = F
     return x if ok else None
 
 
-def lagrangian(problem: AlignmentProblem, *, deadline: float, seed: int, max_iterations: int = 30,
+def lagrangian(problem: AlignmentProblem, flow: Solver, *, deadline: float, seed: int, max_iterations: int = 30,
                soft_penalty: Optional[float] = None, primal_deadline: float = np.inf) -> WarmStart:
     """Subgradient search on the budget prices until ``deadline``, then the slot primal
-    (``soft_penalty``: a soft band priced at it; None: hard band).
+    (``soft_penalty``: a soft band priced at it; None: hard band).  ``flow`` solves each relaxed
+    count-load problem exactly (the ``flow`` backend's ``solve``).
 
-    Where :mod:`._knapsack` applies, its band prices come first instead: the best-bound clients'
-    sets are the references, each repaired by :func:`._rebalance.rebalance` (moves within the
+    Where :mod:`.knapsack` applies, its band prices come first instead: the best-bound clients'
+    sets are the references, each repaired by :func:`.rebalance.rebalance` (moves within the
     band; it stops at ``primal_deadline``); where that still misses the band (soft mode too),
     the slot flow also runs (it can change how a client spends its budget; above ``SLOT_ARCS``
     allowed pairs only while the warm start's share lasts) and the better plan is kept.  The
     band-price bound is reported; the budget prices run only if no reference gives a plan.
     """
-    knap = _knapsack.band_prices(problem, deadline=deadline, soft_penalty=soft_penalty, seed=seed)
+    knap = knapsack.band_prices(problem, deadline=deadline, soft_penalty=soft_penalty, seed=seed)
     if knap is not None:
         small = int(problem.allowed_matrix.sum()) <= SLOT_ARCS
         tried = 0
         for _, reference in sorted(knap.references, key=lambda r: r[0])[:PRIMAL_TRIES]:
             tried += 1
-            x = _rebalance.rebalance(problem, reference, soft_penalty=soft_penalty, deadline=primal_deadline)
+            x = rebalance.rebalance(problem, reference, soft_penalty=soft_penalty, deadline=primal_deadline)
             value, method = plan_value(problem, x, soft_penalty), "rebalance"
             hard = value if soft_penalty is None else plan_value(problem, x, None)   # the band, not only its price
             if not np.isfinite(hard) and (small or time.perf_counter() <= deadline):  # slot flow: slow above SLOT_ARCS
@@ -286,18 +245,17 @@ def lagrangian(problem: AlignmentProblem, *, deadline: float, seed: int, max_ite
                 return WarmStart(x=x, value=value, bound=knap.bound, prices=np.zeros(problem.n_clients),
                                  reference=reference, stats={"method": "band prices", **knap.stats,
                                                              "primal": method, "primal_tries": tried})
-    flow = _flow_lagrangian(problem, deadline=deadline, seed=seed, max_iterations=max_iterations,
-                            soft_penalty=soft_penalty)
-    if knap is not None and knap.bound < flow.bound:
-        flow.bound = knap.bound
-    return flow
+    priced = _flow_lagrangian(problem, flow, deadline=deadline, seed=seed, max_iterations=max_iterations,
+                              soft_penalty=soft_penalty)
+    if knap is not None and knap.bound < priced.bound:
+        priced.bound = knap.bound
+    return priced
 
 
-def _flow_lagrangian(problem: AlignmentProblem, *, deadline: float, seed: int, max_iterations: int,
+def _flow_lagrangian(problem: AlignmentProblem, flow: Solver, *, deadline: float, seed: int, max_iterations: int,
                      soft_penalty: Optional[float]) -> WarmStart:
     usage, budget = problem.usage_matrix, problem.budget
     lam = np.zeros(problem.n_clients)
-    flow = FlowBackend()
     best = WarmStart(prices=lam.copy())
     references: list[tuple[float, np.ndarray]] = []      # relaxed answers by their bound
     theta, stall, it = 1.0, 0, 0
@@ -305,7 +263,7 @@ def _flow_lagrangian(problem: AlignmentProblem, *, deadline: float, seed: int, m
     for it in range(1, max_iterations + 1):
         relaxed = _relaxed(problem, lam)
         price = soft_penalty if soft_penalty is not None else penalty_for(relaxed.n_experts, relaxed.max_abs_objective)
-        res = flow.solve(relaxed, SolveRequest(time_limit=None, seed=seed, soft=soft_penalty is not None,
+        res = flow(relaxed, SolveRequest(time_limit=None, seed=seed, soft=soft_penalty is not None,
                                                soft_penalty=price))
         if res.status is not SolveStatus.OPTIMAL:
             break

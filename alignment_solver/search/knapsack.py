@@ -10,7 +10,7 @@ is an upper bound for every ``nu`` (soft band: ``|nu| <= soft_penalty``).  Each 
 are exact rather than the LP's fractional fill of its budget, so the bound's minimum is at most
 the LP bound and, where budgets bind, well below it (2,000 x 32 budgeted, seed 1: 2,817.7
 against the LP's 2,936.4; the optimum is 2,803.5).  The sets at good prices already fit every
-budget, so they make good slot references for :func:`._lagrangian.slot_primal`.
+budget, so they make good slot references for :func:`.prices.slot_primal`.
 
 Only each client's ``capacity`` best experts of each usage value can be in its best set
 (:class:`Knapsacks`), so the programme runs on those candidates where they are fewer than the
@@ -28,7 +28,9 @@ from typing import Optional
 
 import numpy as np
 
+from ..numeric import common_denominator
 from ..problem import AlignmentProblem
+from .bands import BandRows
 
 MAX_DENOMINATOR = 64    # usage and budgets are scaled by a common denominator up to this
 MAX_WIDTH = 256         # budget units per client at most (after scaling)
@@ -56,14 +58,13 @@ def integer_budget(problem: AlignmentProblem) -> Optional[tuple[np.ndarray, np.n
     stays a (C, E) broadcast of one row."""
     if problem.usage is None or problem.weight_matrix is not None:
         return None
-    from .cpsat import _denominator       # imported here: cpsat imports this module
 
     u, B = np.asarray(problem.usage, dtype=float), problem.budget
     C, E = problem.fitness.shape
     allowed = None if problem.allowed is None else problem.allowed_matrix
     row = u.ndim == 1 and allowed is None                   # one usage row shared by every client
     values = u if allowed is None else u[allowed.any(axis=0)] if u.ndim == 1 else u[allowed]
-    q = _denominator(values, MAX_DENOMINATOR)
+    q = common_denominator(values, MAX_DENOMINATOR)
     if q is None or np.any(values < 0):
         return None
     ui = np.rint(u * q).astype(np.int64)
@@ -214,7 +215,6 @@ def band_prices(problem: AlignmentProblem, *, deadline: float, soft_penalty: Opt
     search on every client starts from them: loads respond to prices alike in the sample, at a
     fraction of the cost per iteration.  Only full iterations give bounds and references.
     """
-    from ._lagrangian import BandRows      # imported here: _lagrangian imports this module
 
     ints = integer_budget(problem)
     if ints is None:

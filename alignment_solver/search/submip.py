@@ -21,8 +21,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..problem import AlignmentProblem
-from ._lagrangian import plan_value
-from .base import SolveRequest
+from ..request import Solver, SolveRequest
+from .values import plan_value
 
 CLIENTS = 120           # clients freed per step
 STEP_LIMIT = 1.0        # CBC's time limit per step, seconds
@@ -31,9 +31,9 @@ MIN_STEP = 0.2          # seconds a step needs at least to be worth starting
 
 def available() -> bool:
     """Whether PuLP (and so its bundled CBC) is installed; the search needs it."""
-    from . import _present
+    import importlib.util
 
-    return _present("pulp")
+    return importlib.util.find_spec("pulp") is not None
 
 
 def _freed(problem: AlignmentProblem, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -58,12 +58,13 @@ def _sub(problem: AlignmentProblem, x: np.ndarray, rows: np.ndarray) -> Alignmen
                             expert_max_load=np.maximum(problem.max_load_array - fixed, 0))
 
 
-def improve(problem: AlignmentProblem, x: np.ndarray, *, deadline: float, seed: int,
+def improve(problem: AlignmentProblem, x: np.ndarray, solve: Solver, *, deadline: float, seed: int,
             soft_penalty: Optional[float] = None, report: Optional[Callable[[np.ndarray], None]] = None,
             max_steps: Optional[int] = None, step_limit: float = STEP_LIMIT) -> tuple[np.ndarray, dict]:
     """A plan at least as good as ``x`` (budgeted, count loads, every hard row kept) and
     ``{"steps", "improved", "seconds"}``, after steps until ``deadline`` or ``max_steps``; each
-    better plan is passed to ``report``.  Deterministic for a seed when no step hits ``step_limit``."""
+    better plan is passed to ``report``.  ``solve`` is CBC's (the ``pulp_cbc`` backend's ``solve``).
+    Deterministic for a seed when no step hits ``step_limit``."""
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
     x = np.array(x, dtype=bool)
@@ -72,13 +73,10 @@ def improve(problem: AlignmentProblem, x: np.ndarray, *, deadline: float, seed: 
     value = plan_value(problem, x, soft_penalty)
     steps = improved = 0
     while np.isfinite(value) and deadline - time.perf_counter() > MIN_STEP and steps != max_steps:
-        from .pulp_cbc import PulpCbcBackend      # imported only when a step runs (PuLP takes a moment)
-
-        cbc = PulpCbcBackend()
         steps += 1
         rows = _freed(problem, x, rng)
         limit = min(step_limit, deadline - time.perf_counter())
-        res = cbc.solve(_sub(problem, x, rows),
+        res = solve(_sub(problem, x, rows),
                         SolveRequest(time_limit=limit, deadline=time.perf_counter() + limit, seed=seed,
                                      soft=soft_penalty is not None,
                                      soft_penalty=1.0 if soft_penalty is None else soft_penalty))

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..formulations.flow import count_band, penalty_for
 from ..problem import AlignmentProblem
+from .values import plan_value
 
 MOVES_PER_PAIR = 24     # best clients per arc family (expert pair, add, drop) offered to the flow
 RESERVE = 48            # best clients per family kept to stand in for clients the round already moved
@@ -33,9 +34,8 @@ STALL = 2               # rounds without fewer band misses before giving up
 
 def rebalance(problem: AlignmentProblem, x: np.ndarray, *, soft_penalty: Optional[float] = None,
               deadline: float = np.inf) -> np.ndarray:
-    """The best plan by :func:`._lagrangian.plan_value` among ``x`` and the rounds' plans (see
+    """The best plan by :func:`.values.plan_value` among ``x`` and the rounds' plans (see
     the module docstring), which keep the client rows ``x`` keeps.  ``soft_penalty`` None: hard band."""
-    from ._lagrangian import plan_value        # imported here: _lagrangian imports this module
 
     x = np.array(x, dtype=bool)
     G = np.where(problem.allowed_matrix, problem.objective_matrix, -np.inf)

@@ -29,10 +29,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..formulations.milp import LinearModel
 from ..problem import AlignmentProblem
-from ._lagrangian import plan_value
-from .base import SolveRequest
+from ..request import Solver, SolveRequest
+from .values import plan_value
 
 MAX_EXPERTS = 12        # experts freed per step at most
 MAX_PAIRS = 4000        # pairs in one sub-problem at most
@@ -107,7 +106,7 @@ def _round(problem: AlignmentProblem, x: np.ndarray, score: np.ndarray, k: int, 
     return out
 
 
-def improve(problem: AlignmentProblem, x: np.ndarray, *, deadline: float, seed: int, score: np.ndarray,
+def improve(problem: AlignmentProblem, x: np.ndarray, solve: Solver, *, deadline: float, seed: int, score: np.ndarray,
             soft_penalty: Optional[float] = None, bound: float = np.inf,
             report: Optional[Callable[[np.ndarray], None]] = None,
             max_steps: Optional[int] = None, step_limit: float = STEP_LIMIT,
@@ -116,7 +115,8 @@ def improve(problem: AlignmentProblem, x: np.ndarray, *, deadline: float, seed: 
     ``max_steps`` or the plan reaches ``bound``; and ``{"steps", "improved", "seconds"}``.
     Each CP-SAT step may take ``step_limit`` seconds; up to ``threads`` steps run at once on
     sub-problems that share no expert and no client.
-    ``score``: (C, E) priced fitness that ranks the related experts.  Each better plan goes to
+    ``score``: (C, E) priced fitness that ranks the related experts.  ``solve`` is CP-SAT on a
+    sub-problem's whole model (the hint in ``request.options["hint"]``).  Each better plan goes to
     ``report``."""
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -130,15 +130,12 @@ def improve(problem: AlignmentProblem, x: np.ndarray, *, deadline: float, seed: 
     open_gap = (lambda: best_value < bound - 1e-9 * max(1.0, abs(bound))) if np.isfinite(bound) else (lambda: True)
 
     def step(sub: AlignmentProblem, hint: np.ndarray):
-        from .cpsat import CpSatBackend
-
         limit = min(step_limit, deadline - time.perf_counter())
         request = SolveRequest(time_limit=limit, deadline=time.perf_counter() + limit, seed=seed,
                                soft=soft_penalty is not None,
                                soft_penalty=1.0 if soft_penalty is None else soft_penalty,
-                               options={"workers": 1})
-        return CpSatBackend()._run(sub, LinearModel.from_problem(sub, soft_penalty), request,
-                                   time.perf_counter(), hint, limit)
+                               options={"workers": 1, "hint": hint})
+        return solve(sub, request)
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         while (np.isfinite(value) and E > 1 and deadline - time.perf_counter() > MIN_STEP
