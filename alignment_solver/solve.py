@@ -142,7 +142,6 @@ def verified(result: AlignmentResult, soft: bool) -> AlignmentResult:
     return result
 
 
-
 #: a nonzero number below this, or a row or objective whose nonzero numbers span more than
 #: ``SPAN``, is beyond what floating-point MIP solvers' tolerances (1e-6 .. 1e-9) separate
 TINY, SPAN, OBJECTIVE_SPAN = 1e-6, 1e6, 1e9

@@ -1,12 +1,8 @@
 """``greedy``: a fast heuristic baseline for any problem; never proves optimality.
 
-Three vectorised phases, each adding one (client, expert) pair per client per pass while it
-fits every upper limit (capacity, per-group capacity, expert max load, budget): first the experts
-below their minimum load take their best-fitting free clients, then clients below their minimum
-(or below a group's minimum: an expert of that group) take their best expert, then every client
-adds its best remaining expert while that raises the objective.  The answer is FEASIBLE when
-it satisfies every hard constraint, else NO_SOLUTION_FOUND (in soft mode band misses are
-allowed and priced).
+The plan is :func:`alignment_solver.search.greedy.complete` from nothing: FEASIBLE when it
+satisfies every hard constraint, else NO_SOLUTION_FOUND (in soft mode band misses are allowed
+and priced).
 """
 
 from __future__ import annotations
