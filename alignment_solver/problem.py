@@ -164,12 +164,18 @@ class AlignmentProblem(BaseModel):
             raise ValueError(f"fitness must be finite; got {arr[tuple(idx)]} at (client {idx[0]}, expert {idx[1]})")
         return _frozen(_in_range("fitness", arr))
 
-    @field_validator("capacity", "min_experts", mode="before")
+    @field_validator("capacity", "min_experts", "group_capacity", "group_min_experts", mode="before")
     @classmethod
     def _v_int_vec(cls, v: Any, info: Any) -> Any:
+        grouped = info.field_name.startswith("group_")
+        if v is None and info.field_name == "group_capacity":
+            return None
+        shapes = "an integer, a (C,) or a (C, L) array" if grouped else "an integer or a (C,) array"
+        if v is None:
+            raise ValueError(f"{info.field_name} must be {shapes}; got None")
         arr = _integers(info.field_name, v)
-        if arr.ndim > 1:
-            raise ValueError(f"{info.field_name} must be an integer or a (C,) array; got shape {arr.shape}")
+        if arr.ndim > (2 if grouped else 1):
+            raise ValueError(f"{info.field_name} must be {shapes}; got shape {arr.shape}")
         if np.any(arr < 0):
             raise ValueError(f"{info.field_name} must be >= 0; got {int(arr.min())}")
         return _scalar_or(arr)
@@ -209,20 +215,6 @@ class AlignmentProblem(BaseModel):
         if arr.ndim != 1 or np.any(arr < 0):
             raise ValueError(f"expert_group must be an (E,) array of integers >= 0; got {describe(v)}")
         return _frozen(arr)
-
-    @field_validator("group_capacity", "group_min_experts", mode="before")
-    @classmethod
-    def _v_group_counts(cls, v: Any, info: Any) -> Any:
-        if v is None:
-            if info.field_name == "group_min_experts":
-                raise ValueError("group_min_experts must be an integer, a (C,) or a (C, L) array; got None")
-            return None
-        arr = _integers(info.field_name, v)
-        if arr.ndim > 2:
-            raise ValueError(f"{info.field_name} must be an integer, a (C,) or a (C, L) array; got shape {arr.shape}")
-        if np.any(arr < 0):
-            raise ValueError(f"{info.field_name} must be >= 0; got {int(arr.min())}")
-        return _scalar_or(arr)
 
     @field_validator("allowed", "previous", mode="before")
     @classmethod

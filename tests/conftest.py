@@ -1,3 +1,7 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import strategies as st
@@ -49,3 +53,13 @@ def small_problems(draw, max_clients: int = 4, max_experts: int = 3, general: bo
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+def run_cases_file(name: str, timeout: float) -> None:
+    """Run ``tests/<name>`` with pytest in its own interpreter (gRPC, Ray or torch threads must not
+    load into this one, which forks solver workers) and require that it passed."""
+    cases = Path(__file__).with_name(name)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(cases)],
+                          capture_output=True, text=True, timeout=timeout, cwd=cases.parent.parent)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import run_cases_file
+
 if importlib.util.find_spec("flwr") is None:     # checked without importing: gRPC must not load at collection
     pytest.skip("flwr is not installed (pip install 'alignment-solver[flower]')", allow_module_level=True)
 
@@ -58,11 +60,7 @@ def check_garbage(history: dict, rounds: int) -> None:
 
 def test_crafted_replies_through_the_strategy_methods():
     """tests/flower_cases.py in its own interpreter (gRPC must not load into this one)."""
-    cases = Path(__file__).with_name("flower_cases.py")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(cases)],
-                          capture_output=True, text=True, timeout=600, cwd=cases.parent.parent)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and "failed" not in proc.stdout
+    run_cases_file("flower_cases.py", timeout=600)
 
 
 def test_simulation_engine_ten_nodes(tmp_path):

@@ -1,12 +1,10 @@
 """PyTorch helpers, per-layer units and the loud refusal of a model without expert keys (tests/torch_cases.py)."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from alignment_solver.integrations.units import EXPERT_PATTERNS, UnitMap, expert_of
+
+from .conftest import run_cases_file
 
 pytest.importorskip("torch")
 
@@ -42,8 +40,4 @@ def test_expert_count_mismatch_is_refused():
 
 
 def test_torch_cases_in_their_own_interpreter():
-    cases = Path(__file__).with_name("torch_cases.py")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(cases)],
-                          capture_output=True, text=True, timeout=900, cwd=cases.parent.parent)
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and "failed" not in proc.stdout
+    run_cases_file("torch_cases.py", timeout=900)

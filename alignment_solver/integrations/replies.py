@@ -336,12 +336,15 @@ def _scaled(current: Mapping[str, np.ndarray], reply: ValidReply, norm: float, l
 def aggregate(current: Mapping[str, np.ndarray], accepted: list[ValidReply], owner: Callable[[str], Optional[int]],
               config: AggregationConfig = AggregationConfig()) -> tuple[dict[str, np.ndarray], set[int]]:
     """New parameters from the accepted replies, and the experts whose arrays were updated."""
-    norms = [_update_norm(current, r) for r in accepted]
-    limits = [math.inf] * len(accepted)
-    if config.relative_clip is not None and len(accepted) >= 3 and float(np.median(norms)) > 0:
-        limits = [config.relative_clip * float(np.median(norms))] * len(accepted)
+    relative = config.relative_clip is not None and len(accepted) >= 3
+    clipping = relative or config.clip_norm is not None
+    norms = [_update_norm(current, r) for r in accepted] if clipping else [0.0] * len(accepted)
+    limit = math.inf
+    if relative and float(np.median(norms)) > 0:
+        limit = config.relative_clip * float(np.median(norms))
     if config.clip_norm is not None:
-        limits = [min(lim, config.clip_norm) for lim in limits]
+        limit = min(limit, config.clip_norm)
+    limits = [limit] * len(accepted)
     contributions: dict[str, list[tuple[np.ndarray, float]]] = {}
     for reply, norm, limit in zip(accepted, norms, limits):
         for k, v in _scaled(current, reply, norm, limit).items():
