@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, markdown, publish  # noqa: E402
 
 from alignment_solver.progress import Progress  # noqa: E402
-from alignment_solver.training.simulate import SimConfig, reach, simulate  # noqa: E402
+from alignment_solver.training.metrics import reach  # noqa: E402
+from alignment_solver.training.simulate import SimConfig, simulate  # noqa: E402
 from alignment_solver.training.strategies import STRATEGIES  # noqa: E402
 
 LOOP = dict(clients=50, experts=8, rounds=20, router="local", fitness="heldout", probes=1, route_weight=0.5,

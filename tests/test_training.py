@@ -11,7 +11,9 @@ from pydantic import ValidationError
 from alignment_solver.training.data import (DOMAIN_TRANSFORMS, load_digits, load_npz, load_shifted_digits,
                                             make_synthetic, partition)
 from alignment_solver.training.model import MoE, init_params
-from alignment_solver.training.simulate import SimConfig, World, simulate
+from alignment_solver.training.config import SimConfig
+from alignment_solver.training.simulate import simulate
+from alignment_solver.training.world import World
 
 
 @pytest.mark.parametrize("hidden, route, allowed", [
@@ -148,7 +150,7 @@ def test_every_strategy_learns_and_respects_capacities():
 def test_a_round_planned_by_the_greedy_fallback_is_counted():
     from alignment_solver import AlignmentProblem, solve
     from alignment_solver.rounds import RoundPlan
-    from alignment_solver.training.simulate import _fallback
+    from alignment_solver.training.metrics import fallback as _fallback
 
     problem = AlignmentProblem(fitness=np.eye(2), capacity=1)
     plan = RoundPlan(round=0, clients=[], status="feasible", backend="greedy")
@@ -192,7 +194,7 @@ def test_simulate_cli_rejects_bad_flags_before_training(tmp_path):
 
 
 def test_a_gate_without_gradient_is_not_averaged_in_when_asked():
-    from alignment_solver.training.simulate import SimConfig, local_train
+    from alignment_solver.training.client import local_train
 
     rng = np.random.default_rng(0)
     model = MoE(4)
@@ -211,7 +213,7 @@ def test_a_gate_without_gradient_is_not_averaged_in_when_asked():
 def test_a_local_router_stays_with_its_client():
     """router="local": the client's router takes the mixture gradient and is never sent; the global
     gate copy it sends moved only by the routing loss toward its experts."""
-    from alignment_solver.training.simulate import SimConfig, local_train
+    from alignment_solver.training.client import local_train
 
     rng = np.random.default_rng(0)
     model = MoE(4)
@@ -254,7 +256,7 @@ def test_domain_loop_specialises_keeps_capacity_and_clock():
 def test_nmi_matches_scikit_learn():
     from sklearn.metrics import normalized_mutual_info_score
 
-    from alignment_solver.training.simulate import nmi
+    from alignment_solver.training.metrics import nmi
 
     rng = np.random.default_rng(3)
     for _ in range(20):

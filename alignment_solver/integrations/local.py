@@ -33,7 +33,8 @@ def train_arrays(params: Mapping[str, np.ndarray], experts: list[int], x: np.nda
     The random stream depends only on ``seed`` and ``server_round``, so a replayed round trains
     the same way.
     """
-    from ..training.simulate import SimConfig, local_train, routing_histogram
+    from ..training.client import local_train, routing_histogram
+    from ..training.config import SimConfig
 
     params = {k: np.asarray(v) for k, v in params.items()}
     model = MoE(num_experts, hidden=hidden, top_k=top_k)
