@@ -1,7 +1,9 @@
-"""README.md's code, run as written: each python block in a fresh interpreter, each bash block as a script.
+"""The code of README.md and of the guides in docs/, run as written: each python block in a fresh
+interpreter, each bash block as a script, each in an empty folder.
 
 Skipped on purpose: the `make` and `pip install` blocks (`make test` is what runs this file, and it
-installs with pip); `make run` is run by its own test when the run environment exists.
+installs with pip) and blocks marked `<!-- not run: reason -->` on the line before (fragments,
+servers); `make run` is run by its own test when the run environment exists.
 """
 
 import os
@@ -13,8 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
-BLOCKS = re.findall(r"```(python|bash)\n(.*?)```", README, flags=re.S)
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCK = re.compile(r"(<!-- not run:[^>]*-->\n)?```(python|bash)\n(.*?)```", flags=re.S)
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
@@ -22,15 +24,24 @@ def runnable(kind: str, code: str) -> bool:
     return kind == "python" or not re.match(r"\s*(make|pip) ", code)
 
 
-CASES = [(kind, code) for kind, code in BLOCKS if runnable(kind, code)]
+CASES = [(page.stem, kind, code) for page in PAGES for skip, kind, code in BLOCK.findall(page.read_text())
+         if not skip and runnable(kind, code)]
 
 
-def test_the_readme_has_the_blocks_we_run():
-    assert sum(kind == "python" for kind, _ in CASES) >= 2 and sum(kind == "bash" for kind, _ in CASES) >= 1
+def test_the_pages_have_the_blocks_we_run():
+    readme = [kind for page, kind, _ in CASES if page == "README"]
+    assert readme.count("python") >= 2 and {page for page, _, _ in CASES} >= {"README", "cli", "coordinator", "training"}
 
 
-@pytest.mark.parametrize("kind, code", CASES, ids=[f"{k}-{i}" for i, (k, _) in enumerate(CASES)])
-def test_readme_block_runs_as_written(tmp_path, kind, code):
+def test_readme_is_a_landing_page():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 150, f"README.md has {len(lines)} lines; the guides in docs/ hold the rest"
+    for link in re.findall(r"\]\((docs/[^)#]+)", "\n".join(lines)):
+        assert (ROOT / link).is_file(), link
+
+
+@pytest.mark.parametrize("page, kind, code", CASES, ids=[f"{p}-{k}-{i}" for i, (p, k, _) in enumerate(CASES)])
+def test_block_runs_as_written(tmp_path, page, kind, code):
     if kind == "python":
         cmd = [sys.executable, "-c", code]
     else:
