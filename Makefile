@@ -27,7 +27,7 @@ $(STAMP): setup.cfg pyproject.toml | $(VENV)/bin/python
 	touch $(STAMP) $(RUN_STAMP)
 
 run: $(RUN_STAMP)
-	$(BIN)/alignment-solver simulate
+	$(BIN)/alignment-solver simulate --seeds 5
 
 test: $(STAMP)
 	$(BIN)/ruff check alignment_solver formulations benchmarks tests examples

@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import sys
+import tempfile
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -249,12 +250,24 @@ def _simulate_cmd(args: argparse.Namespace) -> int:
         except ImportError:
             return _fail(_needs_train_extra("scikit-learn", f"the {cfg.dataset} dataset (digits is the default)")
                          + "; or run --dataset synthetic")
-    out = simulate(cfg)
-    print(table(cfg, out["summary"]))
-    written = ", ".join(["metrics.csv", "summary.json", *(Path(p).name for p in out["plots"])])
-    print(f"wrote {out['folder']}/ ({written}) in {out['seconds']:.1f} s")
-    if "note" in out:
-        print(f"alignment-solver: {out['note']}", file=sys.stderr)
+    if cfg.seeds > 1:
+        from .training.compare import compare, comparison_table, verdict
+
+        started = time.perf_counter()
+        result = compare(cfg)
+        runs = result["runs"]
+        print(comparison_table(cfg, result))
+        print(verdict(result))
+        seconds = time.perf_counter() - started
+    else:
+        runs = [simulate(cfg)]
+        print(table(cfg, runs[0]["summary"]))
+        seconds = runs[0]["seconds"]
+    written = ", ".join(["metrics.csv", "rounds.jsonl", "summary.json", *(Path(p).name for p in runs[0]["plots"])])
+    folders = " ".join(f"{out['folder']}/" for out in runs)
+    print(f"wrote {folders} ({written}) in {seconds:.1f} s")
+    if "note" in runs[0]:
+        print(f"alignment-solver: {runs[0]['note']}", file=sys.stderr)
     return 0
 
 
@@ -331,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="score experts on training samples after training, or held-out before it (default)")
     sm.add_argument("--fitness-mode", dest="fitness_mode", choices=["accuracy", "loss"],
                     help="fitness from accuracy (default) or exp(-loss)")
-    sm.add_argument("--probes", type=int, help="untried experts each fitness-driven client scores per round (1)")
+    sm.add_argument("--probes", type=int, help="untried experts each fitness-driven client scores per round "
+                    "(default per strategy, tuned: greedy 1, aligned and greedy_sticky 0)")
     sm.add_argument("--exploration", type=float, help="UCB exploration coefficient (0.05)")
     sm.add_argument("--expert-cost", dest="expert_cost", type=float,
                     help="fitness an extra expert must beat: demand-sized plans (default 0.3; 0: fill capacity)")
@@ -339,11 +353,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="device heterogeneity: none, or strong (default: speed and bandwidth lognormal(0, 1))")
     sm.add_argument("--deadline", type=float, help="simulated seconds per round, later clients are dropped (default 5; null in a config: none)")
     sm.add_argument("--tolerance", type=float, help="load band half-width (0.3)")
+    sm.add_argument("--band", choices=["fair", "demand"],
+                    help="aligned's load band: demand (default: capped by the demand for the wanted experts) or fair")
+    sm.add_argument("--switch-penalty", dest="switch_penalty", type=float,
+                    help="fitness cost of a new expert for aligned and greedy_sticky (default, tuned: 0.05 and 0.02)")
     sm.add_argument("--solver-time-limit", dest="solver_time_limit", type=float,
                     help="per-round solve time limit in seconds (default none: solve to optimality)")
     sm.add_argument("--target-accuracy", dest="target_accuracy", type=float, help="for rounds and simulated seconds to target (0.75)")
-    sm.add_argument("--strategies", nargs="+", help="among random greedy round_robin aligned aligned_budget oracle fedavg")
+    sm.add_argument("--strategies", nargs="+", help="among aligned greedy dense greedy_sticky random round_robin "
+                    "aligned_budget oracle fedavg (default: aligned greedy dense); the first is the reference")
     sm.add_argument("--seed", type=int, help="random seed (default 0)")
+    sm.add_argument("--seeds", type=int, help="paired seeds from --seed, compared with 95%% intervals (default 1)")
     sm.add_argument("--output", help="output folder (default runs)")
     sm.add_argument("--name", help="run name (default derived from the settings)")
     sm.set_defaults(func=_simulate_cmd)

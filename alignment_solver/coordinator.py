@@ -59,6 +59,9 @@ class CoordinatorConfig(BaseModel):
     backend: str = "auto"
     time_limit: Optional[float] = Field(None, gt=0, le=1e7)
     seed: int = Field(0, ge=0, le=2 ** 30, description="solve seed of round r is seed + r")
+    tie_break: float = Field(1e-9, ge=0, le=1e-3, description=(
+        "fitness ties are broken at random: each pair's fitness gains U(0, tie_break) drawn from "
+        "default_rng([seed, round]) in the order the clients are given; 0: ties go to the solver"))
     deadline: Optional[float] = Field(None, gt=0, le=MAX_COUNT, description="default round deadline in seconds")
     fallback: Literal["greedy", "none"] = Field(
         "greedy", description="when the solve finds nothing (e.g. its time limit), plan with the greedy backend")
@@ -66,6 +69,9 @@ class CoordinatorConfig(BaseModel):
     expert_cost: float = Field(0.0, ge=0, le=1e6, description=(
         "fitness an expert must beat to be planned beyond min_experts; > 0 also sizes the load band to "
         "that demand, with lower end 0 (demand-sized plans; 0: fill capacity, every expert in the band)"))
+    band: Literal["fair", "demand"] = Field("fair", description=(
+        "load band: 'fair' around the fair share of the round's demand; 'demand' caps each expert at the "
+        "demand shared among the experts that are some client's best (its top fitness), with lower end 0"))
     probes: int = Field(0, ge=0, le=MAX_EXPERTS, description=(
         "experts each planned client evaluates on held-out data without training (least measured first)"))
     unit_groups: Optional[list[int]] = Field(None, description=(
@@ -243,9 +249,15 @@ class AlignmentCoordinator:
         demand = float(cap.sum())
         if self.config.expert_cost > 0:       # the band follows the pairs worth their cost
             demand = float(np.clip((fitness > 0).sum(axis=1), low, cap).sum())
+        if self.config.tie_break:
+            fitness = fitness + self.config.tie_break * np.random.default_rng([self.config.seed, round]).random(fitness.shape)
         fitness = fitness + self.monitor.fitness_boost(demand)[None, :]
-        lower, upper = self.monitor.bounds(demand, self.config.tolerance)
-        if self.config.expert_cost > 0:       # experts may idle when fewer are needed
+        if self.config.band == "demand":      # share the demand among the experts clients want most
+            wanted = len(np.unique(fitness[cap > 0].argmax(axis=1))) if (cap > 0).any() else self.E
+            lower, upper = self.monitor.bounds(demand * self.E / wanted, self.config.tolerance)
+        else:
+            lower, upper = self.monitor.bounds(demand, self.config.tolerance)
+        if self.config.expert_cost > 0 or self.config.band == "demand":       # experts may idle
             lower = np.zeros_like(lower)
         if self.config.expert_memory is not None:
             usage = np.asarray(self.config.expert_memory, dtype=float)

@@ -187,7 +187,7 @@ def test_simulate_without_the_train_extra_says_what_to_install(tmp_path):
                                "--output", "runs", "--name", "s", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "global acc" in proc.stdout and "plots skipped: matplotlib is not installed" in proc.stderr
-    assert sorted(p.name for p in (tmp_path / "runs" / "s").iterdir()) == ["metrics.csv", "summary.json"]
+    assert sorted(p.name for p in (tmp_path / "runs" / "s").iterdir()) == ["metrics.csv", "rounds.jsonl", "summary.json"]
     assert "\r" not in proc.stderr and proc.stderr.count("[") >= 2        # progress as lines without a TTY
 
 

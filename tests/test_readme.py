@@ -56,4 +56,5 @@ def test_block_runs_as_written(tmp_path, page, kind, code):
 def test_make_run_as_written():
     proc = subprocess.run(["make", "-s", "run"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "global acc" in proc.stdout and "wrote runs/shifted_digits-domains-50x8-seed0/" in proc.stdout
+    assert "Over 5 paired seeds, aligned is" in proc.stdout
+    assert "wrote runs/shifted_digits-domains-50x8-seed0/" in proc.stdout and "-seed4/" in proc.stdout

@@ -118,18 +118,29 @@ def test_npz_loader_errors(tmp_path):
 @pytest.mark.parametrize("fields, words", [
     ({"clients": 0}, "clients"), ({"max_capacity": 9}, "must be <= experts"), ({"alpha": 0}, "alpha"),
     ({"strategies": ["best"]}, "strategies"), ({"dataset": "mnist"}, "dataset"), ({"dataset": "npz"}, "npz_path"),
-    ({"rounds": -1}, "rounds"), ({"strategies": []}, "strategies"),
+    ({"rounds": -1}, "rounds"), ({"strategies": []}, "strategies"), ({"seeds": 0}, "seeds"),
+    ({"probes": {"alignd": 1}}, r"keys must be among \['random'.*got 'alignd'"),
+    ({"switch_penalty": {"aligned": -0.1}}, r"switch_penalty\['aligned'\] must be a number >= 0; got -0.1"),
 ])
 def test_bad_config_is_refused_before_training(fields, words):
     with pytest.raises(ValidationError, match=words):
         SimConfig(**fields)
 
 
+def test_knobs_are_per_strategy_and_default_to_the_tuned_ones():
+    from alignment_solver.training.config import TUNED_PROBES
+
+    cfg = SimConfig()
+    assert cfg.knob("probes", "greedy") == TUNED_PROBES["greedy"] and cfg.knob("probes", "random") == 0
+    assert SimConfig(probes=2).knob("probes", "aligned") == 2
+    assert SimConfig(switch_penalty={"aligned": 0.1}).knob("switch_penalty", "greedy_sticky") == 0.02
+
+
 def tiny(**kw):
     """The plain-digits loop of the earlier releases (one averaged gate, fitness on training data)."""
     base = dict(dataset="digits", clients=12, experts=4, rounds=6, max_capacity=2, router="global", fitness="train",
                 probes=0, route_weight=0.0, gate_average="all", expert_cost=0.0, devices="none", deadline=None,
-                tolerance=0.1, strategies=["random", "greedy", "round_robin", "aligned", "aligned_budget"])
+                tolerance=0.1, band="fair", strategies=["random", "greedy", "round_robin", "aligned", "aligned_budget"])
     base.update(kw)
     return SimConfig(**base)
 
@@ -173,7 +184,8 @@ def test_aligned_keeps_the_load_band_and_same_seed_same_metrics(tmp_path):
     assert strip(a["rows"]) == strip(b["rows"])
     assert max(r["planned_cv"] for r in a["rows"][1:]) <= cfg.tolerance + 0.05
     folder = tmp_path / cfg.run_name
-    assert {p.name for p in folder.iterdir()} == {"metrics.csv", "summary.json", "accuracy.png", "load_heatmap.png"}
+    assert {p.name for p in folder.iterdir()} == {"metrics.csv", "summary.json", "rounds.jsonl", "accuracy.png",
+                                                     "load_heatmap.png"}
     assert json.loads((folder / "summary.json").read_text())["summary"]["aligned"]["final_accuracy"] > 0.5
 
 
@@ -264,3 +276,92 @@ def test_nmi_matches_scikit_learn():
         b[:100] = a[:100]
         assert nmi(a, b) == pytest.approx(normalized_mutual_info_score(a, b))
     assert nmi(np.zeros(5), np.zeros(5)) == 1.0
+
+
+def test_strategies_of_a_seed_share_clients_dropouts_and_data_order(tmp_path):
+    """Common random numbers: rounds.jsonl shows the same available clients for every strategy, and
+    a client planned by two strategies in one round drops out of both or of neither."""
+    cfg = SimConfig(dataset="synthetic", synthetic_samples=1500, clients=16, rounds=4, participation=0.6,
+                    dropout=0.3, strategies=["aligned", "greedy", "greedy_sticky", "dense", "random"],
+                    output=str(tmp_path), name="crn")
+    simulate(cfg, show_progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "crn" / "rounds.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * 5 and set(rows[0]) == {"strategy", "round", "available", "planned", "dropped"}
+    world = World(cfg)
+    for r in range(4):
+        mine = [row for row in rows if row["round"] == r]
+        assert all(row["available"] == world.available(r).tolist() for row in mine)
+        drops = world.drops(r)
+        for row in mine:
+            assert set(row["dropped"]) <= set(row["planned"]) <= set(row["available"])
+            assert row["dropped"] == [c for c in row["planned"] if drops[c]]
+    assert any(row["dropped"] for row in rows)
+    a, b = World(cfg).local_rng(2, 5), World(cfg).local_rng(2, 5)
+    assert np.array_equal(a.permutation(50), b.permutation(50))
+    assert not np.array_equal(world.local_rng(2, 5).permutation(50), world.local_rng(2, 6).permutation(50))
+
+
+def test_dense_trains_every_expert_and_pays_for_it():
+    cfg = SimConfig(dataset="synthetic", synthetic_samples=1500, clients=12, rounds=2, experts=4,
+                    strategies=["dense", "aligned"], devices="strong", deadline=5.0)
+    out = simulate(cfg, write=False, show_progress=False)
+    dense = [r for r in out["rows"] if r["strategy"] == "dense"]
+    aligned = [r for r in out["rows"] if r["strategy"] == "aligned"]
+    assert all(r["experts_per_client"] == 4 for r in dense)
+    assert sum(r["bytes_down"] for r in dense) > 1.5 * sum(r["bytes_down"] for r in aligned)
+    assert sum(r["late"] for r in dense) >= sum(r["late"] for r in aligned)
+
+
+def test_sticky_greedy_keeps_what_a_client_held():
+    from alignment_solver import AlignmentProblem
+    from alignment_solver.training.strategies import make_assign
+
+    rng = np.random.default_rng(0)
+    problem = AlignmentProblem(fitness=[[0.50, 0.51], [0.2, 0.9]], capacity=1, previous=[[True, False], [True, False]],
+                               switch_penalty=0.02)
+    greedy, sticky = make_assign("greedy", rng), make_assign("greedy_sticky", rng)
+    assert greedy(problem).tolist() == [[False, True], [False, True]]
+    assert sticky(problem).tolist() == [[True, False], [False, True]]       # 0.01 gain < 0.02 penalty
+
+
+def test_fitness_ties_are_broken_at_random_not_by_index():
+    """Cold start with equal fitness everywhere: greedy spreads clients over the experts, the same
+    way for the same seed, another way for another seed."""
+    from alignment_solver import AlignmentCoordinator, CoordinatorConfig
+    from alignment_solver.training.strategies import make_assign
+
+    def plan(seed, tie_break=1e-9):
+        coord = AlignmentCoordinator(8, config=CoordinatorConfig(seed=seed, tie_break=tie_break))
+        greedy = make_assign("greedy", np.random.default_rng(0))
+        p = coord.plan_round(0, [{"client_id": c, "max_experts": 1} for c in range(40)], assign=greedy)
+        return [tuple(p.experts_of(c)) for c in range(40)]
+
+    first = plan(1)
+    assert len({e for e, in first}) >= 6 and first == plan(1) and first != plan(2)
+    assert {e for e, in plan(1, tie_break=0.0)} == {0}                       # by index: what we avoid
+
+
+def test_demand_band_shares_the_demand_among_the_wanted_experts():
+    from alignment_solver import AlignmentCoordinator, CoordinatorConfig
+
+    def bounds(band):
+        coord = AlignmentCoordinator(4, config=CoordinatorConfig(band=band, tolerance=0.0))
+        rows = coord._ensure(list(range(8)))
+        coord.scorer.update(rows, rows % 2, np.zeros(8), np.full(8, 0.9))     # best expert: 0 or 1
+        problem = coord.build_problem(0, rows, None)
+        assert set(problem.fitness.argmax(axis=1).tolist()) == {0, 1}
+        return problem.min_load_array, problem.max_load_array
+
+    low, high = bounds("demand")
+    assert low.tolist() == [0, 0, 0, 0] and high.tolist() == [4, 4, 4, 4]       # 8 experts wanted, 2 wanted experts
+    low, high = bounds("fair")
+    assert high.tolist() == [2, 2, 2, 2] and low.tolist() == [2, 2, 2, 2]       # 8 over 4 experts
+
+
+def test_compare_runs_paired_seeds_and_says_what_the_table_means(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "alignment_solver.cli", "simulate", "--dataset", "synthetic",
+                           "--synthetic-samples", "1500", "--clients", "12", "--rounds", "2", "--seeds", "2",
+                           "--output", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "aligned - this, points" in proc.stdout and "Over 2 paired seeds, aligned is" in proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic-domains-12x8-seed0", "synthetic-domains-12x8-seed1"]

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, field_validator, model_validator
 
-Strategy = Literal["random", "greedy", "round_robin", "aligned", "aligned_budget", "oracle", "fedavg"]
+#: Knobs chosen on tuning seeds 100-104 of the make-run loop (``python benchmarks/regimes.py --tune``,
+#: ``benchmarks/results/regimes_knobs.json``), never on the seeds reported.
+TUNED_PROBES = {"aligned": 0, "greedy": 1, "greedy_sticky": 0}
+TUNED_SWITCH_PENALTY = {"aligned": 0.05, "greedy_sticky": 0.02}
+
+Strategy = Literal["random", "greedy", "greedy_sticky", "round_robin", "aligned", "aligned_budget", "oracle", "fedavg",
+                   "dense"]
 
 
 class SimConfig(BaseModel):
     """Every option of ``alignment-solver simulate``; the defaults are the ``make run`` demo and the
     loop of ``benchmarks/strategies.py``: concept-shifted digits, one domain per client, capacity
     1-2 of 8, local routers, held-out fitness with one probe, demand-sized plans, strongly
-    heterogeneous devices with a 5 s deadline, greedy against aligned."""
+    heterogeneous devices with a 5 s deadline; aligned against greedy and dense FedAvg."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -48,19 +54,41 @@ class SimConfig(BaseModel):
     fitness: Literal["train", "heldout"] = Field(
         "heldout", description="score each expert on the training samples after training, or held-out before it")
     fitness_mode: Literal["accuracy", "loss"] = Field("accuracy", description="fitness from accuracy or exp(-loss)")
-    probes: int = Field(1, ge=0, description="untried experts each fitness-driven client scores per round")
+    probes: Union[NonNegativeInt, dict[Strategy, NonNegativeInt]] = Field(
+        default_factory=lambda: dict(TUNED_PROBES),
+        description="untried experts each fitness-driven client scores per round: one number, or per strategy "
+                    "(missing: 0); default: each strategy's best on the tuning seeds")
     exploration: float = Field(0.05, ge=0, description="UCB exploration coefficient of the fitness scorer")
     expert_cost: float = Field(0.3, ge=0, description="fitness an extra expert must beat (demand-sized plans)")
     devices: Literal["none", "strong"] = Field(
         "strong", description="device heterogeneity: identical devices, or speed and bandwidth lognormal(0, 1)")
     deadline: Optional[float] = Field(5.0, gt=0, description="simulated seconds per round; later clients drop")
     tolerance: float = Field(0.3, ge=0)
+    band: Literal["fair", "demand"] = Field(
+        "demand", description="aligned's load band: around the fair share, or capped by the demand for the wanted experts")
+    switch_penalty: Union[NonNegativeFloat, dict[Strategy, NonNegativeFloat]] = Field(
+        default_factory=lambda: dict(TUNED_SWITCH_PENALTY),
+        description="fitness cost of a new expert (aligned, greedy_sticky): one number, or per strategy "
+                    "(missing: 0.02); default: each strategy's best on the tuning seeds")
     solver_time_limit: Optional[float] = Field(None, gt=0, description="per-round solve limit (CP-SAT for budgets)")
     target_accuracy: float = Field(0.75, gt=0, le=1)
-    strategies: list[Strategy] = Field(default_factory=lambda: ["greedy", "aligned"], min_length=1)
+    strategies: list[Strategy] = Field(default_factory=lambda: ["aligned", "greedy", "dense"], min_length=1)
     seed: int = Field(0, ge=0, le=2 ** 30)
+    seeds: int = Field(1, ge=1, le=100, description="paired seeds seed .. seed + seeds - 1 (compare; the CLI)")
     output: str = "runs"
     name: Optional[str] = Field(None, description="run folder inside output: one plain name, no path")
+
+    @field_validator("probes", "switch_penalty", mode="before")
+    @classmethod
+    def _per_strategy(cls, value, info):
+        if isinstance(value, dict):
+            names = get_args(Strategy)
+            for k, v in value.items():
+                if k not in names:
+                    raise ValueError(f"{info.field_name} per strategy: keys must be among {list(names)}; got {k!r}")
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                    raise ValueError(f"{info.field_name}[{k!r}] must be a number >= 0; got {v!r}")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> "SimConfig":
@@ -85,6 +113,13 @@ class SimConfig(BaseModel):
         if len(set(self.strategies)) != len(self.strategies):
             raise ValueError(f"strategies must be unique; got {self.strategies}")
         return self
+
+    def knob(self, name: str, strategy: str) -> float:
+        """``probes`` or ``switch_penalty`` as ``strategy`` runs it."""
+        value = getattr(self, name)
+        if isinstance(value, dict):
+            return value.get(strategy, {"probes": 0, "switch_penalty": 0.02}[name])
+        return value
 
     @property
     def run_name(self) -> str:

@@ -2,7 +2,8 @@
 
 One round, top to bottom (:meth:`StrategyRun.round`):
 
-1. ``available``: which clients take part this round (``cfg.participation``).
+1. ``available``: which clients take part this round (``cfg.participation``; the same clients for
+   every strategy of a seed, as are dropouts and data order: :class:`~.world.World`).
 2. ``plan``: the strategy plans through ``AlignmentCoordinator.plan_round``; each available
    client's status carries its capacity, device speed and bandwidth, memory and routing histogram.
 3. ``train``: each planned client downloads the gate and its experts (and the experts it probes),
@@ -10,7 +11,8 @@ One round, top to bottom (:meth:`StrategyRun.round`):
    experts and a router locally (:func:`~alignment_solver.training.client.local_train`).  Its
    simulated time comes from the device clock (:mod:`~alignment_solver.training.clock`); a client
    past the deadline is reported unfinished and its update discarded; one that drops out
-   (``cfg.dropout``) sends nothing.
+   (``cfg.dropout``) sends nothing.  ``dense`` clients score nothing and train every expert and
+   the global gate.
 4. ``aggregate``: per-expert weighted averaging over the clients that trained each expert; the
    global gate over the clients that sent it.  ``observe_round`` gets the reports.
 5. ``evaluate``: global test accuracy (global gate, experts trained so far) and personalised
@@ -48,6 +50,7 @@ class RoundOutcome:
     bytes_up: int = 0
     late: int = 0
     seconds: float = 0.0
+    dropped: list = field(default_factory=list)
 
 
 class StrategyRun:
@@ -55,21 +58,23 @@ class StrategyRun:
 
     def __init__(self, cfg: SimConfig, world: World, strategy: str) -> None:
         self.cfg, self.world, self.strategy = cfg, world, strategy
-        self.rng = np.random.default_rng([cfg.seed, STRATEGIES.index(strategy)])
+        self.dense = strategy == "dense"
+        rng = np.random.default_rng([cfg.seed, 1, STRATEGIES.index(strategy)])      # the random strategy's draws
         data = world.data
         self.model = MoE(cfg.experts, hidden=cfg.hidden, top_k=cfg.top_k)
         self.params = init_params(data.dim, data.classes, cfg.experts, cfg.hidden, np.random.default_rng(cfg.seed))
         self.expert_bytes = nbytes(self.params, expert_keys(0, cfg.hidden))
         self.gate_bytes = nbytes(self.params, GATE)
-        probes = cfg.probes if strategy in FITNESS_DRIVEN else 0
+        probes = int(cfg.knob("probes", strategy)) if strategy in FITNESS_DRIVEN else 0
         budgeted = strategy == "aligned_budget"
         self.coord = AlignmentCoordinator(cfg.experts, config=CoordinatorConfig(
             tolerance=cfg.tolerance, seed=cfg.seed, time_limit=cfg.solver_time_limit, expert_cost=cfg.expert_cost,
             probes=probes, scorer={"mode": cfg.fitness_mode, "exploration": cfg.exploration},
             capacity={"max_capacity": cfg.max_capacity, "default_capacity": cfg.min_capacity,
                       "expert_bytes": self.expert_bytes},
-            expert_memory=world.expert_memory.tolist() if budgeted else None))
-        self.assign = make_assign(strategy, self.rng, world.domains)
+            expert_memory=world.expert_memory.tolist() if budgeted else None, band=cfg.band,
+            switch_penalty=cfg.knob("switch_penalty", strategy)))
+        self.assign = make_assign(strategy, rng, world.domains)
         self.routers: dict[int, Params] = {}
         self.last_experts: dict[int, list[int]] = {}
         self.trained_ever = np.zeros(cfg.experts, dtype=bool)
@@ -77,19 +82,14 @@ class StrategyRun:
 
     def round(self, r: int) -> dict[str, Any]:
         """Run round ``r``; its metrics row."""
-        available = self.available()
+        available = self.world.available(r)
         plan = self.plan(r, available)
-        outcome = self.train(plan)
+        outcome = self.train(r, plan)
         trained = self.aggregate(r, outcome)
-        return self.evaluate(r, plan, outcome, trained)
-
-    def available(self) -> np.ndarray:
-        """The clients that take part this round (at least one)."""
-        cfg = self.cfg
-        available = np.flatnonzero(self.rng.random(cfg.clients) < cfg.participation)
-        if not len(available):
-            available = np.array([int(self.rng.integers(cfg.clients))])
-        return available
+        row = self.evaluate(r, plan, outcome, trained)
+        row.update(available=available.tolist(), planned=[int(pc.client_id) for pc in plan.clients if pc.experts],
+                   dropped=outcome.dropped)
+        return row
 
     def plan(self, r: int, available: np.ndarray) -> RoundPlan:
         cfg, world, data = self.cfg, self.world, self.world.data
@@ -100,32 +100,36 @@ class StrategyRun:
                   for c in available]
         return self.coord.plan_round(r, status, assign=self.assign, deadline=cfg.deadline)
 
-    def train(self, plan: RoundPlan) -> RoundOutcome:
+    def train(self, r: int, plan: RoundPlan) -> RoundOutcome:
         """Every planned client's local round, on the device clock."""
         cfg, world, data, model, params = self.cfg, self.world, self.world.data, self.model, self.params
         out = RoundOutcome()
         clock = RoundClock(cfg.deadline)
+        drops = world.drops(r)
+        own_router = cfg.router == "local" and not self.dense
         for pc in plan.clients:
             c, experts = int(pc.client_id), pc.experts
             if not experts:
                 continue
-            if self.rng.random() < cfg.dropout:
+            if drops[c]:
                 clock.dropped()
+                out.dropped.append(c)
                 continue
             idx, val = world.train[c], world.val[c]
             x, y = data.x_train[idx], data.y_train[idx]
             fetched = self.gate_bytes + self.expert_bytes * (len(experts) + len(pc.probe))
-            scored = model.expert_scores(params, data.x_train[val], data.y_train[val], experts + pc.probe)
-            if cfg.router == "local" and c not in self.routers:
+            scored = [] if self.dense else \
+                model.expert_scores(params, data.x_train[val], data.y_train[val], experts + pc.probe)
+            if own_router and c not in self.routers:
                 self.routers[c] = {k: params[k].copy() for k in GATE}
-            local, rep = local_train(model, params, x, y, experts, cfg, self.rng,
-                                     self.routers.get(c) if cfg.router == "local" else None)
+            local, rep = local_train(model, params, x, y, experts, cfg, world.local_rng(r, c),
+                                     self.routers.get(c) if own_router else None)
             sent = nbytes(params, local)
             t = client_time(world.speed[c], world.bandwidth[c], fetched=fetched, sent=sent,
                             samples=cfg.local_epochs * len(idx) * len(experts) + len(val) * len(scored))
             finished = clock.finish(t)
             out.bytes_down += fetched
-            if cfg.fitness == "heldout":
+            if cfg.fitness == "heldout" and scored:
                 for e, s in zip(rep["experts"], scored):
                     e.update(mean_loss=s["mean_loss"], accuracy=s["accuracy"])
             out.reports.append({"client_id": c, "finished": finished, "train_seconds": t.train,
@@ -136,7 +140,9 @@ class StrategyRun:
                 out.late += 1
                 continue
             out.bytes_up += sent
-            out.updates.append((local, float(len(idx)), {e["expert"]: e["samples"] for e in rep["experts"]}))
+            weights = {e: float(len(idx)) for e in experts} if self.dense else \
+                {e["expert"]: e["samples"] for e in rep["experts"]}          # dense: plain FedAvg weights
+            out.updates.append((local, float(len(idx)), weights))
             self.last_experts[c] = experts
         out.seconds = clock.seconds
         return out

@@ -12,6 +12,9 @@ import numpy as np
 
 from .config import SimConfig
 
+#: Row keys that list client ids: written to rounds.jsonl, not to metrics.csv.
+TRACE = ("available", "planned", "dropped")
+
 
 def plot(cfg: SimConfig, rows: list[dict], folder: Path) -> list[Path]:
     """``accuracy.png`` (test accuracy per round and against simulated time) and ``load_heatmap.png`` (clients per expert and
@@ -70,17 +73,22 @@ def plot(cfg: SimConfig, rows: list[dict], folder: Path) -> list[Path]:
 
 def write(cfg: SimConfig, result: dict[str, Any]) -> Path:
     """Write ``result`` (from ``simulate``) to ``output/run_name``: ``metrics.csv`` (one row per
-    strategy and round, the load as ``load_e{j}`` columns), ``summary.json`` and the plots (skipped,
+    strategy and round, the load as ``load_e{j}`` columns), ``rounds.jsonl`` (per strategy and round
+    the client ids ``available``, ``planned`` and ``dropped``, so anyone can check that strategies saw
+    the same clients), ``summary.json`` and the plots (skipped,
     with a note in ``result``, without matplotlib).  Fills ``result["plots"]`` and ``result["folder"]``."""
     rows = result["rows"]
     folder = Path(cfg.output) / cfg.run_name
     folder.mkdir(parents=True, exist_ok=True)
-    fields = [k for k in rows[0] if k != "load"] + [f"load_e{j}" for j in range(cfg.experts)]
+    fields = [k for k in rows[0] if k not in ("load", *TRACE)] + [f"load_e{j}" for j in range(cfg.experts)]
     with open(folder / "metrics.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(fields)
         for r in rows:
             writer.writerow([r[k] for k in fields if not k.startswith("load_e")] + r["load"])
+    with open(folder / "rounds.jsonl", "w") as fh:
+        for r in rows:
+            fh.write(json.dumps({"strategy": r["strategy"], "round": r["round"], **{k: r[k] for k in TRACE}}) + "\n")
     (folder / "summary.json").write_text(json.dumps({"config": result["config"], "summary": result["summary"],
                                                      "seconds": result["seconds"]}, indent=2))
     try:

@@ -6,6 +6,8 @@ Each baseline is an ``assign(problem) -> (C, E) bool`` rule handed to
 - ``random``: each client its ``capacity`` experts uniformly at random.
 - ``greedy``: each client its top-``capacity`` experts by fitness (the FedMoE-style baseline),
   skipping those with negative fitness (below the coordinator's ``expert_cost``) beyond ``min_experts``.
+- ``greedy_sticky``: the same on the problem's objective (fitness minus ``switch_penalty`` for
+  every expert the client did not hold last round; new clients pay it for every expert) (greedy with the aligned solve's stickiness).
 - ``round_robin``: experts dealt out in turn across clients (load only, fitness ignored).
 - ``aligned``: the exact flow solve with the load band.
 - ``aligned_budget``: the same with per-client memory budgets (budget rows, CP-SAT).
@@ -15,6 +17,12 @@ Two bounds that a real server could not run, for reference:
 - ``oracle``: each client the experts of its true domains (domain ``d`` -> expert ``d mod E``,
   largest domain first, up to its capacity).
 - ``fedavg``: every client trains expert 0 only (single-expert FedAvg).
+
+And what Flower users run today: ``dense``, every available client trains the whole MoE (every
+expert and the global gate), weighted FedAvg; bytes and device time grow with the number of experts.
+
+Fitness ties are broken by the coordinator (``CoordinatorConfig.tie_break``) before any rule sees
+the problem, so every fitness-driven strategy of a seed breaks them with the same draws.
 """
 
 from __future__ import annotations
@@ -25,8 +33,9 @@ import numpy as np
 
 from ..problem import AlignmentProblem
 
-STRATEGIES = ("random", "greedy", "round_robin", "aligned", "aligned_budget", "oracle", "fedavg")
-FITNESS_DRIVEN = ("greedy", "aligned", "aligned_budget")
+STRATEGIES = ("random", "greedy", "round_robin", "aligned", "aligned_budget", "oracle", "fedavg", "greedy_sticky",
+              "dense")
+FITNESS_DRIVEN = ("greedy", "greedy_sticky", "aligned", "aligned_budget")
 
 Assign = Callable[[AlignmentProblem], np.ndarray]
 
@@ -53,6 +62,14 @@ def make_assign(name: str, rng: np.random.Generator,
         keep = _top(score, problem.min_experts_array) | (score >= 0)      # negative fitness: not worth its cost
         return top & keep
 
+    def greedy_sticky(problem: AlignmentProblem) -> np.ndarray:
+        score = np.where(problem.allowed_matrix, problem.objective_matrix, -np.inf)
+        top = _top(score, problem.capacity_array)
+        return top & (_top(score, problem.min_experts_array) | (score >= 0))
+
+    def dense(problem: AlignmentProblem) -> np.ndarray:
+        return problem.allowed_matrix.copy()
+
     def round_robin(problem: AlignmentProblem) -> np.ndarray:
         C, E = problem.fitness.shape
         x = np.zeros((C, E), dtype=bool)
@@ -75,8 +92,8 @@ def make_assign(name: str, rng: np.random.Generator,
         x[:, 0] = problem.capacity_array > 0
         return x
 
-    return {"random": random, "greedy": greedy, "round_robin": round_robin, "oracle": oracle,
-            "fedavg": fedavg}[name]
+    return {"random": random, "greedy": greedy, "greedy_sticky": greedy_sticky, "round_robin": round_robin,
+            "oracle": oracle, "fedavg": fedavg, "dense": dense}[name]
 
 
 def _top(score: np.ndarray, capacity: np.ndarray) -> np.ndarray:

@@ -25,7 +25,13 @@ def load_data(cfg: SimConfig, rng: np.random.Generator) -> Dataset:
 
 
 class World:
-    """Data, partitions and client traits shared by every strategy of one run."""
+    """Data, partitions, client traits and the random draws shared by every strategy of one run.
+
+    Common random numbers: which clients are available in round r, whether client c drops out in
+    round r and the order in which client c visits its data in round r come from streams keyed by
+    (seed, r) and (seed, r, c) alone, so every strategy of a seed sees the same draws, whatever
+    it planned.
+    """
 
     def __init__(self, cfg: SimConfig) -> None:
         rng = np.random.default_rng(cfg.seed)
@@ -46,9 +52,25 @@ class World:
         spread = 1.0 if cfg.devices == "strong" else 0.0
         self.speed = BASE_SPEED * np.exp(np.clip(dev.normal(0, spread, cfg.clients), -3, 3))
         self.bandwidth = BASE_BANDWIDTH * np.exp(np.clip(dev.normal(0, spread, cfg.clients), -3, 3))
+        self.seed, self.clients = cfg.seed, cfg.clients
+        self.participation, self.dropout = cfg.participation, cfg.dropout
         self.domains: Optional[dict[int, list[int]]] = None
         if self.data.domain_train is not None and cfg.partition == "domains":
             self.domains = {}
             for c, p in enumerate(parts):
                 counts = np.bincount(self.data.domain_train[p])
                 self.domains[c] = [int(d) for d in np.argsort(-counts, kind="stable") if counts[d] > 0]
+
+    def available(self, r: int) -> np.ndarray:
+        """The clients that take part in round ``r`` (each with probability ``participation``; at least one)."""
+        rng = np.random.default_rng([self.seed, 2, r])
+        available = np.flatnonzero(rng.random(self.clients) < self.participation)
+        return available if len(available) else np.array([int(rng.integers(self.clients))])
+
+    def drops(self, r: int) -> np.ndarray:
+        """(clients,) bool: who drops out of round ``r`` if planned (probability ``dropout``)."""
+        return np.random.default_rng([self.seed, 3, r]).random(self.clients) < self.dropout
+
+    def local_rng(self, r: int, c: int) -> np.random.Generator:
+        """Client ``c``'s stream for its local training in round ``r`` (its data order)."""
+        return np.random.default_rng([self.seed, 4, r, c])
