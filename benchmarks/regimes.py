@@ -333,7 +333,7 @@ def _plot(facts: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(facts)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     for i, r in enumerate(names):
         for j, (key, colour) in enumerate((("aligned_minus_greedy", "C0"), ("aligned_minus_sticky", "C1"))):
             m, lo, hi = facts[r][key]
@@ -345,7 +345,7 @@ def _plot(facts: dict[str, Any], path: Path) -> None:
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
     ax.set_xlabel("final test accuracy, points (paired, 95 % CI, 10 seeds)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
