@@ -44,6 +44,7 @@ from .scoring import FitnessScorer, ScorerConfig
 from .solve import solve
 from .state import MAX_EXPERTS, STATE_VERSION, check_state, generation_on_disk, locked, write_atomic
 _REPORTS = TypeAdapter(list[ClientReport])
+TIE_STREAM = 1     # spawn key of the tie-breaking draws
 
 
 class CoordinatorConfig(BaseModel):
@@ -60,8 +61,8 @@ class CoordinatorConfig(BaseModel):
     time_limit: Optional[float] = Field(None, gt=0, le=1e7)
     seed: int = Field(0, ge=0, le=2 ** 30, description="solve seed of round r is seed + r")
     tie_break: float = Field(1e-9, ge=0, le=1e-3, description=(
-        "fitness ties are broken at random: each pair's fitness gains U(0, tie_break) drawn from "
-        "default_rng([seed, round]) in the order the clients are given; 0: ties go to the solver"))
+        "fitness ties are broken at random: each pair's fitness gains U(0, tie_break) drawn from a stream "
+        "of (seed, round) of its own, in the order the clients are given; 0: ties go to the solver"))
     deadline: Optional[float] = Field(None, gt=0, le=MAX_COUNT, description="default round deadline in seconds")
     fallback: Literal["greedy", "none"] = Field(
         "greedy", description="when the solve finds nothing (e.g. its time limit), plan with the greedy backend")
@@ -249,8 +250,9 @@ class AlignmentCoordinator:
         demand = float(cap.sum())
         if self.config.expert_cost > 0:       # the band follows the pairs worth their cost
             demand = float(np.clip((fitness > 0).sum(axis=1), low, cap).sum())
-        if self.config.tie_break:
-            fitness = fitness + self.config.tie_break * np.random.default_rng([self.config.seed, round]).random(fitness.shape)
+        if self.config.tie_break:             # its own stream: spawn_key keeps it apart from any [seed, ...] stream
+            ties = np.random.default_rng(np.random.SeedSequence([self.config.seed, round], spawn_key=(TIE_STREAM,)))
+            fitness = fitness + self.config.tie_break * ties.random(fitness.shape)
         fitness = fitness + self.monitor.fitness_boost(demand)[None, :]
         if self.config.band == "demand":      # share the demand among the experts clients want most
             wanted = len(np.unique(fitness[cap > 0].argmax(axis=1))) if (cap > 0).any() else self.E

@@ -6,8 +6,8 @@ Each baseline is an ``assign(problem) -> (C, E) bool`` rule handed to
 - ``random``: each client its ``capacity`` experts uniformly at random.
 - ``greedy``: each client its top-``capacity`` experts by fitness (the FedMoE-style baseline),
   skipping those with negative fitness (below the coordinator's ``expert_cost``) beyond ``min_experts``.
-- ``greedy_sticky``: the same on the problem's objective (fitness minus ``switch_penalty`` for
-  every expert the client did not hold last round; new clients pay it for every expert) (greedy with the aligned solve's stickiness).
+- ``greedy_sticky``: greedy on the problem's objective, fitness minus ``switch_penalty`` for every
+  expert the client did not hold last round (new clients pay it for every expert).
 - ``round_robin``: experts dealt out in turn across clients (load only, fitness ignored).
 - ``aligned``: the exact flow solve with the load band.
 - ``aligned_budget``: the same with per-client memory budgets (budget rows, CP-SAT).

@@ -1,4 +1,4 @@
-"""What every strategy of one run shares: the data, the clients' partitions and their devices."""
+"""What every strategy of one run shares: the data, the clients' partitions and devices, and the random draws."""
 
 from __future__ import annotations
 
