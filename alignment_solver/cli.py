@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--fitness-mode", dest="fitness_mode", choices=["accuracy", "loss"],
                     help="fitness from accuracy (default) or exp(-loss)")
     sm.add_argument("--probes", type=int, help="untried experts each fitness-driven client scores per round "
-                    "(default per strategy, tuned: greedy 1, aligned and greedy_sticky 0)")
+                    "(default per strategy, tuned: greedy and greedy_sticky 1, aligned 0)")
     sm.add_argument("--exploration", type=float, help="UCB exploration coefficient (0.05)")
     sm.add_argument("--expert-cost", dest="expert_cost", type=float,
                     help="fitness an extra expert must beat: demand-sized plans (default 0.3; 0: fill capacity)")
@@ -354,9 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--deadline", type=float, help="simulated seconds per round, later clients are dropped (default 5; null in a config: none)")
     sm.add_argument("--tolerance", type=float, help="load band half-width (0.3)")
     sm.add_argument("--band", choices=["fair", "demand"],
-                    help="aligned's load band: demand (default: capped by the demand for the wanted experts) or fair")
+                    help="aligned's load band: fair (default, tuned) or demand (capped by the demand for the wanted experts)")
     sm.add_argument("--switch-penalty", dest="switch_penalty", type=float,
-                    help="fitness cost of a new expert for aligned and greedy_sticky (default, tuned: 0.05 and 0.02)")
+                    help="fitness cost of a new expert for aligned and greedy_sticky (default, tuned: 0.02 and 0.1)")
     sm.add_argument("--solver-time-limit", dest="solver_time_limit", type=float,
                     help="per-round solve time limit in seconds (default none: solve to optimality)")
     sm.add_argument("--target-accuracy", dest="target_accuracy", type=float, help="for rounds and simulated seconds to target (0.75)")

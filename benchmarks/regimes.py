@@ -266,11 +266,13 @@ def sentences(facts: dict[str, Any], best: dict[str, Any]) -> list[str]:
         if f["dense_time_to_target_x"] is not None:
             return f"{_x(f['dense_time_to_target_x'])} aligned's simulated time to target"
         return f"never reached the target (aligned: {f['reached'][0]} of {f['seeds']} seeds)"
-    out.append(f"Under strong device heterogeneity (base) dense {dense_time(b)}, with a 5 s deadline most of its "
-               f"clients drop; with identical devices and no deadline it needs {dense_time(u)}.")
+    out.append(f"Under strong device heterogeneity with a 5 s deadline (base), where clients past the deadline drop, "
+               f"dense {dense_time(b)}; with identical devices and no deadline it needs {dense_time(u)}.")
     sticky_ahead = [r for r, f in facts.items() if f["aligned_minus_sticky"][2] < 0]
     sticky_behind = [r for r, f in facts.items() if f["aligned_minus_sticky"][1] > 0]
-    out.append("Greedy with a switch penalty and no probe (greedy_sticky) is the strongest baseline: ahead of aligned "
+    st = best["greedy_sticky"]
+    out.append(f"Greedy with a switch penalty (greedy_sticky: {st['knobs']['switch_penalty']:g}, "
+               f"{'one probe' if st['probes'] else 'no probe'}): ahead of aligned "
                "with an interval below 0 in " + (", ".join(f"{r} ({ci(facts[r]['aligned_minus_sticky'])})"
                                                            for r in sticky_ahead) or "no regime")
                + "; behind it with an interval above 0 in " + (", ".join(
@@ -311,8 +313,9 @@ def main() -> None:
         f"--tune`, seeds {TUNE_SEEDS.start}-{TUNE_SEEDS.stop - 1} of base: {json.dumps(best)}). Report seeds "
         f"{REPORT_SEEDS.start}-{REPORT_SEEDS.stop - 1}, paired (common random numbers), 95 % t intervals over the "
         "10 seeds. Regimes change one thing at a time from base (one-factor designs, not a factorial).",
-        "Columns: mean final test accuracy after 20 rounds (each strategy at its tuned probe setting: aligned and "
-        "sticky without, greedy with one); paired differences in accuracy points; `MB / greedy+probe`: "
+        "Columns: mean final test accuracy after 20 rounds (each strategy at its tuned probe setting: "
+        + ", ".join(f"{k} {'one probe' if v['probes'] else 'none'}" for k, v in best.items())
+        + "); paired differences in accuracy points; `MB / greedy+probe`: "
         "aligned's MB over greedy's with one probe per round; "
         "`dense ... to target`: dense FedAvg's MB and simulated seconds to the target (90 % of the seed's best "
         "final accuracy) over aligned's, on the seeds where both reach it.", "",

@@ -8,8 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegative
 
 #: Knobs chosen on tuning seeds 100-104 of the make-run loop (``python benchmarks/regimes.py --tune``,
 #: ``benchmarks/results/regimes_knobs.json``), never on the seeds reported.
-TUNED_PROBES = {"aligned": 0, "greedy": 1, "greedy_sticky": 0}
-TUNED_SWITCH_PENALTY = {"aligned": 0.05, "greedy_sticky": 0.02}
+TUNED_PROBES = {"aligned": 0, "greedy": 1, "greedy_sticky": 1}
+TUNED_SWITCH_PENALTY = {"aligned": 0.02, "greedy_sticky": 0.1}
+TUNED_BAND = "fair"
 
 Strategy = Literal["random", "greedy", "greedy_sticky", "round_robin", "aligned", "aligned_budget", "oracle", "fedavg",
                    "dense"]
@@ -65,7 +66,8 @@ class SimConfig(BaseModel):
     deadline: Optional[float] = Field(5.0, gt=0, description="simulated seconds per round; later clients drop")
     tolerance: float = Field(0.3, ge=0)
     band: Literal["fair", "demand"] = Field(
-        "demand", description="aligned's load band: around the fair share, or capped by the demand for the wanted experts")
+        TUNED_BAND, description="aligned's load band: around the fair share, or capped by the demand for the wanted "
+                                "experts; default: the better on the tuning seeds")
     switch_penalty: Union[NonNegativeFloat, dict[Strategy, NonNegativeFloat]] = Field(
         default_factory=lambda: dict(TUNED_SWITCH_PENALTY),
         description="fitness cost of a new expert (aligned, greedy_sticky): one number, or per strategy "
