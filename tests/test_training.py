@@ -367,3 +367,12 @@ def test_compare_runs_paired_seeds_and_says_what_the_table_means(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "aligned - this, points" in proc.stdout and "Over 2 paired seeds, aligned is" in proc.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic-domains-12x8-seed0", "synthetic-domains-12x8-seed1"]
+
+
+def test_the_verdict_of_a_lone_strategy_says_there_is_nothing_to_compare():
+    from alignment_solver.training.compare import interval, verdict
+
+    assert verdict({"reference": "aligned", "seeds": [0, 1], "strategies": {"aligned": {}}}) == \
+        "Over 2 seeds only aligned ran: there is nothing to compare it with."
+    m, lo, hi = interval([1.0, 3.0])                     # t(1) = 12.706: mean 2, half-width 12.706
+    assert (m, round(lo, 3), round(hi, 3)) == (2.0, -10.706, 14.706)

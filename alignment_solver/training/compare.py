@@ -31,11 +31,11 @@ def interval(diffs: list[float]) -> tuple[float, float, float]:
 
 
 def compare(cfg: SimConfig, *, write: bool = True, show_progress: bool = True) -> dict[str, Any]:
-    """Run ``cfg`` on seeds ``cfg.seed .. cfg.seed + cfg.seeds - 1`` (each in its own run folder; a
-    ``name`` gains ``-seed{s}``); per strategy the mean final
-    accuracy, MB moved and simulated seconds, how many seeds reached the target, and the paired
-    difference of every other strategy against the first one: ``points_behind_<first>`` (first -
-    it, in accuracy points: mean, 95 % interval) and ``mb_share`` (the first's MB over its MB)."""
+    """Run ``cfg`` on seeds ``cfg.seed .. cfg.seed + cfg.seeds - 1``, each in its own run folder (a
+    ``name`` gains ``-seed{s}``).  Per strategy: the mean final accuracy, MB moved and simulated
+    seconds, how many seeds reached the target, and against the first strategy the paired
+    ``points_behind_<first>`` (first - it, accuracy points: mean and 95 % interval) and
+    ``mb_share`` (the first's MB over its MB)."""
     from .simulate import simulate
 
     seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
@@ -94,6 +94,8 @@ def verdict(out: dict[str, Any]) -> str:
         else:
             how = f"within noise of {name} ({m:+.1f} points, interval spans 0)"
         parts.append(f"{how}, moving {v['mb_share']:.2f}x its MB")
+    if not parts:
+        return f"Over {n} seeds only {ref} ran: there is nothing to compare it with."
     return f"Over {n} paired seeds, {ref} is " + "; ".join(parts) + "."
 
 
