@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, markdown, publish  # noqa: E402
 
 from alignment_solver.progress import Progress  # noqa: E402
+from alignment_solver.training.compare import interval  # noqa: E402
 from alignment_solver.training.metrics import reach  # noqa: E402
 from alignment_solver.training.simulate import SimConfig, simulate  # noqa: E402
 from alignment_solver.training.strategies import STRATEGIES  # noqa: E402
@@ -75,7 +76,6 @@ WHY = """## Why aligned does not clear the targets (likely reasons, not separate
   data, while any mixture of 8 splits it. That is the cost of the MoE itself (random and greedy
   pay it too), not of alignment.
 """
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def cells(design: str) -> list[tuple[str, str, str, str]]:
@@ -118,16 +118,6 @@ def run(job: tuple[tuple[str, str, str, str], int]) -> dict[str, Any]:
             "fallback_rounds": int(sum(r["fallback"] for r in mine)), "planned_rounds": len(mine),
             "curve": [[r["sim_seconds"], r["accuracy"]] for r in mine]}
     return res
-
-
-def interval(diffs: list[float]) -> tuple[float, float, float]:
-    """Mean and 95 % t interval of paired differences."""
-    n = len(diffs)
-    m = statistics.mean(diffs)
-    if n < 2:
-        return m, math.nan, math.nan
-    h = T95.get(n - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(n)
-    return m, m - h, m + h
 
 
 def mean(values: list[Optional[float]], digits: int = 3) -> str:

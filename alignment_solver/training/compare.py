@@ -25,7 +25,7 @@ def interval(diffs: list[float]) -> tuple[float, float, float]:
     m = statistics.mean(diffs)
     if n < 2:
         return m, math.nan, math.nan
-    t = T95.get(n - 1) or next((T95[d] for d in sorted(T95) if d >= n - 1), 1.96)
+    t = 1.96 if n - 1 > max(T95) else T95[max(d for d in T95 if d <= n - 1)]     # conservative between rows
     h = t * statistics.stdev(diffs) / math.sqrt(n)
     return m, m - h, m + h
 
