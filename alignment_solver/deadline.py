@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import importlib
 import multiprocessing as mp
 import os
 import shutil
@@ -258,10 +257,7 @@ def run(impl: Backend, problem: AlignmentProblem, request: SolveRequest, time_li
         else:
             ctx = mp.get_context(mode)
             if mode == "forkserver":
-                ctx.set_forkserver_preload(_PRELOAD + list(impl.preload))
-            else:
-                for name in impl.preload:           # once per process: later workers are forked with it
-                    importlib.import_module(name)
+                ctx.set_forkserver_preload(_PRELOAD)
             receive, send = ctx.Pipe(duplex=False)
             parent = os.getpid() if mode == "fork" else 0
             proc = ctx.Process(target=_worker, args=(send, impl, problem, child_request, tmpdir, parent), daemon=True)

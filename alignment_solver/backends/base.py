@@ -29,9 +29,6 @@ class Backend:
     #: proofs rest on floating-point tolerances (CBC, HiGHS): :func:`~alignment_solver.solve.confirmed`
     #: re-tests its OPTIMAL and INFEASIBLE on the original data
     floating_point: bool = False
-    #: modules the backend imports when it solves: imported in the caller before a worker is
-    #: forked, so only the first time-limited solve of a process pays for them (cp_model: 0.4 s)
-    preload: tuple[str, ...] = ()
     #: backend options: name -> (default, description); values are checked by ``check_option``.
     options: dict[str, tuple[Any, str]] = {}
 

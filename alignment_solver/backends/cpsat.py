@@ -42,7 +42,6 @@ class CpSatBackend(Backend):
     name = "cpsat"
     requires = ("ortools",)
     child_processes = True      # the sub-MIP search of budgeted rounds runs CBC
-    preload = ("ortools.sat.python.cp_model",)
     options = {
         "workers": (None, f"CP-SAT search workers (default 1, or {LIMITED_WORKERS} under a time limit); "
                           "1 without a time limit is deterministic"),
