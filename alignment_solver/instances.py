@@ -12,9 +12,10 @@ from .problem import AlignmentProblem
 
 
 def random_problem(clients: int, experts: int, *, seed: int = 0, budget: bool = False,
-                   tolerance: float = 0.1) -> AlignmentProblem:
+                   tolerance: float = 0.1, max_capacity: int = 3) -> AlignmentProblem:
     """The benchmark family: ``fitness = 0.7 U(0,1) + 0.3 popularity[e]`` with popularity ~ Beta(2, 5)
-    (so the band binds), capacity uniform in 1..3, ``min_experts = 1``, load band
+    (so the band binds), capacity uniform in ``1..max_capacity`` (3: the coarse MoE default; 8 for
+    fine-grained top-8 MoEs), ``min_experts = 1``, load band
     ``floor((1 - tol) fair)..ceil((1 + tol) fair)`` with ``fair = sum(capacity) / E``.
 
     ``budget=True`` adds expert sizes uniform in 1..4 units and client budgets uniform in
@@ -23,7 +24,7 @@ def random_problem(clients: int, experts: int, *, seed: int = 0, budget: bool = 
     rng = np.random.default_rng(seed)
     popularity = rng.beta(2.0, 5.0, size=experts)
     fitness = 0.7 * rng.random((clients, experts)) + 0.3 * popularity[None, :]
-    capacity = rng.integers(1, 4, size=clients)
+    capacity = rng.integers(1, max_capacity + 1, size=clients)
     fair = capacity.sum() / experts
     fields = {}
     if budget:

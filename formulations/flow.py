@@ -170,36 +170,45 @@ class FlowNetwork:
     def potentials(self, x: np.ndarray, candidates: Optional[np.ndarray], tol: float) -> Optional[np.ndarray]:
         """Node potentials ``d`` (experts, then S, T) of the residual graph of ``x`` restricted to
         ``candidates`` (None: every allowed arc), or None if it has a cycle cheaper than ``-tol``."""
+        fc, fe = np.nonzero((self.allowed if candidates is None else candidates) & ~x)
+        hc, he = np.nonzero(x)
+        return self.pair_potentials((fc, fe, self.G[fc, fe]), (hc, he, self.G[hc, he]), x.sum(axis=1),
+                                    x.sum(axis=0), tol)
+
+    def pair_potentials(self, free: tuple, held: tuple, f: np.ndarray, load: np.ndarray,
+                        tol: float) -> Optional[np.ndarray]:
+        """:meth:`potentials` from arc lists: ``free = (clients, experts, G)`` the free candidate
+        arcs, ``held = (clients, experts, G)`` the held ones sorted by client; ``f`` each client's
+        held count and ``load`` each expert's held count (``base_load`` is added here)."""
         C, E = self.shape
-        G = self.G
         N, iS, iT = E + 2, E, E + 1
-        f = x.sum(axis=1)
-        load = x.sum(axis=0) + self.base_load
-        fc, fe = np.nonzero((self.allowed if candidates is None else candidates) & ~x)   # free arcs
-        hc, he = np.nonzero(x)                                                            # held arcs
+        fc, fe, free_value = free
+        hc, he, held_value = held
+        load = load + self.base_load
         W = np.full((N, N), np.inf)
         if len(hc) and len(fc):
             # e -> e': a client holding e moves to a free e'; cost G[c,e] - G[c,e'].
             first = np.flatnonzero(np.r_[True, hc[1:] != hc[:-1]])
             rank = np.arange(len(hc)) - np.repeat(first, np.diff(np.r_[first, len(hc)]))
             slots = np.full((C, int(rank.max()) + 1), -1, dtype=np.int64)
+            slot_value = np.zeros(slots.shape)
             slots[hc, rank] = he
+            slot_value[hc, rank] = held_value
             flat = np.full(E * E, np.inf)
-            free_value = G[fc, fe]
             for j in range(slots.shape[1]):
                 h = slots[fc, j]
                 ok = h >= 0
-                np.minimum.at(flat, h[ok] * E + fe[ok], G[fc[ok], h[ok]] - free_value[ok])
+                np.minimum.at(flat, h[ok] * E + fe[ok], slot_value[fc[ok], j] - free_value[ok])
             W[:E, :E] = flat.reshape(E, E)
         # S -> e': a client with spare capacity takes a free e'.
         row = np.full(E, np.inf)
         on = (f < self.k)[fc]
-        np.minimum.at(row, fe[on], -G[fc[on], fe[on]])
+        np.minimum.at(row, fe[on], -free_value[on])
         W[iS, :E] = row
         # e -> S: a client above its minimum drops e.
         col = np.full(E, np.inf)
         on = (f > self.lo)[hc]
-        np.minimum.at(col, he[on], G[hc[on], he[on]])
+        np.minimum.at(col, he[on], held_value[on])
         W[:E, iS] = col
         # expert -> T band residuals (piecewise-linear convex arc); T <-> S circulation arc.
         W[np.arange(E), iT] = self.marginal(load + 1)

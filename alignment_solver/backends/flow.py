@@ -32,15 +32,22 @@ from ..problem import AlignmentProblem
 from ..result import AlignmentResult, SolveStatus
 from .base import Backend, SolveRequest
 
-FULL_ARCS = 200_000   # below this many allowed arcs, solve on all of them at once
-ACTIVE_SHARE = 0.5    # share of clients left in the network on large instances
+FULL_ARCS = 200_000     # below this many allowed arcs, solve on all of them at once
+FIRST_ARCS = 100_000    # candidate arcs of the first round's active clients on large instances
+REFOCUS_SHARE = 0.05    # least share of clients re-solved after a round with bad clients
+BAD_FACTOR = 4          # clients re-solved per bad client (the closest to changing)
+SLACK = 3               # least candidates per client beyond its capacity
+SAMPLE_PER_EXPERT = 8   # clients per expert in the smallest price sample
+LEVEL = 8               # each price sample has 1 / LEVEL of the clients of the level above
+MAX_SAMPLE_ROUNDS = 10  # rounds a price sample may take
 
 
 class FlowBackend(Backend):
     name = "flow"
     requires = ("ortools",)
     options = {
-        "candidates": (6, "experts per client in the first candidate set (0: all allowed arcs)"),
+        "candidates": (None, "experts per client beyond its capacity in the first candidate set (default: "
+                              "max(3, (largest capacity + 3) // 2); 0: every allowed arc)"),
         "max_rounds": (30, "candidate-enlargement rounds before falling back to every arc"),
     }
 
@@ -66,50 +73,23 @@ class FlowBackend(Backend):
             return self._solve_grouped(problem, net, request, t0)
         scale = _cost_scale(net)
         tol = 4.0 / scale
-        m = request.options.get("candidates", 6)
+        slack = request.options.get("candidates")
+        if slack is None:
+            slack = max(SLACK, (int(net.k.max(initial=0)) + 3) // 2)
         max_rounds = request.options.get("max_rounds", 30)
-        large = bool(m) and m < E and int(net.allowed.sum()) > FULL_ARCS
-        rounds, proven, x, cut = 0, False, None, False
-        if large:
-            cand, active, fixed_x = _working_set(net, m, np.random.default_rng(request.seed), scale)
-        else:
-            cand, active, fixed_x = net.allowed, np.ones(C, dtype=bool), np.zeros((C, E), dtype=bool)
+        large = bool(slack) and int(net.k.max(initial=0)) + slack < E and int(net.allowed.sum()) > FULL_ARCS
+        if not large:
+            return self._solve_full(problem, net, request, t0, scale, tol)
+        rng = np.random.default_rng(request.seed)
+        prices = _prices(net, rng, scale, tol, slack)
         build = time.perf_counter() - t0
-        while True:
-            rounds += 1
-            rows = np.flatnonzero(active)
-            sub = net.restrict(rows, fixed_x.sum(axis=0)) if large else net
-            xs = _solve_network(sub, cand[rows] if large else None, scale)
-            if xs is None:
-                break
-            d = sub.potentials(xs, cand[rows] if large else None, tol)
-            x = fixed_x.copy()
-            x[rows] = xs
-            if d is not None and not large:
-                proven = True
-            if d is None or not large:
-                if large and not active.all():
-                    active[:] = True          # a fixed client was wrong in a way the check cannot name
-                    fixed_x[:] = False
-                    continue
-                break
-            improving, bad = net.check(x, d, tol)
-            if not bad.any():
-                proven = True
-                break
-            if request.report is not None and (request.soft or not _misses(net, x)):
-                request.report(x, None)
-            cand = cand | improving
-            newly = bad & ~active
-            active |= newly
-            fixed_x[newly] = False
-            if request.deadline is not None and time.perf_counter() > request.deadline:
-                cut = True
-                break
-            if rounds >= max_rounds:
-                cand, active[:], fixed_x[:] = net.allowed, True, False
+        run = _PricedRun(net, prices, slack, scale, tol)
+        x = run.solve(max_rounds, request.deadline, request.report, request.soft)
+        if run.gave_up:                          # prices never settled: the whole network, proven by OR-Tools
+            return self._solve_full(problem, net, request, t0, scale, tol)
+        proven, cut, rounds, cs, active = run.proven, run.cut, run.rounds, run.cs, run.active
         seconds = time.perf_counter() - t0 - build
-        stats = {"rounds": rounds, "arcs": int(cand.sum()), "active_clients": int(active.sum()),
+        stats = {"rounds": rounds, "arcs": int(cs.on.sum()), "active_clients": int(active.sum()),
                  "proven": proven, "tolerance": tol, "deterministic": not cut}
         if x is None:
             return AlignmentResult(problem, SolveStatus.NO_SOLUTION_FOUND, self.name, solve_seconds=seconds,
@@ -125,6 +105,30 @@ class FlowBackend(Backend):
             result.bound = result.objective + 2 * tol * (C + E + 2)
         return result
 
+    def _solve_full(self, problem: AlignmentProblem, net: FlowNetwork, request: SolveRequest, t0: float,
+                    scale: float, tol: float) -> AlignmentResult:
+        """Every allowed arc at once: OR-Tools' OPTIMAL on the whole network is the proof, and
+        the bound adds the cost rounding (at most ``tol`` per unit of flow on a priced arc)."""
+        C, E = net.shape
+        build = time.perf_counter() - t0
+        pairs = np.nonzero(net.allowed)
+        flows = _solve_network(net, pairs, scale)
+        x = None if flows is None else _assignment(net.shape, pairs, flows)
+        seconds = time.perf_counter() - t0 - build
+        stats = {"rounds": 1, "arcs": int(net.allowed.sum()), "active_clients": C, "proven": x is not None,
+                 "tolerance": tol, "deterministic": True}
+        if x is None:
+            return AlignmentResult(problem, SolveStatus.NO_SOLUTION_FOUND, self.name, solve_seconds=seconds,
+                                   build_seconds=build, explanation="OR-Tools min-cost flow did not return an optimum",
+                                   stats=stats)
+        if _misses(net, x) and not request.soft:
+            return AlignmentResult(problem, SolveStatus.INFEASIBLE, self.name, solve_seconds=seconds,
+                                   build_seconds=build, stats=stats)
+        result = AlignmentResult(problem, SolveStatus.OPTIMAL, self.name, assignment=x, solve_seconds=seconds,
+                                 build_seconds=build, soft=request.soft,
+                                 soft_penalty=net.penalty if request.soft else None, stats=stats)
+        result.bound = result.objective + 2 * tol * (int(net.k.sum()) + E + 2)
+        return result
 
     def _solve_grouped(self, problem: AlignmentProblem, net: FlowNetwork, request: SolveRequest,
                        t0: float) -> AlignmentResult:
@@ -177,10 +181,10 @@ def _cost_scale(net: FlowNetwork, nodes: Optional[int] = None) -> float:
     return limit / biggest
 
 
-def _solve_network(net: FlowNetwork, cand: Optional[np.ndarray], scale: float) -> Optional[np.ndarray]:
+def _solve_network(net: FlowNetwork, pairs: tuple[np.ndarray, np.ndarray], scale: float) -> Optional[np.ndarray]:
+    """OR-Tools' optimum of ``net`` on the client-expert arcs ``pairs``: which pairs carry flow."""
     from ortools.graph.python import min_cost_flow
 
-    pairs = np.nonzero(net.allowed if cand is None else cand)
     tails, heads, caps, costs, supplies = net.arcs(pairs)
     smcf = min_cost_flow.SimpleMinCostFlow()
     arcs = smcf.add_arcs_with_capacity_and_unit_cost(tails, heads, caps, np.rint(costs * scale).astype(np.int64))
@@ -188,58 +192,253 @@ def _solve_network(net: FlowNetwork, cand: Optional[np.ndarray], scale: float) -
     if smcf.solve() != smcf.OPTIMAL:
         return None
     C = net.shape[0]
-    return net.assignment(pairs, smcf.flows(arcs[C:C + len(pairs[0])]))
+    return smcf.flows(arcs[C:C + len(pairs[0])]) > 0
 
 
-def _working_set(net: FlowNetwork, m: int, rng: np.random.Generator, scale: float):
-    """Candidates, active clients and the fixed clients' assignment for a large instance.
+def _assignment(shape: tuple[int, int], pairs: tuple[np.ndarray, np.ndarray], on: np.ndarray) -> np.ndarray:
+    x = np.zeros(shape, dtype=bool)
+    x[pairs[0][on], pairs[1][on]] = True
+    return x
 
-    Expert prices come from an exact solve on a sample of clients.  Each client's ``m`` best
-    experts by fitness plus price are its candidates.  A client whose ``capacity``-th best
-    expert beats the next one and the source price by a clear margin is fixed to its top
-    ``capacity`` experts (the ``1 - ACTIVE_SHARE`` most clear-cut clients); the rest stay
-    active.  The certificate later activates any fixed client that was wrong.
+
+def _top(score: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's ``count`` best columns: ``(mask, order, values)`` with ``order``/``values`` the
+    ``max(count)`` best columns of every row, best first."""
+    C, E = score.shape
+    M = int(count.max(initial=0))
+    top = np.argpartition(score, E - M, axis=1)[:, E - M:] if M < E else np.broadcast_to(np.arange(E), (C, E))
+    vals = np.take_along_axis(score, top, axis=1)
+    order = np.argsort(-vals, axis=1, kind="stable")
+    top, vals = np.take_along_axis(top, order, axis=1), np.take_along_axis(vals, order, axis=1)
+    take = np.arange(M)[None, :] < count[:, None]
+    mask = np.zeros((C, E), dtype=bool)
+    mask[np.repeat(np.arange(C), M)[take.ravel()], top[take]] = True
+    return mask, top, vals
+
+
+def _prices(net: FlowNetwork, rng: np.random.Generator, scale: float, tol: float, slack: int) -> np.ndarray:
+    """Expert prices (potentials: experts, then S and T) of the exact optimum of a client sample.
+
+    The sample keeps the band in proportion and has ``1 / LEVEL`` of the clients, or
+    ``base = SAMPLE_PER_EXPERT * E`` (at least 1,000) when that is under ``2 * base``.  Above
+    ``base`` clients it is solved like the full instance (:class:`_PricedRun`
+    on prices from a sample of its own), else on candidate arcs (each client's ``capacity +
+    slack`` best experts and each expert's best clients, so every expert can reach its band)
+    that its own certificate widens until its optimum is proven.  Prices only steer the working
+    set, so an unproven sample still gives usable ones.
     """
     C, E = net.shape
-    n = min(C, max(2000, 20 * E))
+    base = max(1000, SAMPLE_PER_EXPERT * E)
+    n = min(C, C // LEVEL if C // LEVEL > 2 * base else base)
     rows = np.sort(rng.choice(C, size=n, replace=False))
     frac = n / C
     sample = FlowNetwork(G=net.G[rows], allowed=net.allowed[rows], lo=net.lo[rows], k=net.k[rows],
                          L=np.floor(net.L * frac).astype(np.int64), U=np.ceil(net.U * frac).astype(np.int64),
                          penalty=net.penalty, max_abs=net.max_abs, Lf=net.Lf * frac, Uf=net.Uf * frac)
-    d0 = np.zeros(E + 2)
-    xs = _solve_network(sample, None, scale)
-    if xs is not None:
-        d = sample.potentials(xs, None, 4.0 / scale)
-        if d is not None:
-            d0 = d
-    score = np.add(net.G, d0[None, :E])
-    if not _all(net.allowed):
-        score[~net.allowed] = -np.inf
-    top = np.argpartition(score, E - m, axis=1)[:, E - m:]
-    vals = np.take_along_axis(score, top, axis=1)
-    cand = np.zeros((C, E), dtype=bool)
-    np.put_along_axis(cand, top, True, axis=1)
-    cand &= net.allowed
-    needy = net.lo > m
-    cand[needy] = net.allowed[needy]
-    active = np.ones(C, dtype=bool)
-    fixed_x = np.zeros((C, E), dtype=bool)
-    if int(net.k.max(initial=0)) + 1 > m:
-        return cand, active, fixed_x
-    order = np.argsort(-vals, axis=1, kind="stable")
-    top, vals = np.take_along_axis(top, order, axis=1), np.take_along_axis(vals, order, axis=1)
-    idx = np.arange(C)
-    k = net.k
-    kth = vals[idx, np.maximum(k - 1, 0)]
-    margin = np.minimum(kth - vals[idx, k], kth - d0[E])
-    eligible = (k >= 1) & ~needy & np.isfinite(kth)
-    if not eligible.any():
-        return cand, active, fixed_x
-    cut = max(float(np.quantile(margin[eligible], ACTIVE_SHARE)), 0.0)
-    fixed = eligible & (margin > cut)
-    take = np.arange(m)[None, :] < k[:, None]
-    sel = take & fixed[:, None]
-    fixed_x[np.repeat(idx, m)[sel.ravel()], top[sel]] = True
-    active = ~fixed
-    return cand, active, fixed_x
+    if n > base:
+        run = _PricedRun(sample, _prices(sample, rng, scale, tol, slack), slack, scale, tol)
+        run.solve(MAX_SAMPLE_ROUNDS)
+        return run.d if run.d is not None else np.zeros(E + 2)
+    score = np.where(sample.allowed, sample.G, -np.inf)
+    cand = _top(score, sample.k + slack)[0]
+    reach = min(n, int(2 * sample.U.clip(0, n).max(initial=0)) + slack)
+    best = np.argpartition(-score, reach - 1, axis=0)[:reach] if reach < n else np.broadcast_to(np.arange(n)[:, None], (n, E))
+    cand[best, np.arange(E)[None, :]] = True
+    cand &= sample.allowed
+    d = np.zeros(E + 2)
+    for _ in range(MAX_SAMPLE_ROUNDS):
+        pairs = np.nonzero(cand)
+        flows = _solve_network(sample, pairs, scale)
+        xs = None if flows is None else _assignment(sample.shape, pairs, flows)
+        found = None if xs is None else sample.potentials(xs, cand, tol)
+        if found is None:
+            break
+        d = found
+        improving, bad = sample.check(xs, d, tol)
+        if not bad.any():
+            break
+        cand |= improving
+    return d
+
+
+class _PricedRun:
+    """The working-set loop on one network from expert prices.
+
+    Round: solve the active clients' candidate arcs with the others fixed; potentials of the
+    whole plan on the candidate arcs; clients with an improving candidate arc are ``bad`` and,
+    with the clients closest to changing, form the next round's active set.  When no client is
+    bad the plan is optimal on the candidate arcs, and :meth:`FlowNetwork.check` tests it on
+    every allowed arc: it is proven, or the arcs it names join the candidates.
+    """
+
+    def __init__(self, net: FlowNetwork, prices: np.ndarray, slack: int, scale: float, tol: float) -> None:
+        self.net, self.scale, self.tol = net, scale, tol
+        self.cs = _Candidates(net, prices, slack)
+        self.active, self.hold = self.cs.first_active()
+        self.rounds, self.proven, self.cut, self.gave_up = 0, False, False, False
+        self.d: Optional[np.ndarray] = None
+
+    def solve(self, max_rounds: int, deadline: Optional[float] = None, report: Any = None,
+              soft: bool = True) -> Optional[np.ndarray]:
+        """Run rounds until proven, cut by ``deadline`` or ``max_rounds`` (``gave_up``); the
+        last plan (None if no round solved)."""
+        net, cs, tol = self.net, self.cs, self.tol
+        E = net.shape[1]
+        solved = False
+        while True:
+            if self.rounds >= max_rounds:
+                self.gave_up = True
+                break
+            self.rounds += 1
+            active, hold = self.active, self.hold
+            rows = np.flatnonzero(active)
+            sub = net.restrict(rows, np.bincount(cs.top[hold & ~active[:, None]], minlength=E))
+            flows = _solve_network(sub, cs.pairs(rows), self.scale)
+            if flows is None:
+                break
+            solved = True
+            hold[rows] = cs.scatter(rows, flows)
+            d = cs.potentials(hold, tol)
+            if d is None and not active.all():   # a fixed client is wrong: the network's own prices name it
+                d = cs.potentials(hold, tol, rows=rows, sub=sub)
+            if d is None:
+                if active.all():
+                    break
+                self.active[:] = True
+                continue
+            self.d = d
+            bad = cs.bad(hold, d, tol)
+            if not bad.any():                    # optimal on the candidates: certify on the full instance
+                improving, bad = net.check(cs.assignment(hold), d, tol)
+                if not bad.any():
+                    self.proven = True
+                    break
+                self.hold = hold = cs.widen(improving, hold)
+            if report is not None:
+                x = cs.assignment(hold)
+                if soft or not _misses(net, x):
+                    report(x, None)
+            if deadline is not None and time.perf_counter() > deadline:
+                self.cut = True
+                break
+            self.active = cs.refocus(hold, d, bad)
+        return cs.assignment(self.hold) if solved else None
+
+
+class _Candidates:
+    """Each client's best experts under expert prices, as fixed-width rows (no C x E masks in the loop).
+
+    ``top[c]`` lists client ``c``'s ``capacity + slack`` best allowed experts by fitness plus
+    price, best first (``on`` marks the real entries, ``g`` their fitness); the certificate may
+    append experts (:meth:`widen`).  A plan is ``hold``, a mask over the same rows.
+    """
+
+    def __init__(self, net: FlowNetwork, prices: np.ndarray, slack: int) -> None:
+        self.net = net
+        C, E = net.shape
+        score = np.add(net.G, prices[None, :E])
+        if not _all(net.allowed):
+            score[~net.allowed] = -np.inf
+        count = np.minimum(net.k + slack, net.allowed.sum(axis=1))
+        _, self.top, self.vals = _top(score, count)
+        M = self.top.shape[1]
+        self.on = (np.arange(M)[None, :] < count[:, None]) & np.isfinite(self.vals)
+        self.g = np.take_along_axis(net.G, self.top, axis=1)
+        self.prices = prices
+
+    def first_active(self) -> tuple[np.ndarray, np.ndarray]:
+        """Active clients and the plan of the fixed ones: a client whose ``capacity``-th best
+        expert beats the next one and the source price by a clear margin takes its top
+        ``capacity``; the least clear-cut clients, up to ``FIRST_ARCS`` candidate arcs, are active."""
+        net, M = self.net, self.top.shape[1]
+        C, E = net.shape
+        k, idx = net.k, np.arange(C)
+        hold = np.zeros(self.top.shape, dtype=bool)
+        kth = self.vals[idx, np.maximum(k - 1, 0)]
+        margin = np.minimum(kth - self.vals[idx, np.minimum(k, M - 1)], kth - self.prices[E])
+        eligible = (k >= 1) & (k < M) & np.isfinite(margin) & self.on[idx, np.minimum(k, M - 1)]
+        share = FIRST_ARCS / max(int(self.on.sum()), 1)
+        if share >= 1 or not eligible.any():
+            return np.ones(C, dtype=bool), hold
+        cut = max(float(np.quantile(margin[eligible], share)), 0.0)
+        fixed = eligible & (margin > cut)
+        hold[fixed] = np.arange(M)[None, :] < k[fixed, None]
+        return ~fixed, hold
+
+    def pairs(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Candidate arcs of ``rows`` as (position in ``rows``, expert), row-major."""
+        sel = self.on[rows]
+        return np.nonzero(sel)[0], self.top[rows][sel]
+
+    def scatter(self, rows: np.ndarray, flows: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(rows), self.top.shape[1]), dtype=bool)
+        out[self.on[rows]] = flows
+        return out
+
+    def assignment(self, hold: np.ndarray) -> np.ndarray:
+        x = np.zeros(self.net.shape, dtype=bool)
+        x[np.nonzero(hold)[0], self.top[hold]] = True
+        return x
+
+    def potentials(self, hold: np.ndarray, tol: float, rows: Optional[np.ndarray] = None,
+                   sub: Optional[FlowNetwork] = None) -> Optional[np.ndarray]:
+        """Potentials of the residual graph on the candidate arcs (of ``rows`` in ``sub``, the
+        network of the active clients, when given)."""
+        net, top, g, on = self.net, self.top, self.g, self.on
+        if rows is not None:
+            net, top, g, on, hold = sub, top[rows], g[rows], on[rows], hold[rows]
+        E = net.shape[1]
+        free = on & ~hold
+        fc, hc = np.nonzero(free)[0], np.nonzero(hold)[0]
+        return net.pair_potentials((fc, top[free], g[free]), (hc, top[hold], g[hold]), hold.sum(axis=1),
+                                   np.bincount(top[hold], minlength=E), tol)
+
+    def _values(self, hold: np.ndarray, d: np.ndarray):
+        E = self.net.shape[1]
+        value = self.g + d[self.top]
+        held = np.where(hold, value, np.inf).min(axis=1)
+        free = np.where(self.on & ~hold, value, -np.inf).max(axis=1)
+        f = hold.sum(axis=1)
+        d_in = np.minimum(np.where(f < self.net.k, d[E], np.inf), held)
+        return held, free, f, d_in
+
+    def bad(self, hold: np.ndarray, d: np.ndarray, tol: float) -> np.ndarray:
+        """Clients with an improving candidate arc or an improving drop under ``d`` (the check of
+        :meth:`FlowNetwork.check` on the candidate arcs)."""
+        E = self.net.shape[1]
+        _, free, f, d_in = self._values(hold, d)
+        return (free > d_in + 2 * tol) | ((f > self.net.lo) & (d[E] > d_in + 2 * tol))
+
+    def refocus(self, hold: np.ndarray, d: np.ndarray, bad: np.ndarray) -> np.ndarray:
+        """The next round's active clients: ``bad`` and those closest to changing under ``d`` (a
+        held expert's value near a free one's or the source price), at least ``REFOCUS_SHARE``
+        of the clients and four per bad one."""
+        net = self.net
+        C, E = net.shape
+        held, free, f, _ = self._values(hold, d)
+        margin = np.minimum(held - free, np.where(f > net.lo, held - d[E], np.inf))
+        margin = np.minimum(margin, np.where(f < net.k, d[E] - free, np.inf))
+        margin[bad] = -np.inf
+        n = min(C, max(BAD_FACTOR * int(bad.sum()), int(REFOCUS_SHARE * C), 1))
+        active = np.zeros(C, dtype=bool)
+        active[np.argpartition(margin, n - 1)[:n]] = True
+        return active
+
+    def widen(self, improving: np.ndarray, hold: np.ndarray) -> np.ndarray:
+        """Append each client's improving arcs (found by the full certificate) to its candidates;
+        returns ``hold`` on the widened rows."""
+        rc, re = np.nonzero(improving)
+        if not len(rc):
+            return hold
+        first = np.flatnonzero(np.r_[True, rc[1:] != rc[:-1]])
+        rank = np.arange(len(rc)) - np.repeat(first, np.diff(np.r_[first, len(rc)]))
+        M = self.top.shape[1]
+        extra = int(rank.max()) + 1
+        C = self.top.shape[0]
+        self.top = np.concatenate([self.top, np.zeros((C, extra), dtype=self.top.dtype)], axis=1)
+        self.g = np.concatenate([self.g, np.zeros((C, extra))], axis=1)
+        self.on = np.concatenate([self.on, np.zeros((C, extra), dtype=bool)], axis=1)
+        self.top[rc, M + rank] = re
+        self.g[rc, M + rank] = self.net.G[rc, re]
+        self.on[rc, M + rank] = True
+        return np.concatenate([hold, np.zeros((C, extra), dtype=bool)], axis=1)
