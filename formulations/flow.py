@@ -240,11 +240,15 @@ class FlowNetwork:
         np.minimum.at(held, hc, d[he] + self.G[hc, he])
         d_in = np.minimum(np.where(f < self.k, d[E], np.inf), held)      # cheapest way into each client
         # arc c -> e' has reduced cost d_in - G - d_e' < -tol  <=>  G + d_e' > d_in + tol
-        improving = np.greater(np.add(self.G, d[None, :E]), (d_in + 2 * tol)[:, None])
-        improving &= ~x
+        value = np.add(self.G, d[None, :E])
+        value[hc, he] = -np.inf                                            # held arcs are not free
         if not _all(self.allowed):
-            improving &= self.allowed
-        bad = improving.any(axis=1) | ((f > self.lo) & (d[E] > d_in + 2 * tol))
+            value[~self.allowed] = -np.inf
+        thr = d_in + 2 * tol
+        bad = (value.max(axis=1) > thr) | ((f > self.lo) & (d[E] > thr))
+        improving = np.zeros((C, E), dtype=bool)
+        rows = np.flatnonzero(bad)
+        improving[rows] = value[rows] > thr[rows, None]
         return improving, bad
 
 

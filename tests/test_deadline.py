@@ -107,8 +107,9 @@ def test_cpsat_building_past_the_limit_still_returns_a_plan():
     assert r["gone"]
 
 
-def test_flow_result_says_whether_the_limit_cut_it():
-    problem = random_problem(300, 8, seed=0)
+@pytest.mark.parametrize("shape", [(300, 8), (20_000, 64)])      # every arc; the priced working set
+def test_flow_result_says_whether_the_limit_cut_it(shape):
+    problem = random_problem(*shape, seed=0)
     free = solve(problem, backend="flow")
     limited = solve(problem, backend="flow", time_limit=30)
     assert free.stats["deterministic"] and limited.stats["deterministic"]
