@@ -157,26 +157,27 @@ def test_large_flow_working_set_is_proven_and_matches_full_solve():
     assert fast.gap < 1e-9
 
 
-def _large_variant(kind):
+def _large_variant(kind, clients=5000):
     """Instances past FULL_ARCS with each field the working set has to respect."""
     rng = np.random.default_rng(11)
-    base = random_problem(5000, 64, seed=7, max_capacity=8 if kind == "capacity 8" else 3)
+    base = random_problem(clients, 64, seed=7, max_capacity=8 if kind == "capacity 8" else 3)
     fields = {}
     if kind == "allowed":
-        fields["allowed"] = rng.random((5000, 64)) < 0.7
+        fields["allowed"] = rng.random((clients, 64)) < 0.7
     if kind == "previous":
-        fields["previous"] = rng.random((5000, 64)) < 0.03
+        fields["previous"] = rng.random((clients, 64)) < 0.03
         fields["switch_penalty"] = 0.05
     if kind == "min experts 2":
         fields["min_experts"] = np.minimum(2, base.capacity_array)
     return base.model_copy(update=fields)
 
 
+@pytest.mark.parametrize("clients", [1000, 5000])     # candidates without prices; the priced working set
 @pytest.mark.parametrize("kind", ["plain", "capacity 8", "allowed", "previous", "min experts 2", "soft"])
-def test_priced_working_set_matches_every_arc(kind):
-    """The priced working set (candidates, fixed clients, refocused rounds, certificate) reaches
-    OR-Tools' optimum on every allowed arc, with or without a forced fall-back."""
-    problem = _large_variant(kind)
+def test_priced_working_set_matches_every_arc(kind, clients):
+    """The working set (candidates, prices from samples, fixed clients, refocused rounds, the
+    certificate) reaches OR-Tools' optimum on every allowed arc, with or without a forced fall-back."""
+    problem = _large_variant(kind, clients)
     kw = {"soft": True} if kind == "soft" else {}
     fast = solve(problem, backend="flow", **kw)
     full = solve(problem, backend="flow", options={"candidates": 0}, **kw)

@@ -41,7 +41,7 @@ from ..problem import AlignmentProblem
 from ..result import AlignmentResult, SolveStatus
 from .base import Backend, SolveRequest
 
-FULL_ARCS = 200_000     # below this many allowed arcs, solve on all of them at once
+FULL_ARCS = 40_000      # up to this many allowed arcs, solve on all of them at once
 FIRST_ARCS = 100_000    # candidate arcs of the first round's active clients on large instances
 REFOCUS_SHARE = 0.05    # least share of clients re-solved after a round with bad clients
 BAD_FACTOR = 4          # clients re-solved per bad client (the closest to changing)
@@ -90,16 +90,23 @@ class FlowBackend(Backend):
         large = bool(slack) and int(net.k.max(initial=0)) + slack < E and int(net.allowed.sum()) > FULL_ARCS
         if not large:
             return self._solve_full(problem, net, request, t0, scale, tol)
-        rng = np.random.default_rng(request.seed)
-        prices = _prices(net, rng, scale, tol, slack)
-        build = time.perf_counter() - t0
-        run = _PricedRun(net, prices, slack, scale, tol)
-        x = run.solve(max_rounds, request.deadline, request.report, request.soft)
-        if run.gave_up:                          # prices never settled: the whole network, proven by OR-Tools
-            return self._solve_full(problem, net, request, t0, scale, tol)
-        proven, cut, rounds, cs, active = run.proven, run.cut, run.rounds, run.cs, run.active
+        cut = False
+        if C <= _base(E):                        # no sample smaller than the instance: candidates, no prices
+            build = time.perf_counter() - t0
+            x, _, proven, rounds, arcs = _on_candidates(net, slack, scale, tol, max_rounds)
+            if not proven:
+                return self._solve_full(problem, net, request, t0, scale, tol)
+            active = C
+        else:
+            prices = _prices(net, np.random.default_rng(request.seed), scale, tol, slack)
+            build = time.perf_counter() - t0
+            run = _PricedRun(net, prices, slack, scale, tol)
+            x = run.solve(max_rounds, request.deadline, request.report, request.soft)
+            if run.gave_up:                      # prices never settled: the whole network, proven by OR-Tools
+                return self._solve_full(problem, net, request, t0, scale, tol)
+            proven, cut, rounds, arcs, active = run.proven, run.cut, run.rounds, int(run.cs.on.sum()), int(run.active.sum())
         seconds = time.perf_counter() - t0 - build
-        stats = {"rounds": rounds, "arcs": int(cs.on.sum()), "active_clients": int(active.sum()),
+        stats = {"rounds": rounds, "arcs": arcs, "active_clients": active,
                  "proven": proven, "tolerance": tol, "deterministic": not cut}
         if x is None:
             return AlignmentResult(problem, SolveStatus.NO_SOLUTION_FOUND, self.name, solve_seconds=seconds,
@@ -241,6 +248,11 @@ def _first(top: np.ndarray, count: np.ndarray, shape: tuple[int, int]) -> np.nda
     return mask
 
 
+def _base(experts: int) -> int:
+    """Clients of the smallest price sample."""
+    return max(1000, SAMPLE_PER_EXPERT * experts)
+
+
 def _prices(net: FlowNetwork, rng: np.random.Generator, scale: float, tol: float, slack: int) -> np.ndarray:
     """Expert prices (potentials: experts, then S and T) of the exact optimum of a client sample.
 
@@ -253,7 +265,7 @@ def _prices(net: FlowNetwork, rng: np.random.Generator, scale: float, tol: float
     set, so an unproven sample still gives usable ones.
     """
     C, E = net.shape
-    base = max(1000, SAMPLE_PER_EXPERT * E)
+    base = _base(E)
     n = min(C, C // LEVEL if C // LEVEL > 2 * base else base)
     rows = np.sort(rng.choice(C, size=n, replace=False))
     frac = n / C
@@ -264,27 +276,40 @@ def _prices(net: FlowNetwork, rng: np.random.Generator, scale: float, tol: float
         run = _PricedRun(sample, _prices(sample, rng, scale, tol, slack), slack, scale, tol)
         run.solve(MAX_SAMPLE_ROUNDS)
         return run.d if run.d is not None else np.zeros(E + 2)
-    score = np.where(sample.allowed, sample.G, -np.inf)
-    count = np.minimum(sample.k + slack, E)
-    cand = _first(_top(score, int(count.max(initial=0)))[0], count, sample.shape)
-    reach = min(n, int(2 * sample.U.clip(0, n).max(initial=0)) + slack)
-    best = np.argpartition(-score, reach - 1, axis=0)[:reach] if reach < n else np.broadcast_to(np.arange(n)[:, None], (n, E))
+    return _on_candidates(sample, slack, scale, tol)[1]
+
+
+def _on_candidates(net: FlowNetwork, slack: int, scale: float, tol: float, max_rounds: int = MAX_SAMPLE_ROUNDS):
+    """Every client on candidate arcs, widened by the certificate until the optimum is proven:
+    ``(plan or None, potentials, proven, rounds, candidate arcs)``.
+
+    Candidates: each client's ``capacity + slack`` best experts and each expert's best clients
+    (twice its upper band, so every expert can reach its band without prices).
+    """
+    C, E = net.shape
+    score = np.where(net.allowed, net.G, -np.inf)
+    count = np.minimum(net.k + slack, E)
+    cand = _first(_top(score, int(count.max(initial=0)))[0], count, net.shape)
+    reach = min(C, int(2 * net.U.clip(0, C).max(initial=0)) + slack)
+    best = np.argpartition(-score, reach - 1, axis=0)[:reach] if reach < C else np.broadcast_to(np.arange(C)[:, None], (C, E))
     cand[best, np.arange(E)[None, :]] = True
-    cand &= sample.allowed
-    d = np.zeros(E + 2)
-    for _ in range(MAX_SAMPLE_ROUNDS):
+    cand &= net.allowed
+    d, x, proven, rounds = np.zeros(E + 2), None, False, 0
+    while rounds < max_rounds:
+        rounds += 1
         pairs = np.nonzero(cand)
-        flows = _solve_network(sample, pairs, scale)
-        xs = None if flows is None else _assignment(sample.shape, pairs, flows)
-        found = None if xs is None else sample.potentials(xs, cand, tol)
+        flows = _solve_network(net, pairs, scale)
+        x = None if flows is None else _assignment(net.shape, pairs, flows)
+        found = None if x is None else net.potentials(x, cand, tol)
         if found is None:
             break
         d = found
-        improving, bad = sample.check(xs, d, tol)
+        improving, bad = net.check(x, d, tol)
         if not bad.any():
+            proven = True
             break
         cand |= improving
-    return d
+    return x, d, proven, rounds, int(cand.sum())
 
 
 class _PricedRun:
