@@ -55,6 +55,17 @@ def client_reasons(problem: AlignmentProblem) -> list[str]:
         if len(under):
             out.append(f"clients {_ids(problem, under, 'client')} must train at least {low[under].tolist()[:12]} "
                        f"experts but their group capacities allow only {top[under].tolist()[:12]}")
+    if problem.has_min_group:
+        from .search.floor import forced
+
+        _, off = forced(problem, soft=True)
+        if off.any():
+            usable = (allowed & ~off[None, :]).sum(axis=1)
+            stuck = np.flatnonzero((low > usable) & (low <= n_allowed))
+            if len(stuck):
+                out.append(f"clients {_ids(problem, stuck, 'client')} must train at least {low[stuck].tolist()[:12]} "
+                           f"experts but only {usable[stuck].tolist()[:12]} of the experts they may train can reach "
+                           f"their privacy floor (experts {_ids(problem, np.flatnonzero(off), 'expert')} cannot)")
     if problem.has_budget:
         usage = problem.usage_matrix if problem.allowed is None else np.where(allowed, problem.usage_matrix, np.inf)
         m = int(low.max(initial=0))
@@ -85,6 +96,17 @@ def quick_reasons(problem: AlignmentProblem) -> list[str]:
         unit = "clients" if w is None else "load"
         out.append(f"experts {_ids(problem, short, 'expert')} need at least {L[short].tolist()[:12]} {unit} but "
                    f"the clients that may take them bring at most {reach[short].tolist()[:12]}")
+    if problem.has_min_group:
+        from .search.floor import forced
+
+        on, off = forced(problem)
+        m = problem.min_group_array
+        both = np.flatnonzero(on & off)
+        if len(both):
+            cap = np.minimum(problem.allowed_matrix.sum(axis=0), np.floor(problem.max_load_array + 1e-9))
+            out.append(f"experts {_ids(problem, both, 'expert')} must be trained (expert_min_load > 0), so by at least "
+                       f"{m[both].tolist()[:12]} clients (expert_min_group), but at most {cap[both].astype(int).tolist()[:12]} "
+                       f"clients may train them")
     if w is None:
         k_eff = np.minimum(problem.capacity_array, problem.allowed_matrix.sum(axis=1))
         U = np.minimum(problem.max_load_array, problem.allowed_matrix.sum(axis=0))
@@ -151,4 +173,9 @@ def explain(problem: AlignmentProblem, *, soft: bool = False) -> Optional[str]:
         cut = flow_cut_reason(problem)
         if cut:
             reasons.append(cut)
+    if not reasons and problem.has_min_group:
+        floors = np.flatnonzero(problem.min_group_array > 1)
+        reasons.append(f"no choice of which experts to train gives each of {_ids(problem, floors, 'expert')} either no "
+                       f"client or at least its expert_min_group {problem.min_group_array[floors].tolist()[:12]} while "
+                       f"every other constraint holds")
     return "; ".join(reasons) if reasons else None

@@ -9,6 +9,8 @@ The server decides ``x[c, e]`` in {0, 1} (client ``c`` trains expert ``e`` this 
                group_min_experts[c,l] <= sum_{e in l} x[c,e] <= group_capacity[c,l]
                                                              (only when expert_group is given)
                x[c,e] = 0 where not allowed[c,e]
+               sum_c x[c,e] = 0  or  sum_c x[c,e] >= expert_min_group[e]
+                                                             (a privacy floor: clients, not weights)
 
 ``w`` is 1 everywhere unless ``load_weight`` is given.  ``expert_group`` puts each expert (unit) in
 a group ``l`` (e.g. the MoE layer of a per-layer unit); the group rows nest inside the client row
@@ -148,6 +150,9 @@ class AlignmentProblem(BaseModel):
     expert_group: Arr = Field(None, description="(E,) ints in [0, E): group (e.g. MoE layer) of each expert.")
     group_capacity: Arr = Field(None, description="int, (C,) or (C, L) ints >= 0: most experts per client per group.")
     group_min_experts: Arr = Field(0, description="int, (C,) or (C, L) ints: fewest experts per client per group.")
+    expert_min_group: Arr = Field(0, description="int or (E,) ints >= 0: each expert is trained by no client or by "
+                                                 "at least this many (a privacy floor, counting clients whatever the "
+                                                 "load weights); 0 or 1: no floor.")
     switch_penalty: float = Field(0.0, description="subtracted per newly held (c, e) pair; >= 0.")
     client_ids: Optional[list[Label]] = Field(None, description="unique labels (default 0..C-1).")
     expert_ids: Optional[list[Label]] = Field(None, description="unique labels (default 0..E-1).")
@@ -164,13 +169,15 @@ class AlignmentProblem(BaseModel):
             raise ValueError(f"fitness must be finite; got {arr[tuple(idx)]} at (client {idx[0]}, expert {idx[1]})")
         return _frozen(_in_range("fitness", arr))
 
-    @field_validator("capacity", "min_experts", "group_capacity", "group_min_experts", mode="before")
+    @field_validator("capacity", "min_experts", "group_capacity", "group_min_experts", "expert_min_group",
+                     mode="before")
     @classmethod
     def _v_int_vec(cls, v: Any, info: Any) -> Any:
         grouped = info.field_name.startswith("group_")
         if v is None and info.field_name == "group_capacity":
             return None
-        shapes = "an integer, a (C,) or a (C, L) array" if grouped else "an integer or a (C,) array"
+        shapes = ("an integer, a (C,) or a (C, L) array" if grouped else
+                  "an integer or an (E,) array" if info.field_name == "expert_min_group" else "an integer or a (C,) array")
         if v is None:
             raise ValueError(f"{info.field_name} must be {shapes}; got None")
         arr = _integers(info.field_name, v)
@@ -245,6 +252,7 @@ class AlignmentProblem(BaseModel):
         shape_ok("min_experts", self.min_experts, [(C,)])
         shape_ok("expert_min_load", self.expert_min_load, [(E,)])
         shape_ok("expert_max_load", self.expert_max_load, [(E,)])
+        shape_ok("expert_min_group", self.expert_min_group, [(E,)])
         shape_ok("load_weight", self.load_weight, [(C,), (C, E)])
         shape_ok("usage", self.usage, [(E,), (C, E)])
         shape_ok("budget", self.budget, [(C,)])
@@ -381,6 +389,21 @@ class AlignmentProblem(BaseModel):
     @cached_property
     def max_load_array(self) -> np.ndarray:
         return self._vec(self.expert_max_load, self.n_experts, np.float64, np.inf)
+
+    @cached_property
+    def min_group_array(self) -> np.ndarray:
+        """(E,) privacy floor: each expert has 0 clients or at least this many."""
+        return self._vec(self.expert_min_group, self.n_experts, np.int64, 0)
+
+    @property
+    def has_min_group(self) -> bool:
+        """True when some expert's floor binds (``expert_min_group`` above 1)."""
+        return bool(np.any(self.min_group_array > 1))
+
+    def floor_breaks(self, assignment: np.ndarray) -> np.ndarray:
+        """Experts trained by some clients but fewer than their ``expert_min_group``."""
+        n = np.asarray(assignment, dtype=bool).sum(axis=0)
+        return np.flatnonzero((n > 0) & (n < self.min_group_array))
 
     @property
     def n_groups(self) -> int:

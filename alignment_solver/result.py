@@ -148,6 +148,11 @@ class AlignmentResult:
             for e in np.flatnonzero(load > p.max_load_array + tol):
                 out.append(f"expert {p.expert_label(int(e))!r} has load {load[e]:g} > expert_max_load "
                            f"{p.max_load_array[e]:g}")
+        if p.has_min_group:
+            trainers = x.sum(axis=0)
+            for e in p.floor_breaks(x)[:20]:
+                out.append(f"expert {p.expert_label(int(e))!r} is trained by {trainers[e]} clients, fewer than its "
+                           f"expert_min_group {p.min_group_array[e]} (it needs 0 or at least that many)")
         if p.has_groups:
             per = p.group_counts(x)
             for c, g in np.argwhere(per > p.group_capacity_matrix)[:20]:

@@ -30,9 +30,10 @@ def default_soft_penalty(problem: AlignmentProblem) -> float:
     return P
 
 
-def choose_backend(problem: AlignmentProblem) -> str:
-    """``flow`` whenever the structure allows it (count loads, no budget), else ``cpsat``."""
-    return "flow" if problem.is_flow else "cpsat"
+def choose_backend(problem: AlignmentProblem, soft: bool = False) -> str:
+    """``flow`` whenever the structure allows it (count loads, no budget; a privacy floor in hard
+    mode only), else ``cpsat``."""
+    return "flow" if problem.is_flow and not (soft and problem.has_min_group) else "cpsat"
 
 
 def solve(problem: AlignmentProblem, *, backend: str = "auto", time_limit: Optional[float] = None, seed: int = 0,
@@ -78,9 +79,9 @@ def solve(problem: AlignmentProblem, *, backend: str = "auto", time_limit: Optio
         if isinstance(soft_penalty, bool) or not isinstance(soft_penalty, (int, float)) or not (
                 math.isfinite(soft_penalty) and soft_penalty > 0):
             raise InvalidOptionError(f"soft_penalty must be a finite number > 0; got {describe(soft_penalty)}")
-    name = choose_backend(problem) if backend == "auto" else backend
+    name = choose_backend(problem, soft) if backend == "auto" else backend
     impl = get_backend(name)
-    reason = impl.unsupported_reason(problem)
+    reason = impl.unsupported_reason(problem, soft)
     if reason:
         raise UnsupportedProblemError(f"backend {name!r} cannot solve this problem: {reason}")
     checked = {}

@@ -8,10 +8,11 @@ them (one boolean variable per pair, row and column sums); the time is build + s
 process each, after a warm-up call on a 20 x 4 round (imports are not timed).  ``same optimum`` compares each objective with the flow's proven optimum
 (relative 1e-6: the MIP solvers stop within their own tolerances).
 
-cvxpy and PySCIPOpt are not dependencies of the package; install them for this script only:
+cvxpy and PySCIPOpt are not dependencies of the package, and cvxpy needs a newer highspy than
+the package's ``pulp`` extra pins, so they go into an environment of their own:
 
-    pip install -r benchmarks/requirements-peers.txt
-    python benchmarks/peers.py [--sizes 100x16 1000x64] [--timeout 600]
+    python -m venv /tmp/peers && /tmp/peers/bin/pip install -e . pulp -r benchmarks/requirements-peers.txt
+    /tmp/peers/bin/python benchmarks/peers.py [--sizes 100x16 1000x64] [--timeout 600]
 """
 
 from __future__ import annotations

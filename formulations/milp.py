@@ -6,7 +6,10 @@ variables per expert (shortfall below and excess above its load band) priced at
 ``min_experts <= sum x <= capacity``, expert loads ``L <= sum w x (+ short - excess) <= U``,
 and, when present, budgets ``sum usage x <= budget`` and per-group client counts
 ``group_min_experts[c, l] <= sum_{e in l} x <= group_capacity[c, l]`` (kind ``"group"``, index
-``c * L + l``).  Backends (CP-SAT, PuLP) read the groups;
+``c * L + l``).  A privacy floor (``expert_min_group``) adds one binary ``y_e`` per expert
+whose floor ``m_e`` is above 1 (:meth:`LinearModel.floors`): ``m_e y_e <= sum_c x <= n_e y_e``
+with ``n_e`` the expert's allowed pairs (no trainer, or at least ``m_e``).  Backends (CP-SAT,
+PuLP) read the groups and the floors;
 ``matrices()`` gives the whole model as sparse matrices for LP bounds and independent oracles.
 """
 
@@ -50,6 +53,7 @@ class LinearModel:
     group: Optional[np.ndarray] = None      # (n,) group of each pair's expert, when group rows exist
     group_lo: Optional[np.ndarray] = None   # (C, L)
     group_hi: Optional[np.ndarray] = None   # (C, L)
+    min_group: Optional[np.ndarray] = None  # (E,) privacy floor, when some expert's is above 1
 
     @classmethod
     def from_problem(cls, problem: AlignmentProblem, soft_penalty: Optional[float] = None,
@@ -69,7 +73,8 @@ class LinearModel:
                    soft_penalty=soft_penalty,
                    group=problem.group_array[ei] if problem.has_groups else None,
                    group_lo=problem.group_min_matrix.astype(float) if problem.has_groups else None,
-                   group_hi=problem.group_capacity_matrix.astype(float) if problem.has_groups else None)
+                   group_hi=problem.group_capacity_matrix.astype(float) if problem.has_groups else None,
+                   min_group=problem.min_group_array if problem.has_min_group else None)
 
     @property
     def n(self) -> int:
@@ -101,6 +106,14 @@ class LinearModel:
                     yield Row("group", i, idx, np.ones(len(idx)), self.group_lo[c, g],
                               min(self.group_hi[c, g], len(idx)))
 
+    def floors(self) -> Iterator[tuple[int, np.ndarray, int]]:
+        """``(expert, its pair variables, floor)`` for every expert whose floor is above 1."""
+        if self.min_group is None:
+            return
+        for e, idx in enumerate(self._groups(self.ei, self.E)):
+            if self.min_group[e] > 1:
+                yield e, idx, int(self.min_group[e])
+
     def assignment(self, values: np.ndarray) -> np.ndarray:
         x = np.zeros((self.C, self.E), dtype=bool)
         on = np.asarray(values) > 0.5
@@ -108,13 +121,16 @@ class LinearModel:
         return x
 
     def matrices(self):
-        """``(c, A, row_lo, row_hi, var_hi, integrality)`` for ``max c @ v``; v = pairs then slacks.
+        """``(c, A, row_lo, row_hi, var_hi, integrality)`` for ``max c @ v``; v = pairs, then slacks,
+        then the floors' binaries.
 
-        Slack columns (soft mode) are ``[short_0..short_{E-1}, excess_0..excess_{E-1}]``.
+        Slack columns (soft mode) are ``[short_0..short_{E-1}, excess_0..excess_{E-1}]``; each floor
+        adds a column ``y_e`` and the rows ``sum x - m_e y_e >= 0`` and ``sum x - n_e y_e <= 0``.
         """
         from scipy.sparse import coo_matrix
 
         n, ns = self.n, (2 * self.E if self.soft else 0)
+        floors = list(self.floors())
         rows, cols, vals, lo, hi = [], [], [], [], []
         for r, row in enumerate(self.rows()):
             rows.append(np.full(len(row.pairs), r))
@@ -126,9 +142,19 @@ class LinearModel:
                 rows.append(np.array([r, r]))
                 cols.append(np.array([n + row.index, n + self.E + row.index]))
                 vals.append(np.array([1.0, -1.0]))
+        for i, (_, idx, m) in enumerate(floors):
+            y = n + ns + i
+            for bound, (row_lo, row_hi) in ((m, (0.0, np.inf)), (len(idx), (-np.inf, 0.0))):
+                r = len(lo)
+                rows.append(np.full(len(idx) + 1, r))
+                cols.append(np.r_[idx, y])
+                vals.append(np.r_[np.ones(len(idx)), -float(bound)])
+                lo.append(row_lo)
+                hi.append(row_hi)
+        nf = len(floors)
         A = coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                       shape=(len(lo), n + ns)).tocsr()
-        c = np.concatenate([self.obj, np.full(ns, -(self.soft_penalty or 0.0))])
-        var_hi = np.concatenate([np.ones(n), np.full(ns, np.inf)])
-        integrality = np.concatenate([np.ones(n), np.zeros(ns)])
+                       shape=(len(lo), n + ns + nf)).tocsr()
+        c = np.concatenate([self.obj, np.full(ns, -(self.soft_penalty or 0.0)), np.zeros(nf)])
+        var_hi = np.concatenate([np.ones(n), np.full(ns, np.inf), np.ones(nf)])
+        integrality = np.concatenate([np.ones(n), np.zeros(ns), np.ones(nf)])
         return c, A, np.array(lo), np.array(hi), var_hi, integrality

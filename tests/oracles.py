@@ -56,6 +56,16 @@ def _group_ok(p: AlignmentProblem, x: np.ndarray) -> bool:
     return bool(((per >= glo) & (per <= gk)).all())
 
 
+def _floor(p: AlignmentProblem) -> np.ndarray:
+    return np.broadcast_to(np.asarray(p.expert_min_group, dtype=int), (p.fitness.shape[1],))
+
+
+def _floor_ok(p: AlignmentProblem, x: np.ndarray) -> bool:
+    """Each expert has no trainer or at least ``expert_min_group`` (from the raw field)."""
+    n = x.sum(axis=0)
+    return bool(((n == 0) | (n >= _floor(p))).all())
+
+
 def brute_force(p: AlignmentProblem, soft_penalty: Optional[float] = None) -> Optional[float]:
     """Best objective over every 0-1 matrix (None if infeasible); C * E <= 16."""
     C, E = p.fitness.shape
@@ -68,7 +78,7 @@ def brute_force(p: AlignmentProblem, soft_penalty: Optional[float] = None) -> Op
         if (x & ~allowed).any():
             continue
         n = x.sum(1)
-        if (n > cap).any() or (n < low).any() or not _group_ok(p, x):
+        if (n > cap).any() or (n < low).any() or not _group_ok(p, x) or not _floor_ok(p, x):
             continue
         if usage is not None and ((usage * x).sum(1) > np.asarray(p.budget) + 1e-9).any():
             continue
@@ -120,10 +130,22 @@ def scipy_milp(p: AlignmentProblem, time_limit: float = 60, soft_penalty: Option
                 r = first + c * n_groups + g
                 A[r, [c * E + e for e in np.flatnonzero(member[g])]] = 1
                 lo[r], hi[r] = glo[c, g], gk[c, g]
-    cost = np.concatenate([-G.ravel(), np.full(ns, soft_penalty or 0.0)])
-    upper = np.concatenate([allowed.ravel().astype(float), np.full(ns, np.inf)])
+    floors = [e for e in range(E) if _floor(p)[e] > 1]
+    nf = len(floors)
+    if nf:                                 # y_e: m_e y_e <= trainers of e <= C y_e
+        F = lil_matrix((2 * nf, n + ns + nf))
+        for i, e in enumerate(floors):
+            for r, bound in ((2 * i, _floor(p)[e]), (2 * i + 1, C)):
+                F[r, [c * E + e for c in range(C)]] = 1
+                F[r, n + ns + i] = -bound
+        A = lil_matrix(np.vstack([np.hstack([A.toarray(), np.zeros((rows, nf))]), F.toarray()]))
+        lo = np.concatenate([lo, np.tile([0.0, -np.inf], nf)])
+        hi = np.concatenate([hi, np.tile([np.inf, 0.0], nf)])
+    cost = np.concatenate([-G.ravel(), np.full(ns, soft_penalty or 0.0), np.zeros(nf)])
+    upper = np.concatenate([allowed.ravel().astype(float), np.full(ns, np.inf), np.ones(nf)])
     res = milp(cost, constraints=LinearConstraint(A.tocsr(), lo, hi),
-               integrality=np.concatenate([np.ones(n), np.zeros(ns)]), bounds=Bounds(np.zeros(n + ns), upper),
+               integrality=np.concatenate([np.ones(n), np.zeros(ns), np.ones(nf)]),
+               bounds=Bounds(np.zeros(n + ns + nf), upper),
                options={"time_limit": time_limit, "mip_rel_gap": 0.0})
     if res.status == 2:
         return None
@@ -144,6 +166,8 @@ def violations(p: AlignmentProblem, x: np.ndarray, soft: bool = False, tol: floa
     out += [f"mask at {tuple(ce)}" for ce in np.argwhere(x & ~allowed)]
     if not _group_ok(p, x):
         out.append("a group row")
+    if not _floor_ok(p, x):
+        out.append("a privacy floor")
     if usage is not None:
         out += [f"budget of client {c}" for c in np.flatnonzero((usage * x).sum(1) > np.asarray(p.budget) + tol)]
     if not soft:

@@ -58,6 +58,11 @@ def build_pulp(lm: LinearModel):
             prob += (expr >= lo), name + "_lo"
         if np.isfinite(hi):
             prob += (expr <= hi), name + "_hi"
+    for e, idx, m in lm.floors():                 # no trainer, or at least m
+        on = prob.add_variable(f"floor{e}", cat=pulp.LpBinary)
+        trainers = pulp.lpSum(x[j] for j in idx)
+        prob += (trainers - m * on >= 0), f"floor{e}_lo"
+        prob += (trainers - len(idx) * on <= 0), f"floor{e}_hi"
     prob += objective
     return prob, x
 

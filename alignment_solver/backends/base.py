@@ -32,7 +32,8 @@ class Backend:
     #: backend options: name -> (default, description); values are checked by ``check_option``.
     options: dict[str, tuple[Any, str]] = {}
 
-    def unsupported_reason(self, problem: AlignmentProblem) -> Optional[str]:
+    def unsupported_reason(self, problem: AlignmentProblem, soft: bool = False) -> Optional[str]:
+        """Why this backend cannot solve ``problem`` (in soft mode when ``soft``), or None."""
         return None
 
     def check_option(self, name: str, value: Any) -> Any:

@@ -115,6 +115,11 @@ class CpSatBackend(Backend):
                 model.add(cp_model.LinearExpr.weighted_sum([x[j] for j in row.pairs], ir.coef_hi.tolist()) <= ir.hi)
             if ir.lo is not None:
                 model.add(cp_model.LinearExpr.weighted_sum([x[j] for j in row.pairs], ir.coef_lo.tolist()) >= ir.lo)
+        for e, idx, m in lm.floors():             # no trainer, or at least m
+            on = model.new_bool_var(f"floor{e}")
+            trainers = cp_model.LinearExpr.sum([x[j] for j in idx])
+            model.add(trainers >= m).only_enforce_if(on)
+            model.add(trainers == 0).only_enforce_if(~on)
         obj = IntegerObjective(lm, slacks)
         objective = cp_model.LinearExpr.weighted_sum(x, obj.pair_coef.tolist())
         if slacks:

@@ -18,6 +18,9 @@ Large ones use a priced working set:
    (``stats["proven"]``), or the arcs it names join the candidates and the rounds go on.  After
    ``max_rounds`` rounds the whole network is solved on every arc.
 
+A privacy floor (``expert_min_group``, hard mode) is searched by
+:func:`~alignment_solver.search.floor.branch_and_bound` with one exact flow per node.
+
 Problems with per-group rows (``expert_group``) are solved on every allowed arc of the network
 with client-group nodes (:func:`~alignment_solver.formulations.flow.grouped_arcs`): OR-Tools'
 answer on the full instance is the proof.
@@ -32,6 +35,7 @@ result cut short says ``stats["deterministic"] = False``.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any, Optional
 
 import numpy as np
@@ -39,6 +43,7 @@ import numpy as np
 from ..formulations.flow import FlowNetwork, _all, grouped_arcs
 from ..problem import AlignmentProblem
 from ..result import AlignmentResult, SolveStatus
+from ..search.floor import NodeAnswer, branch_and_bound
 from .base import Backend, SolveRequest
 
 FULL_ARCS = 40_000      # up to this many allowed arcs, solve on all of them at once
@@ -49,6 +54,7 @@ SLACK = 3               # least candidates per client beyond its capacity
 SAMPLE_PER_EXPERT = 8   # clients per expert in the smallest price sample
 LEVEL = 4               # each price sample has 1 / LEVEL of the clients of the level above
 MAX_SAMPLE_ROUNDS = 10  # rounds a price sample may take
+MAX_NODES = 1000        # flows of the privacy-floor search (expert_min_group)
 ARGMAX_TOP = 16         # candidate lists up to this long are picked by repeated row maxima
 
 
@@ -59,9 +65,13 @@ class FlowBackend(Backend):
         "candidates": (None, "experts per client beyond its capacity in the first candidate set (default: "
                               "max(3, (largest capacity + 3) // 2); 0: every allowed arc)"),
         "max_rounds": (30, "candidate-enlargement rounds before falling back to every arc"),
+        "max_nodes": (MAX_NODES, "flows the privacy-floor search may solve before it stops unproven"),
     }
 
-    def unsupported_reason(self, problem: AlignmentProblem) -> Optional[str]:
+    def unsupported_reason(self, problem: AlignmentProblem, soft: bool = False) -> Optional[str]:
+        if soft and problem.has_min_group:
+            return ("with soft=True the load band is priced but the privacy floor (expert_min_group) stays hard, "
+                    "which one network cannot price; use 'cpsat' or a pulp backend")
         if problem.weight_matrix is not None:
             return "it solves count loads only, and load_weight makes loads weighted (use 'cpsat' or a pulp backend)"
         if problem.has_budget:
@@ -79,6 +89,50 @@ class FlowBackend(Backend):
         C, E = net.shape
         if np.any(net.lo > net.k):
             return AlignmentResult(problem, SolveStatus.INFEASIBLE, self.name, solve_seconds=time.perf_counter() - t0)
+        if problem.has_min_group:
+            return self._solve_floor(problem, net, request, t0)
+        return self._solve_net(problem, net, request, t0)
+
+    def _solve_floor(self, problem: AlignmentProblem, net: FlowNetwork, request: SolveRequest,
+                     t0: float) -> AlignmentResult:
+        """The privacy floor by :func:`~alignment_solver.search.floor.branch_and_bound`, one
+        exact flow per node (experts off: their arcs removed; on: lower load bound raised to the
+        floor)."""
+        m = problem.min_group_array
+        node_request = replace(request, report=None)
+
+        def node(off: np.ndarray, on: np.ndarray) -> NodeAnswer:
+            allowed = net.allowed & ~off[None, :]
+            k = np.minimum(net.k, allowed.sum(axis=1))
+            if np.any(net.lo > k):
+                return NodeAnswer(None)
+            sub = FlowNetwork(G=net.G, allowed=allowed, lo=net.lo, k=k, L=np.where(on, np.maximum(net.L, m), net.L),
+                              U=net.U, penalty=net.penalty, max_abs=net.max_abs)
+            r = self._solve_net(problem, sub, node_request, time.perf_counter())
+            if r.status is SolveStatus.INFEASIBLE:
+                return NodeAnswer(None)
+            if not r.has_solution:
+                return NodeAnswer(None, proven=False)
+            proven = r.status is SolveStatus.OPTIMAL and r.bound is not None
+            return NodeAnswer(np.asarray(r.assignment), r.objective, r.bound if proven else np.inf, proven)
+
+        found = branch_and_bound(problem, node, deadline=request.deadline,
+                                 max_nodes=request.options.get("max_nodes", MAX_NODES))
+        seconds = time.perf_counter() - t0
+        stats = {**found.stats, "proven": found.proven,
+                 "deterministic": request.deadline is None or found.proven}
+        if found.x is None:
+            status = SolveStatus.INFEASIBLE if found.proven else SolveStatus.NO_SOLUTION_FOUND
+            return AlignmentResult(problem, status, self.name, solve_seconds=seconds, stats=stats)
+        result = AlignmentResult(problem, SolveStatus.OPTIMAL if found.proven else SolveStatus.FEASIBLE, self.name,
+                                 assignment=found.x, solve_seconds=seconds, stats=stats)
+        result.bound = found.bound if np.isfinite(found.bound) else None
+        return result
+
+    def _solve_net(self, problem: AlignmentProblem, net: FlowNetwork, request: SolveRequest,
+                   t0: float) -> AlignmentResult:
+        """The exact flow of ``net`` (the problem's, or a floor node's)."""
+        C, E = net.shape
         if problem.has_groups:
             return self._solve_grouped(problem, net, request, t0)
         scale = _cost_scale(net)

@@ -1,6 +1,7 @@
 """``greedy``: a fast heuristic baseline for any problem; never proves optimality.
 
-The plan is :func:`alignment_solver.search.greedy.complete` from nothing: FEASIBLE when it
+The plan is :func:`alignment_solver.search.greedy.complete` from nothing (with a privacy floor,
+then :func:`alignment_solver.search.floor.repair`: greedy-then-repair): FEASIBLE when it
 satisfies every hard constraint, else NO_SOLUTION_FOUND (in soft mode band misses are allowed
 and priced).
 """
@@ -11,6 +12,7 @@ import time
 
 from ..problem import AlignmentProblem
 from ..result import AlignmentResult, SolveStatus
+from ..search.floor import repair
 from ..search.greedy import complete
 from .base import Backend, SolveRequest
 
@@ -22,6 +24,8 @@ class GreedyBackend(Backend):
     def solve(self, problem: AlignmentProblem, request: SolveRequest) -> AlignmentResult:
         t0 = time.perf_counter()
         x = complete(problem, deadline=request.deadline)
+        if problem.has_min_group:
+            x = repair(problem, x, complete, deadline=request.deadline)
         seconds = time.perf_counter() - t0
         result = AlignmentResult(problem, SolveStatus.FEASIBLE, self.name, assignment=x, solve_seconds=seconds,
                                  soft=request.soft, soft_penalty=request.soft_penalty if request.soft else None,

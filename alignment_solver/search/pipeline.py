@@ -204,9 +204,9 @@ def polish(problem: AlignmentProblem, x: np.ndarray, penalty: Optional[float], u
 
 def warm_kind(problem: AlignmentProblem, request: SolveRequest, limited: bool) -> Optional[str]:
     """Which warm start runs: "flow" (budgets on count loads), "rows" (anything else, under a
-    time limit or when asked for) or None (always None with per-group rows)."""
+    time limit or when asked for) or None (always None with per-group rows or a privacy floor)."""
     mode = request.options.get("warm_start", "auto")
-    if mode == "none" or problem.has_groups:     # the warm starts know no per-group rows
+    if mode == "none" or problem.has_groups or problem.has_min_group:   # the warm starts know no group rows or floors
         return None
     arcs = int(problem.allowed_matrix.sum())
     if prices.applies(problem):

@@ -1,0 +1,150 @@
+"""The privacy floor (``expert_min_group``): every exact backend against brute force and scipy's
+milp, the flow's branch and bound against CP-SAT on larger rounds, greedy-then-repair, the
+checker, the explanation and the field's validation."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from alignment_solver import AlignmentProblem, SolveStatus, solve
+from alignment_solver.errors import UnsupportedProblemError
+from alignment_solver.result import AlignmentResult
+from alignment_solver.solve import verified
+
+from .conftest import EXACT, backends_for, small_problems
+from .oracles import brute_force, scipy_milp, violations
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def floored(draw, general: bool = True):
+    problem = draw(small_problems(general=general))
+    C, E = problem.fitness.shape
+    m = np.array(draw(st.lists(st.integers(0, C), min_size=E, max_size=E)))
+    return problem.model_copy(update={"expert_min_group": m})
+
+
+@SETTINGS
+@given(floored())
+def test_tiny_floors_match_brute_force_on_every_exact_backend(problem):
+    expected = brute_force(problem)
+    for backend in backends_for(problem):
+        result = solve(problem, backend=backend)
+        if expected is None:
+            assert result.status is SolveStatus.INFEASIBLE, (backend, result.summary())
+            assert result.explanation
+            continue
+        assert result.status is SolveStatus.OPTIMAL, (backend, result.summary())
+        assert result.objective == pytest.approx(expected, rel=1e-7, abs=1e-7), backend
+        assert violations(problem, result.assignment) == [], backend
+        assert result.violations() == []
+
+
+@SETTINGS
+@given(floored(general=False))
+def test_floors_soft_band_match_scipy_milp(problem):
+    """soft=True prices the band and keeps the floor hard; CP-SAT (auto) against scipy's milp."""
+    from alignment_solver.solve import default_soft_penalty
+
+    P = default_soft_penalty(problem)
+    expected = scipy_milp(problem, soft_penalty=P)
+    result = solve(problem, soft=True)
+    assert result.backend == ("cpsat" if problem.has_min_group else "flow")
+    if expected is None:
+        assert result.status is SolveStatus.INFEASIBLE
+        return
+    assert result.status is SolveStatus.OPTIMAL, result.summary()
+    assert result.objective == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    assert violations(problem, result.assignment, soft=True) == []
+
+
+def _skewed(clients, experts, m, seed):
+    """Popularity-skewed fitness, no lower load bound: unpopular experts want few trainers."""
+    rng = np.random.default_rng(seed)
+    pop = rng.beta(0.6, 3.0, size=experts)
+    fitness = 0.5 * rng.random((clients, experts)) + pop[None, :]
+    capacity = rng.integers(1, 4, size=clients)
+    fair = capacity.sum() / experts
+    return AlignmentProblem(fitness=fitness, capacity=capacity, min_experts=1, expert_max_load=np.ceil(1.5 * fair),
+                            expert_min_group=m)
+
+
+@pytest.mark.parametrize("clients,experts,m", [(60, 8, 9), (200, 16, 14), (3000, 24, 130)])
+def test_flow_branch_and_bound_matches_cpsat(clients, experts, m):
+    problem = _skewed(clients, experts, m, seed=clients)
+    free = solve(problem.model_copy(update={"expert_min_group": 0}), backend="flow")
+    assert len(problem.floor_breaks(free.assignment)), "the instance must need the floor"
+    flow = solve(problem, backend="flow")
+    cpsat = solve(problem, backend="cpsat")
+    assert flow.status is SolveStatus.OPTIMAL and cpsat.status is SolveStatus.OPTIMAL
+    assert flow.objective == pytest.approx(cpsat.objective, rel=1e-9)
+    assert flow.violations() == [] and len(problem.floor_breaks(flow.assignment)) == 0
+    assert flow.stats["nodes"] >= 2
+    assert flow.bound >= flow.objective and flow.gap < 1e-9
+    assert solve(problem).backend == "flow"
+
+
+def test_flow_search_stopped_early_says_so():
+    problem = _skewed(200, 16, 14, seed=200)
+    one = solve(problem, backend="flow", options={"max_nodes": 1})
+    assert one.status in (SolveStatus.FEASIBLE, SolveStatus.NO_SOLUTION_FOUND)
+    assert not one.stats["proven"]
+    if one.has_solution:
+        assert one.violations() == []
+        assert one.bound is None or one.bound >= solve(problem, backend="flow").objective - 1e-9
+
+
+def test_greedy_then_repair_keeps_the_floor():
+    problem = _skewed(200, 16, 14, seed=200)
+    assert len(problem.floor_breaks(solve(problem.model_copy(update={"expert_min_group": 0}),
+                                          backend="greedy").assignment))
+    result = solve(problem, backend="greedy")
+    assert result.status is SolveStatus.FEASIBLE
+    assert len(problem.floor_breaks(result.assignment)) == 0
+    assert result.objective <= solve(problem, backend="flow").objective + 1e-9
+
+
+def test_checker_and_verification_refuse_a_plan_below_the_floor():
+    problem = AlignmentProblem(fitness=np.ones((4, 2)), capacity=1, expert_min_group=[3, 0])
+    x = np.zeros((4, 2), dtype=bool)
+    x[0, 0] = x[1, 0] = True                       # expert 0 with 2 trainers, floor 3
+    result = AlignmentResult(problem, SolveStatus.OPTIMAL, "test", assignment=x)
+    assert any("expert_min_group 3" in v for v in result.violations())
+    assert verified(result, soft=False).status is SolveStatus.NO_SOLUTION_FOUND
+
+
+def test_infeasible_floor_names_the_experts():
+    allowed = np.ones((10, 3), dtype=bool)
+    allowed[4:, 1] = False                          # only 4 clients may train expert 1
+    problem = AlignmentProblem(fitness=np.ones((10, 3)), capacity=1, min_experts=1, allowed=allowed,
+                               expert_min_load=[0, 1, 0], expert_min_group=5, expert_ids=["a", "b", "c"])
+    for backend in EXACT:
+        result = solve(problem, backend=backend)
+        assert result.status is SolveStatus.INFEASIBLE, backend
+        assert "['b']" in result.explanation and "expert_min_group" in result.explanation
+    stuck = AlignmentProblem(fitness=np.ones((3, 2)), capacity=1, min_experts=1, expert_min_group=[4, 4],
+                             client_ids=["x", "y", "z"])
+    result = solve(stuck)
+    assert result.status is SolveStatus.INFEASIBLE and "privacy floor" in result.explanation
+
+
+def test_flow_refuses_a_soft_band_with_a_floor():
+    problem = _skewed(60, 8, 9, seed=60)
+    with pytest.raises(UnsupportedProblemError, match="expert_min_group"):
+        solve(problem, backend="flow", soft=True)
+
+
+@pytest.mark.parametrize("value,match", [(-1, ">= 0"), ([1, 2, 3], r"shape \(2,\)"), (1.5, "integers"),
+                                         ("two", "numeric"), ([[1, 2]], "an integer or an")])
+def test_floor_field_errors_name_the_field(value, match):
+    with pytest.raises(ValueError, match="expert_min_group") as info:
+        AlignmentProblem(fitness=np.ones((3, 2)), capacity=1, expert_min_group=value)
+    assert info.match(match)
+
+
+def test_floor_round_trips_through_json():
+    problem = _skewed(20, 4, 3, seed=1)
+    again = AlignmentProblem.model_validate_json(problem.model_dump_json())
+    assert np.array_equal(again.min_group_array, problem.min_group_array)
