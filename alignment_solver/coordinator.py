@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence, Union
@@ -45,6 +46,9 @@ from .solve import solve
 from .state import MAX_EXPERTS, STATE_VERSION, check_state, generation_on_disk, locked, write_atomic
 _REPORTS = TypeAdapter(list[ClientReport])
 TIE_STREAM = 1     # spawn key of the tie-breaking draws
+
+
+FLOOR_SOFT_LIMIT = 10.0    # seconds for a priced band under a privacy floor when no time_limit is set
 
 
 class CoordinatorConfig(BaseModel):
@@ -75,6 +79,11 @@ class CoordinatorConfig(BaseModel):
         "demand shared among the experts that are some client's best (its top fitness), with lower end 0"))
     probes: int = Field(0, ge=0, le=MAX_EXPERTS, description=(
         "experts each planned client evaluates on held-out data without training (least measured first)"))
+    min_group: int = Field(0, ge=0, le=MAX_COUNT, description=(
+        "privacy floor: each expert is trained by no client or by at least this many (expert_min_group); 0 or 1: off"))
+    over_provision: bool = Field(True, description=(
+        "plan the floor at ceil(min_group / r), r the clients' mean share of planned experts they finished "
+        "(the capacity profiler's completion rate), so the floor still holds after the usual dropouts"))
     unit_groups: Optional[list[int]] = Field(None, description=(
         "(E,) MoE layer of each unit when units are per layer: a client that trains gets at least min_experts "
         "units of each layer and at most its capacity per layer (capacity counts experts per layer)"))
@@ -182,8 +191,7 @@ class AlignmentCoordinator:
             return plan
         problem = self.build_problem(round, rows, deadline)
         if assign is None:
-            result = solve(problem, backend=self.config.backend, time_limit=self.config.time_limit,
-                           seed=self.config.seed + round, soft=self.config.soft)
+            result = self._solve(problem, round)
             if not result.has_solution and self.config.fallback == "greedy":
                 first = result
                 result = solve(problem, backend="greedy", seed=self.config.seed + round, soft=self.config.soft)
@@ -208,6 +216,7 @@ class AlignmentCoordinator:
                      for s, e, k, p in zip(statuses, experts, self._per_layer_capacity(problem), probes)],
             expert_min_load=problem.min_load_array.tolist(), expert_max_load=problem.max_load_array.tolist(),
             planned_load=x.sum(axis=0).astype(int).tolist(), planned_cv=cv(x.sum(axis=0)),
+            min_group=int(problem.min_group_array.max()) if problem.has_min_group else None,
             explanation=result.explanation)
         plan._result = result
         self.pending = {"round": round, "deadline": deadline, "experts": {str(r): e for r, e in zip(rows, experts)}}
@@ -270,10 +279,40 @@ class AlignmentCoordinator:
             if self.groups is not None:
                 fields["group_min_experts"] = np.where((low == 0)[:, None], 0, fields["group_min_experts"])
             fields.update(usage=usage, budget=budget)
+        if self.config.min_group > 1:
+            fields["expert_min_group"] = self.planned_floor(rows)
         return AlignmentProblem(fitness=fitness, capacity=cap, min_experts=low, expert_min_load=lower,
                                 expert_max_load=upper, previous=self.held[rows],
                                 switch_penalty=self.config.switch_penalty,
                                 client_ids=[self.client_ids[r] for r in rows], **fields)
+
+    def _solve(self, problem: AlignmentProblem, round: int) -> AlignmentResult:
+        """The configured solve.  With a privacy floor and a soft band, the band is first kept
+        hard (the flow's exact search over which experts train); only when that is infeasible
+        is the band priced, by CP-SAT within ``time_limit`` (``FLOOR_SOFT_LIMIT`` seconds when
+        none is set: its proofs stall on tie-broken fitness)."""
+        cfg = self.config
+        seed = cfg.seed + round
+        if not (cfg.soft and problem.has_min_group):
+            return solve(problem, backend=cfg.backend, time_limit=cfg.time_limit, seed=seed, soft=cfg.soft)
+        hard = solve(problem, backend=cfg.backend, time_limit=cfg.time_limit, seed=seed)
+        if hard.status is not SolveStatus.INFEASIBLE:
+            return hard
+        soft = solve(problem, backend="cpsat" if cfg.backend in ("auto", "flow") else cfg.backend,
+                     time_limit=cfg.time_limit or FLOOR_SOFT_LIMIT, seed=seed, soft=True)
+        soft.explanation = f"the band cannot be met with the privacy floor ({hard.explanation}); priced instead" + (
+            f"; {soft.explanation}" if soft.explanation else "")
+        return soft
+
+    def planned_floor(self, rows: np.ndarray) -> int:
+        """The privacy floor to plan with: ``min_group``, or with ``over_provision``
+        ``ceil(min_group / r)`` where ``r`` is the mean completion rate of the clients in ``rows``
+        (at least 0.05), at most ``len(rows)`` and never below ``min_group``."""
+        m = self.config.min_group
+        if not self.config.over_provision or m <= 1:
+            return m
+        rate = float(np.clip(self.profiler.completion_rate(rows).mean(), 0.05, 1.0)) if len(rows) else 1.0
+        return max(m, min(int(math.ceil(m / rate - 1e-9)), len(rows)))
 
     # ---- observing ----------------------------------------------------------------------------
     def _parse(self, round: int, reports: Iterable[Union[ClientReport, dict]]) -> list[tuple[int, ClientReport]]:

@@ -104,6 +104,8 @@ class RoundPlan(_Model):
     expert_max_load: list[float] = Field(default_factory=list)
     planned_load: list[int] = Field(default_factory=list)
     planned_cv: float = 0.0
+    min_group: Optional[int] = Field(None, description=(
+        "the privacy floor the plan keeps per trained expert (the configured one, raised for expected dropouts)"))
     explanation: Optional[str] = None
     _result: object = PrivateAttr(default=None)
 

@@ -284,3 +284,25 @@ def test_aggregating_a_round_twice_or_one_never_configured_is_ignored(tmp_path):
     assert s.aggregate_train(7, []) == (None, None)
     assert json.loads((tmp_path / "s.json").read_text()) == state
     assert configure(s, 2, model())                      # and the next round goes on
+
+
+def test_privacy_floor_holds_back_experts_whose_nodes_dropped(tmp_path, caplog):
+    """min_group=2 with one planned node silent: an expert left with one accepted reply keeps its
+    arrays (its lone update is not published), the history and the log say which."""
+    s = strategy(tmp_path, aggregation=AggregationConfig(min_group=2))
+    start = model()
+    msgs = configure(s, 1, start)
+    silent = NODES[0]
+    planned = {n: list(m.content["config"]["experts"]) for n, m in msgs.items()}
+    senders = {j: sum(j in e for n, e in planned.items() if n != silent) for j in range(E)}
+    with caplog.at_level("WARNING"):
+        arrays, _ = s.aggregate_train(1, [honest(msgs[n], value=3.0) for n in msgs if n != silent])
+    new = to_numpy(arrays)
+    held = {j for j, k in senders.items() if 0 < k < 2}
+    assert held, (planned, senders)
+    assert s.history[1]["held_back"]["experts"] == {j: senders[j] for j in held}
+    for key, value in new.items():
+        j = s.expert_of(key)
+        moved = not np.allclose(value, start[key])
+        assert moved == (j is None or senders[j] >= 2), (key, j, senders)
+    assert "privacy floor 2" in caplog.text

@@ -148,3 +148,66 @@ def test_floor_round_trips_through_json():
     problem = _skewed(20, 4, 3, seed=1)
     again = AlignmentProblem.model_validate_json(problem.model_dump_json())
     assert np.array_equal(again.min_group_array, problem.min_group_array)
+
+
+# ---- the coordinator ------------------------------------------------------------------------------
+def _report(pc):
+    return {"client_id": pc.client_id, "train_seconds": 1.0,
+            "experts": [{"expert": e, "mean_loss": 0.5, "accuracy": 0.8, "samples": 10} for e in pc.experts]}
+
+
+def test_coordinator_keeps_the_floor_and_over_provisions_for_dropouts():
+    from alignment_solver.coordinator import AlignmentCoordinator, CoordinatorConfig
+
+    cfg = CoordinatorConfig(min_group=4, expert_cost=0.3, capacity={"default_capacity": 2, "max_capacity": 2})
+    c = AlignmentCoordinator(6, config=cfg)
+    ids = [f"c{i}" for i in range(24)]
+    plan = c.plan_round(0, ids)
+    assert plan.min_group == 4 and plan.backend == "flow"      # nothing observed yet: completion rate 1
+    load = np.array(plan.planned_load)
+    assert ((load == 0) | (load >= 4)).all(), load
+    c.observe_round(0, [_report(pc) for pc in plan.clients[: len(ids) // 2] if pc.experts])   # half drop out
+    rows = c._ensure(ids)
+    rate = c.profiler.completion_rate(rows).mean()
+    assert rate < 1
+    plan = c.plan_round(1, ids)
+    assert plan.min_group == int(np.ceil(4 / rate)) > 4
+    load = np.array(plan.planned_load)
+    assert ((load == 0) | (load >= plan.min_group)).all(), load
+    lean = AlignmentCoordinator(6, config=cfg.model_copy(update={"over_provision": False}))
+    assert lean.plan_round(0, ids).min_group == 4
+
+
+def test_coordinator_prices_the_band_only_when_the_floor_makes_it_infeasible():
+    from alignment_solver.coordinator import AlignmentCoordinator, CoordinatorConfig
+
+    cfg = CoordinatorConfig(min_group=5, time_limit=20, capacity={"default_capacity": 1, "max_capacity": 1})
+    c = AlignmentCoordinator(4, config=cfg)
+    plan = c.plan_round(0, [f"c{i}" for i in range(9)])    # fair share 2.25 per expert, floor 5: band unreachable
+    assert plan.backend == "cpsat" and "priced instead" in plan.explanation
+    load = np.array(plan.planned_load)
+    assert ((load == 0) | (load >= 5)).all(), load
+
+
+# ---- aggregation ------------------------------------------------------------------------------------
+def test_aggregation_holds_back_experts_below_the_floor():
+    from alignment_solver.integrations.replies import AggregationConfig, ValidReply, aggregate, held_back
+    from alignment_solver.rounds import ClientReport
+
+    current = {"shared": np.zeros(2), "e0": np.zeros(2), "e1": np.zeros(2)}
+    owner = {"shared": None, "e0": 0, "e1": 1}.get
+
+    def reply(i, experts):
+        arrays = {"shared": np.full(2, 1.0), **{f"e{j}": np.full(2, 1.0) for j in experts}}
+        return ValidReply(client_id=i, arrays=arrays, num_examples=10, weight=10.0,
+                          expert_weights={j: 10.0 for j in experts}, report=ClientReport(client_id=i))
+
+    accepted = [reply(0, [0, 1]), reply(1, [0]), reply(2, [0])]   # expert 0 from 3 replies, expert 1 from 1
+    cfg = AggregationConfig(min_group=3)
+    assert held_back(accepted, cfg) == {"min_group": 3, "experts": {1: 1}}
+    new, trained = aggregate(current, accepted, owner, cfg)
+    assert trained == {0} and np.all(new["e1"] == 0) and np.all(new["e0"] == 1) and np.all(new["shared"] == 1)
+    new, trained = aggregate(current, accepted[:2], owner, cfg)          # 2 accepted: shared held too
+    assert trained == set() and all(np.all(v == 0) for v in new.values())
+    assert held_back(accepted[:2], cfg) == {"min_group": 3, "experts": {0: 2, 1: 1}, "shared": 2}
+    assert aggregate(current, accepted, owner, AggregationConfig())[1] == {0, 1}     # off by default

@@ -234,3 +234,44 @@ def test_replies_of_another_round_or_an_unknown_params_type_are_errors_and_diffs
     assert r2.error is None and r2.diff
     assert "params_type must be FULL or DIFF" in r3.error
     assert r4.error is None and not r4.diff
+
+
+def test_privacy_floor_holds_back_experts_whose_sites_dropped(monkeypatch):
+    """Through the controller's own aggregation step: a planned site sends nothing; each expert
+    left with fewer than min_group accepted replies keeps its arrays, and the history says so."""
+    from alignment_solver.integrations.nvflare import AlignedController
+    from alignment_solver.integrations.replies import Reply
+
+    monkeypatch.syspath_prepend(str(JOB))
+    c = AlignedController(num_experts=4, initial_model="digits_task:initial_model", state_path="", history_path="",
+                          model_path="", aggregation_config={"min_group": 2},
+                          coordinator_config={"capacity": {"default_capacity": 2, "max_capacity": 2}})
+    monkeypatch.setattr(c, "info", lambda msg: None)
+    warnings = []
+    monkeypatch.setattr(c, "warning", warnings.append)
+    c._setup()
+    sites = [f"site-{i}" for i in range(1, 6)]
+    plan = c.coordinator.plan_round(0, sites)
+    planned = {str(pc.client_id): [int(e) for e in pc.experts] for pc in plan.clients if pc.experts}
+    c.history[0] = {"plan": planned}
+    before = {k: v.copy() for k, v in c.current.items()}
+    dropped = sites[0]
+    replies = []
+    for site, experts in planned.items():
+        if site == dropped:
+            continue
+        arrays = {k: v + 1.0 for k, v in before.items() if c.expert_of(k) is None or c.expert_of(k) in experts}
+        metrics = {"num-examples": 20, "experts": experts, "expert-samples": [10] * len(experts),
+                   "expert-loss": [0.5] * len(experts), "expert-accuracy": [0.8] * len(experts), "train-seconds": 1.0}
+        replies.append(Reply(site, arrays=arrays, metrics=metrics))
+    c._aggregate_round(0, replies, planned)
+    senders = {j: sum(j in e for s, e in planned.items() if s != dropped) for j in range(4)}
+    held = {j for j, n in senders.items() if 0 < n < 2}
+    assert held, (planned, senders)                       # the dropout left some expert below the floor
+    assert c.history[0]["held_back"]["experts"] == {j: senders[j] for j in held}
+    for k, v in c.current.items():
+        j = c.expert_of(k)
+        moved = not np.allclose(v, before[k])
+        assert moved == (j is None or senders[j] >= 2), (k, j, senders)
+    assert any("privacy floor 2" in w for w in warnings)
+    assert dropped in c.history[0]["dropouts"]

@@ -55,7 +55,7 @@ from ..load_monitor import cv
 from ..state import write_atomic
 from .local import evaluate_arrays, train_arrays
 from .replies import (AggregationConfig, Reply, ReplyChecker, aggregate, capacity_report, changed_experts,
-                      check_declaration, check_evaluation)
+                      check_declaration, check_evaluation, held_back)
 from .units import UnitMap
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -337,6 +337,12 @@ class AlignedStrategy(Strategy):
         trained = sorted(trained_set)
         changed = changed_experts(self.current, new, self.expert_of)
         entry = self.history.setdefault(server_round, {})
+        held = held_back(checked.accepted, self.aggregation)
+        if held:
+            entry["held_back"] = held
+            log(WARNING, "aggregate_train: round %d: privacy floor %d: kept the arrays of experts %s (accepted "
+                "replies per expert) %s", server_round, held["min_group"], held.get("experts", {}),
+                f"and the shared arrays ({held['shared']} accepted replies)" if "shared" in held else "")
         entry.update(bytes_up=array_bytes(replies), received=received, rejected=checked.rejected, errors=errors, dropouts=summary.dropouts,
                      trained_experts=trained, changed_experts=changed, load=summary.expert_clients,
                      load_cv=cv(np.array(summary.expert_clients)), mean_accuracy=summary.mean_accuracy)

@@ -39,7 +39,7 @@ from ..load_monitor import cv
 from ..state import write_atomic
 from .local import evaluate_arrays, received_experts, train_arrays
 from .replies import (AggregationConfig, Reply, ReplyChecker, aggregate, capacity_report, changed_experts,
-                      check_declaration, check_evaluation)
+                      check_declaration, check_evaluation, held_back)
 from .units import UnitMap
 
 TRAIN_TASK = "train"
@@ -284,6 +284,11 @@ class AlignedController(ModelController):
         self._wait_for_tasks()
         with self._lock:
             replies, self._replies = self._replies, []
+        self._aggregate_round(r, replies, planned)
+
+    def _aggregate_round(self, r: int, replies: list[Reply], planned: dict[str, list[int]]) -> None:
+        """Check round ``r``'s replies against its plan, let the coordinator observe them and
+        aggregate them into the current model (the privacy floor holding back what it must)."""
         checker = ReplyChecker(self.current, self.coordinator.E, owner=self.expert_of, config=self.aggregation)
         checked = checker.check_round(replies, planned, self.weight_caps)
         for site, reason in checked.rejected.items():
@@ -301,6 +306,12 @@ class AlignedController(ModelController):
                                trained_experts=sorted(trained), changed_experts=changed,
                                load=summary.expert_clients, load_cv=cv(np.array(summary.expert_clients)),
                                mean_accuracy=summary.mean_accuracy)
+        held = held_back(checked.accepted, self.aggregation)
+        if held:
+            self.history[r]["held_back"] = held
+            self.warning(f"round {r}: privacy floor {held['min_group']}: kept the arrays of experts "
+                         f"{held.get('experts', {})} (accepted replies per expert)"
+                         + (f" and the shared arrays ({held['shared']} accepted replies)" if "shared" in held else ""))
         if summary.dropouts:
             self.warning(f"round {r}: planned sites failed (no reply, an error or rejected): {summary.dropouts}")
         if not checked.accepted:

@@ -25,6 +25,11 @@ calls the same two functions:
   A key with too few contributions for the robust method to drop any (``median``: fewer than 3;
   ``trimmed_mean``: fewer than ``1 / trim``) follows ``few``: the weighted mean of the clipped
   updates, or ``"keep"`` its current value.  Keys nobody sent keep their current value.
+- A privacy floor (``min_group``, :func:`held_back`): an expert's arrays are updated only from at
+  least ``min_group`` accepted replies that sent them, and the shared arrays only when at least
+  ``min_group`` replies were accepted; below that they keep their current values this round (a
+  lone client's update is never published in the clear).  The adapters log and record what was
+  held back; the coordinator still observes every accepted reply.
 
 Reply metrics use the keys of the Flower integration: ``num-examples``, ``experts``,
 ``expert-samples``, ``expert-loss``, ``expert-accuracy``, ``train-seconds``,
@@ -68,6 +73,9 @@ class AggregationConfig(BaseModel):
         "median / trimmed_mean over too few contributions to drop any: the weighted mean of the clipped "
         "updates, or keep the current value"))
     max_examples: int = Field(1_000_000, ge=1, description="a reply claiming more num-examples is rejected")
+    min_group: int = Field(0, ge=0, le=MAX_DECLARED_EXPERTS, description=(
+        "privacy floor: an expert's arrays change only from at least this many accepted replies, the shared "
+        "arrays only when at least this many were accepted; fewer: kept this round (0 or 1: off)"))
 
 
 @dataclass
@@ -333,9 +341,29 @@ def _scaled(current: Mapping[str, np.ndarray], reply: ValidReply, norm: float, l
     return {k: (current[k] + scale * (v.astype(np.float64) - current[k])).astype(v.dtype) for k, v in reply.arrays.items()}
 
 
+def held_back(accepted: list[ValidReply], config: AggregationConfig) -> dict[str, Any]:
+    """What the privacy floor keeps this round: ``{"min_group": m, "experts": {expert: replies},
+    "shared": replies}`` for the experts sent by fewer than ``m`` accepted replies (and the shared
+    arrays when fewer than ``m`` were accepted); empty when nothing is held back."""
+    m = config.min_group
+    if m <= 1 or not accepted:
+        return {}
+    senders = Counter(j for r in accepted for j in r.expert_weights)
+    experts = {int(j): n for j, n in sorted(senders.items()) if n < m}
+    out: dict[str, Any] = {}
+    if experts:
+        out["experts"] = experts
+    if len(accepted) < m:
+        out["shared"] = len(accepted)
+    return {"min_group": m, **out} if out else {}
+
+
 def aggregate(current: Mapping[str, np.ndarray], accepted: list[ValidReply], owner: Callable[[str], Optional[int]],
               config: AggregationConfig = AggregationConfig()) -> tuple[dict[str, np.ndarray], set[int]]:
-    """New parameters from the accepted replies, and the experts whose arrays were updated."""
+    """New parameters from the accepted replies, and the experts whose arrays were updated.
+    Under a privacy floor the arrays :func:`held_back` names keep their current values."""
+    held = held_back(accepted, config)
+    kept_experts, keep_shared = set(held.get("experts", {})), "shared" in held
     relative = config.relative_clip is not None and len(accepted) >= 3
     clipping = relative or config.clip_norm is not None
     norms = [_update_norm(current, r) for r in accepted] if clipping else [0.0] * len(accepted)
@@ -354,6 +382,9 @@ def aggregate(current: Mapping[str, np.ndarray], accepted: list[ValidReply], own
     new = {k: np.array(v, copy=True) for k, v in current.items()}
     updated = set()
     for k, items in contributions.items():
+        j = owner(k)
+        if (j is None and keep_shared) or j in kept_experts:
+            continue
         stack = np.stack([np.asarray(v, dtype=np.float64) for v, _ in items])
         m = len(items)
         cut = min(int(math.floor(config.trim * m)), (m - 1) // 2)
@@ -373,4 +404,4 @@ def aggregate(current: Mapping[str, np.ndarray], accepted: list[ValidReply], own
 
 
 __all__ = ["AggregationConfig", "Reply", "ReplyChecker", "RoundReplies", "ValidReply", "aggregate", "capacity_report",
-           "changed_experts", "check_declaration", "check_evaluation", "finite_number"]
+           "changed_experts", "check_declaration", "check_evaluation", "finite_number", "held_back"]
