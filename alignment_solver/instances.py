@@ -35,6 +35,20 @@ def random_problem(clients: int, experts: int, *, seed: int = 0, budget: bool = 
                             expert_max_load=math.ceil((1 + tolerance) * fair), **fields)
 
 
+def skewed_problem(clients: int, experts: int, *, seed: int = 0, min_group: int = 0) -> AlignmentProblem:
+    """The privacy-floor family: ``fitness = 0.5 U(0,1) + popularity[e]`` with popularity ~
+    Beta(0.6, 3) (a few experts most clients want, many few want), capacity uniform in 1..3,
+    ``min_experts = 1``, no lower load bound and at most 1.5 times the fair share per expert, so
+    unpopular experts end up with a handful of trainers unless ``expert_min_group`` says otherwise."""
+    rng = np.random.default_rng(seed)
+    popularity = rng.beta(0.6, 3.0, size=experts)
+    fitness = 0.5 * rng.random((clients, experts)) + popularity[None, :]
+    capacity = rng.integers(1, 4, size=clients)
+    fair = capacity.sum() / experts
+    return AlignmentProblem(fitness=fitness, capacity=capacity, min_experts=1, expert_max_load=math.ceil(1.5 * fair),
+                            expert_min_group=min_group)
+
+
 def read_orlib_gap(path: Union[str, Path], sense: str = "max") -> AlignmentProblem:
     """An OR-Library GAP instance as an alignment problem.
 

@@ -116,8 +116,10 @@ class FlowBackend(Backend):
             proven = r.status is SolveStatus.OPTIMAL and r.bound is not None
             return NodeAnswer(np.asarray(r.assignment), r.objective, r.bound if proven else np.inf, proven)
 
+        report = request.report
         found = branch_and_bound(problem, node, deadline=request.deadline,
-                                 max_nodes=request.options.get("max_nodes", MAX_NODES))
+                                 max_nodes=request.options.get("max_nodes", MAX_NODES),
+                                 incumbent=None if report is None else (lambda x: report(x, None)))
         seconds = time.perf_counter() - t0
         stats = {**found.stats, "proven": found.proven,
                  "deterministic": request.deadline is None or found.proven}

@@ -69,8 +69,10 @@ def forced(problem: AlignmentProblem, soft: bool = False) -> tuple[np.ndarray, n
 
 
 def branch_and_bound(problem: AlignmentProblem, solve_node: Callable[[np.ndarray, np.ndarray], NodeAnswer], *,
-                     deadline: Optional[float] = None, max_nodes: int = 1000) -> FloorSearch:
-    """Exact search over which experts are on; ``solve_node(off, on)`` solves the relaxation."""
+                     deadline: Optional[float] = None, max_nodes: int = 1000,
+                     incumbent: Optional[Callable[[np.ndarray], None]] = None) -> FloorSearch:
+    """Exact search over which experts are on; ``solve_node(off, on)`` solves the relaxation;
+    ``incumbent(x)`` hears of each better plan that keeps every floor."""
     m = problem.min_group_array
     on0, off0 = forced(problem)
     counter = itertools.count()
@@ -94,6 +96,8 @@ def branch_and_bound(problem: AlignmentProblem, solve_node: Callable[[np.ndarray
         broken = np.flatnonzero((trainers > 0) & (trainers < m) & ~on & ~off)
         if not len(broken) and ans.value > best:
             best_x, best = ans.x, ans.value
+            if incumbent is not None:
+                incumbent(best_x)
         if not len(broken) or beaten(ans.bound):
             leaf_bound = max(leaf_bound, ans.bound)
             continue
