@@ -211,3 +211,32 @@ def test_aggregation_holds_back_experts_below_the_floor():
     assert trained == set() and all(np.all(v == 0) for v in new.values())
     assert held_back(accepted[:2], cfg) == {"min_group": 3, "experts": {0: 2, 1: 1}, "shared": 2}
     assert aggregate(current, accepted, owner, AggregationConfig())[1] == {0, 1}     # off by default
+
+
+# ---- the training loop -------------------------------------------------------------------------------
+def test_training_loop_aggregation_keeps_experts_below_the_floor():
+    from alignment_solver.training.loop import floor_filter
+
+    def update(experts):
+        arrays = {"gate.W": np.ones(1), **{f"expert{j}.W": np.ones(1) for j in experts}}
+        return arrays, 10.0, {j: 5.0 for j in experts}
+
+    updates = [update([0, 1]), update([0]), update([0, 2])]
+    kept, held = floor_filter(updates, 3)
+    assert held == 2                                              # expert 1 (1 update) and expert 2 (1 update)
+    assert all(set(a) <= {"gate.W", "expert0.W"} for a, _, _ in kept) and all("gate.W" in a for a, _, _ in kept)
+    kept, held = floor_filter(updates[:2], 3)                     # two finished: the gate is kept too
+    assert held == 3 and all(a == {} for a, _, _ in kept)
+    assert floor_filter(updates, 0) == (updates, 0)
+
+
+def test_over_provisioning_holds_back_fewer_updates_in_the_loop():
+    from alignment_solver.training.config import SimConfig
+    from alignment_solver.training.loop import run_strategy
+    from alignment_solver.training.world import World
+
+    held = {}
+    for over in (True, False):
+        cfg = SimConfig(strategies=["aligned"], rounds=6, seed=1000, dropout=0.2, min_group=3, over_provision=over)
+        held[over] = sum(r["held_back"] for r in run_strategy(cfg, World(cfg), "aligned"))
+    assert held[True] < held[False], held

@@ -72,6 +72,11 @@ class SimConfig(BaseModel):
         default_factory=lambda: dict(TUNED_SWITCH_PENALTY),
         description="fitness cost of a new expert (aligned, greedy_sticky): one number, or per strategy "
                     "(missing: 0.02); default: each strategy's best on the tuning seeds")
+    min_group: NonNegativeInt = Field(0, description=(
+        "privacy floor: aligned plans give each trained expert 0 or at least this many clients (over-provisioned "
+        "for dropouts with over_provision), and every strategy's aggregation keeps an expert (and the gate) that "
+        "fewer finished updates reached; 0 or 1: off"))
+    over_provision: bool = Field(True, description="plan the floor higher by the clients' completion rate")
     solver_time_limit: Optional[float] = Field(None, gt=0, description="per-round solve limit (CP-SAT for budgets)")
     target_accuracy: float = Field(0.75, gt=0, le=1)
     strategies: list[Strategy] = Field(default_factory=lambda: ["aligned", "greedy", "dense"], min_length=1)

@@ -22,6 +22,7 @@ One round, top to bottom (:meth:`StrategyRun.round`):
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -35,7 +36,7 @@ from .client import GATE, local_train, nbytes, routing_histogram
 from .clock import RoundClock, client_time
 from .config import SimConfig
 from .metrics import fallback, routing_nmi
-from .model import MoE, Params, average_by_owner, expert_keys, init_params
+from .model import MoE, Params, average_by_owner, expert_keys, expert_of, init_params
 from .strategies import FITNESS_DRIVEN, STRATEGIES, make_assign
 from .world import World
 
@@ -51,6 +52,7 @@ class RoundOutcome:
     late: int = 0
     seconds: float = 0.0
     dropped: list = field(default_factory=list)
+    held_back: int = 0          # expert updates the privacy floor kept out of the model
 
 
 class StrategyRun:
@@ -73,7 +75,8 @@ class StrategyRun:
             capacity={"max_capacity": cfg.max_capacity, "default_capacity": cfg.min_capacity,
                       "expert_bytes": self.expert_bytes},
             expert_memory=world.expert_memory.tolist() if budgeted else None, band=cfg.band,
-            switch_penalty=cfg.knob("switch_penalty", strategy)))
+            switch_penalty=cfg.knob("switch_penalty", strategy), min_group=cfg.min_group,
+            over_provision=cfg.over_provision))
         self.assign = make_assign(strategy, rng, world.domains)
         self.routers: dict[int, Params] = {}
         self.last_experts: dict[int, list[int]] = {}
@@ -148,8 +151,11 @@ class StrategyRun:
         return out
 
     def aggregate(self, r: int, out: RoundOutcome) -> np.ndarray:
-        """Average the finished updates into the global model; clients per expert this round."""
-        self.params, _ = average_by_owner(self.params, out.updates)
+        """Average the finished updates into the global model (under a privacy floor, an expert
+        that fewer than ``min_group`` finished updates reached keeps its arrays, and so does the
+        gate when fewer than that finished); clients per expert this round."""
+        updates, out.held_back = floor_filter(out.updates, self.cfg.min_group)
+        self.params, _ = average_by_owner(self.params, updates)
         summary = self.coord.observe_round(r, out.reports)
         trained = np.array(summary.expert_clients)
         self.trained_ever |= trained > 0
@@ -171,7 +177,7 @@ class StrategyRun:
                 "load_cv": cv(trained), "planned_cv": plan.planned_cv, "solve_ms": 1000 * plan.solve_seconds,
                 "fallback": self.assign is None and fallback(plan),
                 "bytes_down": out.bytes_down, "bytes_up": out.bytes_up, "clients": len(out.updates),
-                "late": out.late,
+                "late": out.late, "held_back": out.held_back,
                 "experts_per_client": float(np.mean([len(pc.experts) for pc in plan.clients]))
                 if plan.clients else 0.0,
                 "round_seconds": out.seconds, "sim_seconds": self.clock,
@@ -188,6 +194,20 @@ def run_strategy(cfg: SimConfig, world: World, strategy: str, progress: Optional
             progress.step(f"{strategy} round {r + 1}/{cfg.rounds}")
         rows.append(run.round(r))
     return rows
+
+
+def floor_filter(updates: list[tuple[Params, float, dict[int, float]]], m: int):
+    """The updates without the arrays of experts fewer than ``m`` of them trained (and without the
+    shared arrays when fewer than ``m`` finished); and how many expert updates were dropped."""
+    if m <= 1 or not updates:
+        return updates, 0
+    senders = Counter(j for _, _, per in updates for j in per)
+    few = {j for j, n in senders.items() if n < m}
+    shared = len(updates) < m
+    kept = [({k: v for k, v in arrays.items()
+              if not ((expert_of(k) is None and shared) or expert_of(k) in few)}, w, per)
+            for arrays, w, per in updates]
+    return kept, sum(n for j, n in senders.items() if j in few)
 
 
 def _mask(E: int, experts: list[int]) -> np.ndarray:
