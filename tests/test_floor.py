@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from alignment_solver import AlignmentProblem, SolveStatus, solve
 from alignment_solver.errors import UnsupportedProblemError
+from alignment_solver.instances import skewed_problem
 from alignment_solver.result import AlignmentResult
 from alignment_solver.solve import verified
 
@@ -62,13 +63,7 @@ def test_floors_soft_band_match_scipy_milp(problem):
 
 def _skewed(clients, experts, m, seed):
     """Popularity-skewed fitness, no lower load bound: unpopular experts want few trainers."""
-    rng = np.random.default_rng(seed)
-    pop = rng.beta(0.6, 3.0, size=experts)
-    fitness = 0.5 * rng.random((clients, experts)) + pop[None, :]
-    capacity = rng.integers(1, 4, size=clients)
-    fair = capacity.sum() / experts
-    return AlignmentProblem(fitness=fitness, capacity=capacity, min_experts=1, expert_max_load=np.ceil(1.5 * fair),
-                            expert_min_group=m)
+    return skewed_problem(clients, experts, seed=seed, min_group=m)
 
 
 @pytest.mark.parametrize("clients,experts,m", [(60, 8, 9), (200, 16, 14), (3000, 24, 130)])

@@ -86,7 +86,6 @@ class FlowBackend(Backend):
     def solve(self, problem: AlignmentProblem, request: SolveRequest) -> AlignmentResult:
         t0 = time.perf_counter()
         net = FlowNetwork.from_problem(problem, request.soft_penalty, soft=request.soft)
-        C, E = net.shape
         if np.any(net.lo > net.k):
             return AlignmentResult(problem, SolveStatus.INFEASIBLE, self.name, solve_seconds=time.perf_counter() - t0)
         if problem.has_min_group:
@@ -194,13 +193,19 @@ class FlowBackend(Backend):
             return AlignmentResult(problem, SolveStatus.NO_SOLUTION_FOUND, self.name, solve_seconds=seconds,
                                    build_seconds=build, explanation="OR-Tools min-cost flow did not return an optimum",
                                    stats=stats)
+        return self._whole(problem, net, request, x, tol, seconds, build, stats)
+
+    def _whole(self, problem: AlignmentProblem, net: FlowNetwork, request: SolveRequest, x: np.ndarray, tol: float,
+               seconds: float, build: float, stats: dict) -> AlignmentResult:
+        """OR-Tools' optimum on a whole network: INFEASIBLE when it misses the hard band (the
+        penalty makes the least violation optimal), else OPTIMAL with the rounding in the bound."""
         if _misses(net, x) and not request.soft:
             return AlignmentResult(problem, SolveStatus.INFEASIBLE, self.name, solve_seconds=seconds,
                                    build_seconds=build, stats=stats)
         result = AlignmentResult(problem, SolveStatus.OPTIMAL, self.name, assignment=x, solve_seconds=seconds,
                                  build_seconds=build, soft=request.soft,
                                  soft_penalty=net.penalty if request.soft else None, stats=stats)
-        result.bound = result.objective + 2 * tol * (int(net.k.sum()) + E + 2)
+        result.bound = result.objective + 2 * tol * (int(net.k.sum()) + net.shape[1] + 2)
         return result
 
     def _solve_grouped(self, problem: AlignmentProblem, net: FlowNetwork, request: SolveRequest,
@@ -230,14 +235,7 @@ class FlowBackend(Backend):
                                    stats=stats)
         first = C + C * L
         x = net.assignment(pairs, smcf.flows(arcs[first:first + len(pairs[0])]))
-        if _misses(net, x) and not request.soft:
-            return AlignmentResult(problem, SolveStatus.INFEASIBLE, self.name, solve_seconds=seconds,
-                                   build_seconds=build, stats=stats)
-        result = AlignmentResult(problem, SolveStatus.OPTIMAL, self.name, assignment=x, solve_seconds=seconds,
-                                 build_seconds=build, soft=request.soft,
-                                 soft_penalty=net.penalty if request.soft else None, stats=stats)
-        result.bound = result.objective + 2 * tol * (int(net.k.sum()) + E + 2)
-        return result
+        return self._whole(problem, net, request, x, tol, seconds, build, stats)
 
 
 def _misses(net: FlowNetwork, x: np.ndarray) -> bool:

@@ -7,7 +7,8 @@ ways through it, both on any problem without knowing a backend:
   least ``m_e`` trainers: for count loads a raised lower load bound) and leaves the floor of the
   rest out, a relaxation solved exactly by the caller (one min-cost flow).  A node whose
   optimum keeps every floor is feasible; otherwise it branches on the broken expert with the
-  most trainers (on first when it has at least half its floor).  Best bound first; the answer is
+  most trainers (on first when it has at least half its floor).  Depth first (the preferred
+  child) until the first plan that keeps every floor, best bound first after; the answer is
   proven optimal when no open node's bound (its parent's) beats the incumbent.  Experts whose
   lower load bound is positive start on (they must have a trainer), experts fewer clients may
   train than their floor start off.
@@ -80,13 +81,15 @@ def branch_and_bound(problem: AlignmentProblem, solve_node: Callable[[np.ndarray
     best_x, best, leaf_bound, nodes, unknown, stopped = None, -np.inf, -np.inf, 0, False, False
 
     def beaten(bound: float) -> bool:
-        return bound <= best + PRUNE_RTOL * max(1.0, abs(best))
+        return np.isfinite(best) and bound <= best + PRUNE_RTOL * max(1.0, abs(best))
 
-    while heap and not beaten(-heap[0][0]):
+    dive: list[tuple[float, int, np.ndarray, np.ndarray]] = []     # until the first incumbent: depth first
+    while dive or (heap and not beaten(-heap[0][0])):
         if nodes >= max_nodes or (deadline is not None and time.perf_counter() > deadline):
             stopped = True
+            heap += dive
             break
-        _, _, off, on = heapq.heappop(heap)
+        _, _, off, on = dive.pop() if dive else heapq.heappop(heap)
         nodes += 1
         ans = solve_node(off, on)
         unknown |= not ans.proven
@@ -106,8 +109,12 @@ def branch_and_bound(problem: AlignmentProblem, solve_node: Callable[[np.ndarray
         with_e[1][e] = True
         without_e = off.copy(), on.copy()
         without_e[0][e] = True
-        for child_off, child_on in ((with_e, without_e) if 2 * trainers[e] >= m[e] else (without_e, with_e)):
-            heapq.heappush(heap, (-ans.bound, next(counter), child_off, child_on))
+        first, second = (with_e, without_e) if 2 * trainers[e] >= m[e] else (without_e, with_e)
+        heapq.heappush(heap, (-ans.bound, next(counter), *second))
+        if best_x is None:
+            dive.append((-ans.bound, next(counter), *first))
+        else:
+            heapq.heappush(heap, (-ans.bound, next(counter), *first))
     open_bound = max((-neg for neg, *_ in heap), default=-np.inf)
     bound = np.inf if unknown else max(best, leaf_bound, open_bound)
     return FloorSearch(best_x, best, bound, not (unknown or stopped), nodes,
