@@ -289,13 +289,15 @@ class AlignmentCoordinator:
     def _solve(self, problem: AlignmentProblem, round: int) -> AlignmentResult:
         """The configured solve.  With a privacy floor and a soft band, the band is first kept
         hard (the flow's exact search over which experts train); only when that is infeasible
-        is the band priced, by CP-SAT within ``time_limit`` (``FLOOR_SOFT_LIMIT`` seconds when
-        none is set: its proofs stall on tie-broken fitness)."""
+        is the band priced, by CP-SAT.  Whatever CP-SAT solves here runs within ``time_limit``
+        (``FLOOR_SOFT_LIMIT`` seconds when none is set: its proofs stall on tie-broken fitness)."""
         cfg = self.config
         seed = cfg.seed + round
         if not (cfg.soft and problem.has_min_group):
             return solve(problem, backend=cfg.backend, time_limit=cfg.time_limit, seed=seed, soft=cfg.soft)
-        hard = solve(problem, backend=cfg.backend, time_limit=cfg.time_limit, seed=seed)
+        exact_flow = problem.is_flow and cfg.backend in ("auto", "flow")
+        hard = solve(problem, backend=cfg.backend, seed=seed,
+                     time_limit=cfg.time_limit or (None if exact_flow else FLOOR_SOFT_LIMIT))
         if hard.status is not SolveStatus.INFEASIBLE:
             return hard
         soft = solve(problem, backend="cpsat" if cfg.backend in ("auto", "flow") else cfg.backend,

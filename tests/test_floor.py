@@ -16,7 +16,7 @@ from alignment_solver.solve import verified
 from .conftest import EXACT, backends_for, small_problems
 from .oracles import brute_force, scipy_milp, violations
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite

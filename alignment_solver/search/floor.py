@@ -50,8 +50,8 @@ class FloorSearch:
 
     x: Optional[np.ndarray]
     value: float
-    bound: float               # upper bound on the floor-constrained optimum (-inf: proven infeasible)
-    proven: bool               # the search finished: ``x`` is optimal, or no plan exists
+    bound: float               # upper bound on the floor-constrained optimum (-inf: proven infeasible; inf: none)
+    proven: bool               # ``x`` is optimal within the pruning tolerance, or no plan exists
     nodes: int
     stats: dict = field(default_factory=dict)
 
@@ -78,7 +78,7 @@ def branch_and_bound(problem: AlignmentProblem, solve_node: Callable[[np.ndarray
     on0, off0 = forced(problem)
     counter = itertools.count()
     heap = [(-np.inf, next(counter), off0, on0)]
-    best_x, best, leaf_bound, nodes, unknown, stopped = None, -np.inf, -np.inf, 0, False, False
+    best_x, best, leaf_bound, unsettled, nodes, stopped = None, -np.inf, -np.inf, -np.inf, 0, False
 
     def beaten(bound: float) -> bool:
         return np.isfinite(best) and bound <= best + PRUNE_RTOL * max(1.0, abs(best))
@@ -89,10 +89,11 @@ def branch_and_bound(problem: AlignmentProblem, solve_node: Callable[[np.ndarray
             stopped = True
             heap += dive
             break
-        _, _, off, on = dive.pop() if dive else heapq.heappop(heap)
+        neg, _, off, on = dive.pop() if dive else heapq.heappop(heap)
         nodes += 1
         ans = solve_node(off, on)
-        unknown |= not ans.proven
+        if not ans.proven:                  # cut short: its parent's bound stands for its subtree
+            unsettled = max(unsettled, -neg)
         if ans.x is None:
             continue
         trainers = ans.x.sum(axis=0)
@@ -101,6 +102,8 @@ def branch_and_bound(problem: AlignmentProblem, solve_node: Callable[[np.ndarray
             best_x, best = ans.x, ans.value
             if incumbent is not None:
                 incumbent(best_x)
+        if not ans.proven:
+            continue
         if not len(broken) or beaten(ans.bound):
             leaf_bound = max(leaf_bound, ans.bound)
             continue
@@ -115,9 +118,9 @@ def branch_and_bound(problem: AlignmentProblem, solve_node: Callable[[np.ndarray
             dive.append((-ans.bound, next(counter), *first))
         else:
             heapq.heappush(heap, (-ans.bound, next(counter), *first))
-    open_bound = max((-neg for neg, *_ in heap), default=-np.inf)
-    bound = np.inf if unknown else max(best, leaf_bound, open_bound)
-    return FloorSearch(best_x, best, bound, not (unknown or stopped), nodes,
+    bound = max(best, leaf_bound, unsettled, max((-neg for neg, *_ in heap), default=-np.inf))
+    proven = not stopped and (unsettled == -np.inf or beaten(unsettled))
+    return FloorSearch(best_x, best, bound, proven, nodes,
                        {"nodes": nodes, "forced_on": int(on0.sum()), "forced_off": int(off0.sum()),
                         "open_nodes": len(heap)})
 
