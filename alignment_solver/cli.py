@@ -357,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="aligned's load band: fair (default, tuned) or demand (capped by the demand for the wanted experts)")
     sm.add_argument("--switch-penalty", dest="switch_penalty", type=float,
                     help="fitness cost of a new expert for aligned and greedy_sticky (default, tuned: 0.02 and 0.1)")
+    sm.add_argument("--min-group", dest="min_group", type=int,
+                    help="privacy floor: each trained expert gets 0 or at least this many clients, and aggregation keeps "
+                    "experts fewer finished updates reached (default 0: off)")
+    sm.add_argument("--over-provision", dest="over_provision", action=argparse.BooleanOptionalAction, default=None,
+                    help="plan the floor higher by the clients' completion rate (default: on)")
     sm.add_argument("--solver-time-limit", dest="solver_time_limit", type=float,
                     help="per-round solve time limit in seconds (default none: solve to optimality)")
     sm.add_argument("--target-accuracy", dest="target_accuracy", type=float, help="for rounds and simulated seconds to target (0.75)")
