@@ -311,9 +311,9 @@ def _prices(net: FlowNetwork, rng: np.random.Generator, scale: float, tol: float
     """Expert prices (potentials: experts, then S and T) of the exact optimum of a client sample.
 
     The sample keeps the band in proportion and has ``1 / LEVEL`` of the clients, or
-    ``base = SAMPLE_PER_EXPERT * E`` (at least 1,000) when that is under ``2 * base``.  Above
-    ``base`` clients it is solved like the full instance (:class:`_PricedRun`
-    on prices from a sample of its own), else on candidate arcs (each client's ``capacity +
+    ``base = SAMPLE_PER_EXPERT * E`` clients (at least 1,000) when ``C / LEVEL`` is at most
+    ``2 * base``.  Above ``base`` clients it is solved like the full instance
+    (:class:`_PricedRun` on prices from a sample of its own), else on candidate arcs (each client's ``capacity +
     slack`` best experts and each expert's best clients, so every expert can reach its band)
     that its own certificate widens until its optimum is proven.  Prices only steer the working
     set, so an unproven sample still gives usable ones.
