@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..errors import ReplyError, describe
 from ..problem import MAX_MAGNITUDE
 from ..rounds import ClientReport, Label
+from ..search.floor import below_floor
 
 MAX_DECLARED_EXPERTS = 10 ** 6
 
@@ -345,17 +346,14 @@ def held_back(accepted: list[ValidReply], config: AggregationConfig) -> dict[str
     """What the privacy floor keeps this round: ``{"min_group": m, "experts": {expert: replies},
     "shared": replies}`` for the experts sent by fewer than ``m`` accepted replies (and the shared
     arrays when fewer than ``m`` were accepted); empty when nothing is held back."""
-    m = config.min_group
-    if m <= 1 or not accepted:
-        return {}
-    senders = Counter(j for r in accepted for j in r.expert_weights)
-    experts = {int(j): n for j, n in sorted(senders.items()) if n < m}
+    experts, shared = below_floor(Counter(j for r in accepted for j in r.expert_weights), len(accepted),
+                                  config.min_group)
     out: dict[str, Any] = {}
     if experts:
         out["experts"] = experts
-    if len(accepted) < m:
+    if shared:
         out["shared"] = len(accepted)
-    return {"min_group": m, **out} if out else {}
+    return {"min_group": config.min_group, **out} if out else {}
 
 
 def aggregate(current: Mapping[str, np.ndarray], accepted: list[ValidReply], owner: Callable[[str], Optional[int]],

@@ -12,6 +12,8 @@ ways through it, both on any problem without knowing a backend:
   proven optimal when no open node's bound (its parent's) beats the incumbent.  Experts whose
   lower load bound is positive start on (they must have a trainer), experts fewer clients may
   train than their floor start off.
+- :func:`below_floor`, the aggregation side (Flower, NVFlare and the training loop): which
+  experts, and whether the shared arrays, too few updates reached this round.
 - :func:`repair`, the greedy baseline: drop the broken expert with the fewest trainers (nobody
   trains it), let the greedy completion re-place its clients among the rest, until no floor is
   broken.
@@ -23,7 +25,7 @@ import heapq
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 
@@ -123,6 +125,14 @@ def branch_and_bound(problem: AlignmentProblem, solve_node: Callable[[np.ndarray
     return FloorSearch(best_x, best, bound, proven, nodes,
                        {"nodes": nodes, "forced_on": int(on0.sum()), "forced_off": int(off0.sum()),
                         "open_nodes": len(heap)})
+
+
+def below_floor(senders: Mapping[int, int], updates: int, m: int) -> tuple[dict[int, int], bool]:
+    """The experts fewer than ``m`` updates reached (``senders``: updates per expert) and
+    whether the shared arrays are held too (fewer than ``m`` ``updates`` in all); 0 or 1: none."""
+    if m <= 1 or not updates:
+        return {}, False
+    return {int(j): n for j, n in sorted(senders.items()) if n < m}, updates < m
 
 
 def repair(problem: AlignmentProblem, x: np.ndarray, complete: Callable[..., np.ndarray],

@@ -32,6 +32,7 @@ from ..coordinator import AlignmentCoordinator, CoordinatorConfig
 from ..rounds import RoundPlan
 from ..load_monitor import cv
 from ..progress import Progress
+from ..search.floor import below_floor
 from .client import GATE, local_train, nbytes, routing_histogram
 from .clock import RoundClock, client_time
 from .config import SimConfig
@@ -199,15 +200,13 @@ def run_strategy(cfg: SimConfig, world: World, strategy: str, progress: Optional
 def floor_filter(updates: list[tuple[Params, float, dict[int, float]]], m: int):
     """The updates without the arrays of experts fewer than ``m`` of them trained (and without the
     shared arrays when fewer than ``m`` finished); and how many expert updates were dropped."""
-    if m <= 1 or not updates:
+    few, shared = below_floor(Counter(j for _, _, per in updates for j in per), len(updates), m)
+    if not few and not shared:
         return updates, 0
-    senders = Counter(j for _, _, per in updates for j in per)
-    few = {j for j, n in senders.items() if n < m}
-    shared = len(updates) < m
     kept = [({k: v for k, v in arrays.items()
               if not ((expert_of(k) is None and shared) or expert_of(k) in few)}, w, per)
             for arrays, w, per in updates]
-    return kept, sum(n for j, n in senders.items() if j in few)
+    return kept, sum(few.values())
 
 
 def _mask(E: int, experts: list[int]) -> np.ndarray:
