@@ -16,6 +16,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
 
 from .problem import MAX_COUNT, MAX_MAGNITUDE
 
+MAX_EXAMPLES = 10 ** 12
+"""Most samples or tokens a reply may claim (an LLM client's tokens fit)."""
+
 
 def _label(value: Any) -> Any:
     """A client label is an integer or a string: booleans (JSON true/false) are refused, numpy
@@ -61,7 +64,7 @@ class ExpertReport(_Model):
     """Feedback of one trained (client, expert) pair."""
 
     expert: int = Field(ge=0, le=MAX_COUNT)
-    samples: int = Field(0, ge=0, le=MAX_COUNT, description="samples routed to this expert")
+    samples: int = Field(0, ge=0, le=MAX_EXAMPLES, description="samples (or tokens) routed to this expert")
     mean_loss: float = Field(ge=0, le=MAX_MAGNITUDE, allow_inf_nan=False, description="mean training loss on those samples")
     accuracy: float = Field(ge=0, le=1, allow_inf_nan=False, description="accuracy on those samples")
 

@@ -42,7 +42,7 @@ def with_arrays(r, **changes):
     (with_arrays(reply(), **{"gate.b": np.array(["a", "b", "c"])}), "must be floating point"),
     (with_arrays(reply(), **{"gate.b": np.full(E, np.iinfo(np.uint64).max)}), "must be floating point"),
     (with_arrays(reply(), **{"gate.b": np.full(E, np.iinfo(np.int64).min)}), "must be floating point"),
-    (reply(n=10 ** 18), r"num-examples' must be an integer in \[1, 1e\+06\]"),
+    (reply(n=10 ** 18), r"num-examples' must be an integer in \[1, 1e\+12\]"),
     (reply(n=-5), "num-examples"), (reply(n=float("nan")), "num-examples"), (reply(n=2.5), "num-examples"),
     (reply(**{"expert-samples": [-1]}), "expert-samples' must hold integers"),
     (reply(**{"expert-samples": [11]}), r"expert-samples' must hold integers in \[0, 10\]"),

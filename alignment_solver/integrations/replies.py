@@ -10,7 +10,8 @@ calls the same two functions:
   ones) and finite values once cast to the model's dtype (1e300 is infinite in float32); a
   difference reply (``Reply.diff``, NVFlare's ``ParamsType.DIFF``) is added to the current arrays
   first; the experts it lists were assigned to it, and each one comes with all of its arrays; counts are integers with
-  ``1 <= num-examples <= max_examples`` and ``expert-samples <= num-examples``; losses, seconds
+  ``1 <= num-examples <= max_examples`` (samples, or tokens when ``counts-tokens`` is 1; the
+  default cap, 10**12, fits an LLM client's tokens) and ``expert-samples <= num-examples``; losses, seconds
   and routing are finite and non-negative, accuracies lie in [0, 1]; ``max-experts`` is an
   integer in [0, 10**6].  A failed reply is rejected with the reason (it counts as a failed
   client); the others go on.
@@ -33,7 +34,7 @@ calls the same two functions:
 
 Reply metrics use the keys of the Flower integration: ``num-examples``, ``experts``,
 ``expert-samples``, ``expert-loss``, ``expert-accuracy``, ``train-seconds``,
-``download-seconds``, ``max-experts``, ``routing``; other keys are ignored.
+``download-seconds``, ``max-experts``, ``routing``, ``counts-tokens`` (0 or 1); other keys are ignored.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ReplyError, describe
 from ..problem import MAX_MAGNITUDE
-from ..rounds import ClientReport, Label
+from ..rounds import MAX_EXAMPLES, ClientReport, Label
 from ..search.floor import below_floor
 
 MAX_DECLARED_EXPERTS = 10 ** 6
@@ -73,7 +74,8 @@ class AggregationConfig(BaseModel):
     few: Literal["mean", "keep"] = Field("mean", description=(
         "median / trimmed_mean over too few contributions to drop any: the weighted mean of the clipped "
         "updates, or keep the current value"))
-    max_examples: int = Field(1_000_000, ge=1, description="a reply claiming more num-examples is rejected")
+    max_examples: int = Field(MAX_EXAMPLES, ge=1, le=MAX_EXAMPLES, description=(
+        "a reply claiming more num-examples (samples or tokens) is rejected"))
     min_group: int = Field(0, ge=0, le=MAX_DECLARED_EXPERTS, description=(
         "privacy floor: an expert's arrays change only from at least this many accepted replies, the shared "
         "arrays only when at least this many were accepted; fewer: kept this round (0 or 1: off)"))
@@ -191,6 +193,7 @@ class ReplyChecker:
         accuracy = _numbers(metrics, "expert-accuracy", len(experts), low=0, high=1)
         train, download = _seconds(metrics, "train-seconds"), _seconds(metrics, "download-seconds")
         max_experts = _count(metrics, "max-experts", low=0, high=MAX_DECLARED_EXPERTS, required=False)
+        _count(metrics, "counts-tokens", low=0, high=1, required=False)
         routing = _numbers(metrics, "routing", self.E, low=0, high=MAX_MAGNITUDE) if "routing" in metrics else None
 
         checked: dict[str, np.ndarray] = {}
