@@ -1,15 +1,17 @@
 # `make run` and `make test` each create .venv when it is missing and install what they need:
 # `make run` the package with the `train` extra (about 600 MB), `make test` every extra
-# (pulp, train, flower, nvflare, torch, dev: about 2 GB, Ray and PyTorch included), then builds the
+# (pulp, train, flower, nvflare, torch, hf, dev: about 2 GB, Ray and PyTorch included), then builds the
 # docs site strictly (a broken link or API reference fails) and runs the tests.  PyPI's default
 # torch is a CUDA build of several GB; `make test` first installs $(TORCH), which on these
-# machines is a CPU build on local disk, so the `torch` extra's range (torch>=2.1) is already met.
+# machines is a CPU build on local disk, so the `torch` extra's range (torch>=2.1) is already met;
+# the `hf` extra's transformers range is pinned to $(TRANSFORMERS) the same way.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-train
 TORCH ?= torch==2.13.0
+TRANSFORMERS ?= transformers==5.23.0
 
 .PHONY: run test lint docs bench clean
 
@@ -23,7 +25,7 @@ $(RUN_STAMP): setup.cfg pyproject.toml | $(VENV)/bin/python
 
 $(STAMP): setup.cfg pyproject.toml | $(VENV)/bin/python
 	$(BIN)/python -m pip install --quiet '$(TORCH)'
-	$(BIN)/python -m pip install --quiet -e '.[pulp,train,flower,nvflare,torch,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[pulp,train,flower,nvflare,torch,hf,dev]' '$(TRANSFORMERS)'
 	touch $(STAMP) $(RUN_STAMP)
 
 run: $(RUN_STAMP)

@@ -562,6 +562,10 @@ class AlignedClient:
     def arrays(self) -> dict[str, np.ndarray]:
         """The arrays that go back: exactly the received transport keys, in the model's dtype."""
         state = self.model.state_dict()
+        odd = sorted({str(state[self.map.source(k)[0]].dtype) for k in self.keys} & {"torch.bfloat16"})
+        if odd:
+            raise ValueError(f"the model holds {odd[0]} parameters, which cannot travel as numpy arrays: train in "
+                             f"float32 (or float16), or cast the model before AlignedClient")
         return {k: _target(state, self.map, k).detach().cpu().numpy().copy() for k in self.keys}
 
     def reply(self, *, max_experts: Optional[int] = None) -> Any:
