@@ -12,7 +12,8 @@ from the builtin class a caller would naturally catch::
     ├── ReportError (ValueError)               round reports that do not fit the plan; nothing changed
     ├── RoundError (ValueError)                rounds out of order (plan/observe); nothing changed
     ├── StateError (ValueError)                a state file that is corrupt, for other experts, or locked
-    └── ReplyError (ValueError)                one framework reply that fails validation (it is rejected)
+    ├── ReplyError (ValueError)                one framework reply that fails validation (it is rejected)
+    └── TrainingFailedError (RuntimeError)     no valid training reply for max_failed_rounds rounds in a row
 
 Validation of :class:`~alignment_solver.AlignmentProblem` goes through pydantic, so bad problem
 data surfaces as :class:`pydantic.ValidationError` (also a ``ValueError``) whose text names the
@@ -64,6 +65,11 @@ class StateError(AlignmentError, ValueError):
 
 class ReplyError(AlignmentError, ValueError):
     """One client's reply failed validation; the message says which field and why."""
+
+
+class TrainingFailedError(AlignmentError, RuntimeError):
+    """No valid training reply for ``max_failed_rounds`` consecutive rounds (Flower strategy,
+    NVFlare workflow); the message names the most frequent reason the clients gave."""
 
 
 def read_text(path: "str | os.PathLike", what: str, error: type[Exception] = ValueError) -> str:

@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageTy
 from flwr.supercore.task_identity import TaskIdentity
 
 from alignment_solver.coordinator import CoordinatorConfig
-from alignment_solver.integrations.flower import AlignedStrategy, to_numpy, to_record
+from alignment_solver.integrations.flower import AlignedStrategy, TrainingFailedError, error_text, to_numpy, to_record
 from alignment_solver.integrations.replies import AggregationConfig
 from alignment_solver.training.model import init_params
 
@@ -128,7 +128,7 @@ def test_one_bad_reply_is_rejected_and_the_round_goes_on(tmp_path, attack):
     if attack != "unplanned node":
         assert victim in entry["dropouts"]
     if attack == "error reply":
-        assert entry["errors"] == ["0: boom"] and metrics["rejected"] == 0
+        assert entry["errors"] == {str(victim): "boom"} and metrics["rejected"] == 0
     else:
         assert ("99" if attack == "unplanned node" else str(victim)) in entry["rejected"], entry
         assert metrics["rejected"] == 1
@@ -212,8 +212,9 @@ class QueryGrid(Grid):
             answer = self.answers.get(node)
             if answer is None:
                 continue                                        # never answers: the timeout passes
-            if answer == "error":
-                reply = Message(Error(code=0, reason="no query handler"), reply_to=m)
+            if answer == "error" or isinstance(answer, tuple):
+                reason = answer[1] if isinstance(answer, tuple) else "no query handler"
+                reply = Message(Error(code=2, reason=reason), reply_to=m)
             else:
                 reply = Message(content=RecordDict({"capacity": ConfigRecord(answer)}), reply_to=m)
             reply.metadata.__dict__["_src_node_id"] = node
@@ -306,3 +307,287 @@ def test_privacy_floor_holds_back_experts_whose_nodes_dropped(tmp_path, caplog):
         moved = not np.allclose(value, start[key])
         assert moved == (j is None or senders[j] >= 2), (key, j, senders)
     assert "privacy floor 2" in caplog.text
+
+
+# ---- fused expert tensors (transformers 5 layout) ------------------------------------------------
+def mixtral(layers=2, E=4, H=8, inner=6, vocab=16, seed=0):
+    """Arrays shaped like a transformers-5 Mixtral: fused experts under ``model.layers.{i}.mlp.experts.``."""
+    shapes = {"model.embed_tokens.weight": (vocab, H)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + f"self_attn.{n}_proj.weight": (H, H) for n in "qkvo"})
+        shapes.update({p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+                       p + "mlp.gate.weight": (E, H), p + "mlp.experts.gate_up_proj": (E, 2 * inner, H),
+                       p + "mlp.experts.down_proj": (E, H, inner)})
+    shapes.update({"model.norm.weight": (H,), "lm_head.weight": (vocab, H)})
+    rng = np.random.default_rng(seed)
+    return {k: rng.normal(size=v).astype(np.float32) for k, v in shapes.items()}
+
+
+FUSED = [f"model.layers.{i}.mlp.experts.{n}" for i in (0, 1) for n in ("gate_up_proj", "down_proj")]
+
+
+def serialised(arrays):
+    return sum(len(Array(np.ascontiguousarray(v)).data) for v in arrays.values())
+
+
+def test_fused_experts_travel_as_slices_and_the_global_model_comes_back_joined(tmp_path, caplog):
+    """Each node receives the shared arrays and exactly its experts' slices (bytes = those slices);
+    the aggregate is the full fused model, float32, with unassigned slices unchanged."""
+    cfg = CoordinatorConfig(capacity={"default_capacity": 1, "max_capacity": 1})
+    s = AlignedStrategy(num_experts=4, config=cfg, history_path=str(tmp_path / "h.json"))
+    full = mixtral()
+    nodes = [11, 12]                                   # capacity 1 each: 2 of the 4 experts are assigned
+    with caplog.at_level("INFO"):
+        msgs = {m.metadata.dst_node_id: m for m in s.configure_train(1, to_record(full), ConfigRecord({}), Grid(nodes))}
+    assert "4 units (expert), 2 MoE layer(s), 17 shared arrays, 4 fused parameters split by expert" in caplog.text
+    shared = [k for k in full if k not in FUSED]
+    sent_bytes = 0
+    for node, m in msgs.items():
+        config = m.content["config"]
+        experts = list(config["experts"])
+        assert config["num-experts"] == 4 and config["units"] == "expert" and "expert-axes" not in config
+        got = to_numpy(m.content["arrays"])
+        want = {**{k: full[k] for k in shared}, **{f"{k}[{j}]": full[k][j] for k in FUSED for j in experts}}
+        assert set(got) == set(want), node
+        for k, v in want.items():
+            assert got[k].dtype == np.float32 and np.array_equal(got[k], v), k
+        slice_bytes = sum(full[k].nbytes // 4 for k in FUSED)
+        assert sum(v.nbytes for v in got.values()) == sum(full[k].nbytes for k in shared) + len(experts) * slice_bytes
+        sent_bytes += serialised(want)
+    assert s.history[1]["bytes_down"] == sent_bytes
+    trainer = {j: n for n, m in msgs.items() for j in m.content["config"]["experts"]}
+    assert 0 < len(trainer) < 4, trainer
+    replies = [honest(m, value=float(n)) for n, m in msgs.items()]
+    arrays, metrics = s.aggregate_train(1, replies)
+    assert metrics["rejected"] == 0
+    assert s.history[1]["bytes_up"] == sent_bytes
+    for got in s.history[1]["received"].values():
+        assert {k for k in got["keys"] if "[" in k} == {f"{k}[{j}]" for k in FUSED for j in got["experts"]}
+    new = to_numpy(arrays)
+    assert list(new) == list(full)
+    for k, v in new.items():
+        assert v.shape == full[k].shape and v.dtype == np.float32, k
+    for k in FUSED:
+        for j in range(4):
+            if j in trainer:
+                assert np.all(new[k][j] == float(trainer[j])), (k, j)
+            else:
+                assert np.array_equal(new[k][j], full[k][j]), (k, j)       # unassigned slices unchanged
+    assert np.allclose(new["lm_head.weight"], np.mean(nodes))
+    assert s.history[1]["changed_experts"] == sorted(trainer)
+    nxt = list(s.configure_train(2, arrays, ConfigRecord({}), Grid(nodes)))   # the joined model goes round again
+    assert nxt and all(any(k.endswith("]") for k in m.content["arrays"].keys()) for m in nxt)
+
+
+def test_fused_slices_are_validated_one_by_one(tmp_path):
+    s = AlignedStrategy(num_experts=4, config=CoordinatorConfig(capacity={"default_capacity": 1, "max_capacity": 1}))
+    full = mixtral()
+    msgs = {m.metadata.dst_node_id: m for m in s.configure_train(1, to_record(full), ConfigRecord({}), Grid([11, 12]))}
+    mine = list(msgs[11].content["config"]["experts"])[0]
+    other = next(j for j in range(4) if j != mine)
+    key = FUSED[0]
+    bad = {
+        11: forged(msgs[11], arrays={f"{key}[{other}]": np.ones((12, 8), np.float32)}),    # a slice not assigned
+        12: forged(msgs[12], arrays={key: np.ones((4, 12, 8), np.float32)}),                # the whole fused tensor
+    }
+    s.aggregate_train(1, list(bad.values()))
+    rejected = s.history[1]["rejected"]
+    assert f"belongs to expert {other}" in rejected["11"], rejected
+    assert "is not part of the model" in rejected["12"], rejected
+    msgs = {m.metadata.dst_node_id: m for m in s.configure_train(2, to_record(full), ConfigRecord({}), Grid([11, 12]))}
+    mine = list(msgs[11].content["config"]["experts"])[0]
+    s.aggregate_train(2, [forged(msgs[11], arrays={f"{key}[{mine}]": np.ones((8, 12), np.float32)}),
+                          forged(msgs[12], arrays={f"{key}[{list(msgs[12].content['config']['experts'])[0]}]":
+                                                   np.full((12, 8), np.nan, np.float32)})])
+    rejected = s.history[2]["rejected"]
+    assert "must have shape (12, 8)" in rejected["11"] and "NaN" in rejected["12"], rejected
+
+
+def test_declared_expert_axes_split_other_layouts_and_reach_the_node(tmp_path):
+    """JetMoE-style input_linear / output_linear, declared with expert_axes; the node gets them in its config."""
+    E, H = 3, 4
+    rng = np.random.default_rng(1)
+    full = {"model.layers.0.mlp.router.layer.weight": rng.normal(size=(E, H)).astype(np.float32),
+            "model.layers.0.mlp.input_linear.weight": rng.normal(size=(E, 10, H)).astype(np.float32),
+            "model.layers.0.mlp.output_linear.weight": rng.normal(size=(E, H, 5)).astype(np.float32),
+            "lm_head.weight": rng.normal(size=(7, H)).astype(np.float32)}
+    axes = {r"mlp\.(input|output)_linear\.weight$": 0}
+    s = AlignedStrategy(num_experts=E, expert_axes=axes,
+                        config=CoordinatorConfig(capacity={"default_capacity": 1, "max_capacity": 1}))
+    msgs = list(s.configure_train(1, to_record(full), ConfigRecord({}), Grid([11])))
+    assert len(msgs) == 1
+    config = msgs[0].content["config"]
+    j = list(config["experts"])[0]
+    assert json.loads(config["expert-axes"]) == axes and config["num-experts"] == E
+    assert set(msgs[0].content["arrays"].keys()) == {"model.layers.0.mlp.router.layer.weight", "lm_head.weight",
+                                                     f"model.layers.0.mlp.input_linear.weight[{j}]",
+                                                     f"model.layers.0.mlp.output_linear.weight[{j}]"}
+    arrays, _ = s.aggregate_train(1, [honest(msgs[0], value=2.0)])
+    new = to_numpy(arrays)
+    for k in ("model.layers.0.mlp.input_linear.weight", "model.layers.0.mlp.output_linear.weight"):
+        assert new[k].shape == full[k].shape and np.all(new[k][j] == 2.0)
+        assert all(np.array_equal(new[k][i], full[k][i]) for i in range(E) if i != j)
+
+
+@pytest.mark.parametrize("axes, message", [
+    ({"(": 0}, "is not a regular expression"),
+    ({"x": -1}, "must be an axis index >= 0; got -1"),
+    (["x"], "expert_axes must be a dict"),
+    ({1: 0}, "keys must be regular expressions"),
+])
+def test_bad_expert_axes_are_refused_at_construction(axes, message):
+    with pytest.raises(ValueError, match=message):
+        AlignedStrategy(num_experts=4, expert_axes=axes)
+
+
+# ---- no silent success ----------------------------------------------------------------------------
+REASON = "MoE layer 'blocks.0.moe' routed 256 samples but the batch has 32"
+DEPLOYMENT_REASON = f"<class 'ValueError'>:<'{REASON}'>"          # flwr 1.42, a SuperNode's ClientApp process
+RAY_REASON = (                                                      # flwr 1.42 simulation runtime (Ray), abridged
+    "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m "
+    "(pid=5866, ip=192.0.2.2, actor_id=6cc3)\n  File \"/x/flwr/clientapp/client_app.py\", line 161, in __call__\n"
+    "    return self._registered_funcs[full_name](message, context)\n"
+    f"ValueError: {REASON}\n\nThe above exception was the direct cause of the following exception:\n\n"
+    "\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=5866)\n  File \"/x/ray_actor.py\", line 65, in run\n"
+    "    raise ClientAppException(str(ex)) from ex\nflwr.clientapp.client_app.ClientAppException: \n"
+    f"Exception ClientAppException occurred. Message: {REASON}'>")
+
+
+def test_error_text_reads_the_node_side_exception():
+    assert error_text(DEPLOYMENT_REASON) == f"ValueError: {REASON}"
+    assert error_text(RAY_REASON) == f"ValueError: {REASON}"
+    assert error_text("Node 12 is unavailable") == "Node 12 is unavailable"
+    assert len(error_text("x" * 2000)) == 500
+
+
+def failing(msgs, reason=DEPLOYMENT_REASON, silent=()):
+    return [Message(Error(code=2, reason=reason), reply_to=m) for n, m in msgs.items() if n not in silent]
+
+
+def test_training_stops_after_max_failed_rounds_naming_the_nodes_reason(tmp_path, caplog):
+    s = strategy(tmp_path)
+    for rnd in (1, 2):
+        msgs = configure(s, rnd, model())
+        with caplog.at_level("WARNING"):
+            assert s.aggregate_train(rnd, failing(msgs, RAY_REASON if rnd == 2 else DEPLOYMENT_REASON)) == (None, None)
+    assert f"node {NODES[0]} replied with an error: ValueError: {REASON}" in caplog.text
+    assert "2 failed round(s) in a row (max_failed_rounds=3)" in caplog.text
+    msgs = configure(s, 3, model())
+    with pytest.raises(TrainingFailedError, match=r"no valid training reply in 3 consecutive round\(s\) \(rounds 1 to 3; "
+                       r"max_failed_rounds=3\); the most frequent reason \(\d+ of \d+ planned node-rounds\): "
+                       rf"replied with an error: ValueError: {REASON}; 1 other reason") as err:
+        s.aggregate_train(3, failing(msgs, silent=[NODES[0]]))
+    assert isinstance(err.value, RuntimeError)
+    assert s.history[3]["errors"][str(NODES[1])] == f"ValueError: {REASON}"
+    assert json.loads((tmp_path / "h.json").read_text())["3"]["dropouts"]        # the history was written first
+
+
+def test_a_valid_round_resets_the_count_and_none_never_stops(tmp_path):
+    s = strategy(tmp_path)
+    for rnd, ok in [(1, False), (2, False), (3, True), (4, False), (5, False)]:
+        msgs = configure(s, rnd, model())
+        s.aggregate_train(rnd, [honest(m) for m in msgs.values()] if ok else failing(msgs))
+    assert len(s.failed) == 2
+    (tmp_path / "p").mkdir()
+    patient = strategy(tmp_path / "p", max_failed_rounds=None)
+    for rnd in range(1, 6):
+        msgs = configure(patient, rnd, model())
+        patient.aggregate_train(rnd, failing(msgs))
+    with pytest.raises(ValueError, match="max_failed_rounds must be None .* got 0"):
+        strategy(tmp_path, max_failed_rounds=0)
+
+
+def test_a_run_shorter_than_max_failed_rounds_that_never_trains_fails_at_its_end(tmp_path):
+    s = strategy(tmp_path)
+    s.num_rounds = 2
+    msgs = configure(s, 1, model())
+    s.aggregate_train(1, failing(msgs))
+    msgs = configure(s, 2, model())
+    with pytest.raises(TrainingFailedError, match=r"2 consecutive round\(s\)"):
+        s.aggregate_train(2, [])                         # nobody answers in time
+    assert s.failed[-1][1] == ["sent no reply before the round's timeout"] * len(msgs)
+
+
+# ---- round 1: the capacity query ----------------------------------------------------------------
+def test_the_capacity_query_log_names_who_did_not_answer_and_why(caplog):
+    no_handler = "<class 'ValueError'>:<'No query function registered with name 'default''>"
+    grid = QueryGrid(NODES, {11: ("error", no_handler), 12: ("error", RAY_REASON.replace(REASON, "x").replace(
+        "ValueError: x", "ValueError: No query function registered with name 'default'")), 13: ("error", "boom")})
+    s = AlignedStrategy(num_experts=E)
+    assert s.query_timeout == 120.0
+    with caplog.at_level("INFO"):
+        list(s.configure_train(1, to_record(model()), ConfigRecord({}), grid))
+    lines = [r.getMessage() for r in caplog.records]
+    handler = [ln for ln in lines if "no query handler" in ln]
+    assert len(handler) == 1 and "[11, 12]" in handler[0], lines
+    assert any("node 13 failed the capacity query: boom" in ln for ln in lines), lines
+    assert any("nodes [14] did not answer the capacity query within query_timeout=120 s" in ln for ln in lines), lines
+    assert any("0 of 4 new nodes declared their capacity" in ln for ln in lines), lines
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+class RunGrid(Grid):
+    """A whole run through Strategy.start: nodes answer TRAIN honestly (or fail), EVALUATE with metrics;
+    no node has a query handler."""
+
+    def __init__(self, nodes, fail=False):
+        super().__init__(nodes)
+        self.fail = fail
+        self.sent = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for m in messages:
+            self.sent.append((m.metadata.message_type, m.metadata.dst_node_id))
+            kind = m.metadata.message_type
+            if kind == MessageType.QUERY or (kind == MessageType.TRAIN and self.fail):
+                reason = DEPLOYMENT_REASON if kind == MessageType.TRAIN else \
+                    "<class 'ValueError'>:<'No query function registered with name 'default''>"
+                out.append(Message(Error(code=2, reason=reason), reply_to=m))
+            elif kind == MessageType.TRAIN:
+                out.append(honest(m))
+            else:
+                out.append(Message(content=RecordDict({"metrics": MetricRecord(
+                    {"num-examples": 10, "accuracy": 0.5, "loss": 1.0})}), reply_to=m))
+        return out
+
+
+def mb(history, key):
+    return sum(h.get(key, 0) for h in history.values()) / 1e6
+
+
+def test_federated_evaluation_runs_in_the_last_round_by_default_and_its_bytes_are_separate(tmp_path):
+    nodes = list(range(11, 19))
+    runs = {}
+    for name, kw in {"default": {}, "every round (before)": {"evaluate_every": 1},
+                     "every 2 rounds, half": {"evaluate_every": 2, "fraction_evaluate": 0.5}}.items():
+        s = AlignedStrategy(num_experts=E, config=CoordinatorConfig(capacity={"default_capacity": 2, "max_capacity": 2}),
+                            **kw)
+        grid = RunGrid(nodes)
+        s.start(grid=grid, initial_arrays=to_record(model()), num_rounds=5)
+        evaluated = {}
+        for r in range(1, 6):
+            evaluated[r] = s.history[r]["eval_bytes_down"]
+            assert s.history[r]["eval_bytes_up"] == 0
+        runs[name] = (s, evaluated)
+        print(f"{name}: train {mb(s.history, 'bytes_down') + mb(s.history, 'bytes_up'):.4f} MB, "
+              f"evaluation {mb(s.history, 'eval_bytes_down') + mb(s.history, 'eval_bytes_up'):.4f} MB")
+    full = serialised(model())
+    s, evaluated = runs["default"]
+    assert s.num_rounds == 5 and [r for r in evaluated if evaluated[r]] == [5]
+    assert evaluated[5] == len(nodes) * full and s.history[5]["evaluate"]["accuracy"] == 0.5
+    assert [r for r, b in runs["every round (before)"][1].items() if b] == [1, 2, 3, 4, 5]
+    s, evaluated = runs["every 2 rounds, half"]
+    assert {r: b // full for r, b in evaluated.items() if b} == {2: 4, 4: 4, 5: 4}
+    train = mb(s.history, "bytes_down")
+    assert mb(runs["default"][0].history, "eval_bytes_down") < train < mb(runs["every round (before)"][0].history,
+                                                                          "eval_bytes_down")
+
+
+def test_a_run_whose_nodes_all_fail_raises_out_of_start(tmp_path, caplog):
+    s = strategy(tmp_path)
+    with caplog.at_level("WARNING"), pytest.raises(TrainingFailedError, match=f"ValueError: {REASON}"):
+        s.start(grid=RunGrid(NODES, fail=True), initial_arrays=to_record(model()), num_rounds=10)
+    assert max(s.history) == 3
+    assert sum("no query handler" in r.getMessage() for r in caplog.records) == 1

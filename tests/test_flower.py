@@ -1,8 +1,9 @@
-"""The Flower plug-in on real Flower: the simulation engine, and a local deployment.
+"""The Flower plug-in on real Flower: the simulation engine, and local deployments.
 
-Both run the example app in examples/flower_app. The deployment test starts a SuperLink and
-three SuperNodes on 127.0.0.1 (insecure, free ports), runs the app with `flwr run`, kills one
-SuperNode during round 2, and stops every process it started.
+The first two run the example app in examples/flower_app. The deployment test starts a SuperLink
+and four SuperNodes on 127.0.0.1 (insecure, free ports), runs the app with `flwr run`, kills one
+SuperNode during round 2, and stops every process it started.  The last two run
+tests/flower_failing_app, whose every ClientApp raises: the run must stop with the nodes' reason.
 """
 
 import importlib.util
@@ -24,7 +25,9 @@ if importlib.util.find_spec("flwr") is None:     # checked without importing: gR
     pytest.skip("flwr is not installed (pip install 'alignment-solver[flower]')", allow_module_level=True)
 
 APP = Path(__file__).resolve().parents[1] / "examples" / "flower_app"
+FAILING_APP = Path(__file__).resolve().parent / "flower_failing_app"
 BIN = Path(sys.executable).parent
+REASON = "ValueError: MoE layer 'blocks.0.moe' routed 256 samples but the batch has 32"
 
 
 def check_rounds(history: dict, rounds: int) -> None:
@@ -162,7 +165,7 @@ def test_local_deployment_survives_a_lost_supernode_and_a_forging_one(tmp_path):
             time.sleep(0.5)
             if killed is None and history_path.exists():
                 history = json.loads(history_path.read_text())
-                if "evaluate" in history.get("1", {}):
+                if "eval_bytes_up" in history.get("1", {}):    # round 1's (empty) evaluation step is done
                     time.sleep(1.0)                 # round 2 is under way (its nodes sleep 2 s)
                     os.killpg(nodes[2].pid, signal.SIGKILL)
                     killed = time.time() - started
@@ -178,3 +181,77 @@ def test_local_deployment_survives_a_lost_supernode_and_a_forging_one(tmp_path):
     finally:
         _stop(procs)
     assert all(p.poll() is not None for p in procs)
+
+
+def test_simulation_whose_nodes_all_fail_raises_with_their_reason(tmp_path):
+    """Ray delivers each ClientApp exception as an error reply with the whole traceback: the
+    strategy stops after max_failed_rounds=2 and names the nodes' exception; run_simulation raises."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(FAILING_APP)!r})
+        from flwr.simulation import run_simulation
+        from failing_app.server_app import app as server
+        from failing_app.client_app import app as client
+        run_simulation(server_app=server, client_app=client, num_supernodes=2,
+                       backend_config={{"client_resources": {{"num_cpus": 1, "num_gpus": 0.0}}}})
+    """)
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env,
+                          cwd=tmp_path)
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert f"TrainingFailedError: no valid training reply in 2 consecutive round(s) (rounds 1 to 2; " \
+           f"max_failed_rounds=2); the most frequent reason (4 of 4 planned node-rounds): replied with an error: " \
+           f"{REASON}" in out, out[-3000:]
+    assert sum("have no query handler" in line for line in out.splitlines()) == 1, out[-3000:]
+
+
+def test_local_deployment_whose_nodes_all_fail_stops_with_their_reason(tmp_path):
+    """`flwr run` on a SuperLink with two SuperNodes whose ClientApp always raises: the strategy
+    raises after 2 failed rounds, the run's status is finished:failed with the nodes' reason, the
+    streamed log says why, and a missing query handler costs one warning line.  Flower's CLI
+    exits 0 whatever the run's status (flwr 1.42 does not pass it on); asserted, so a Flower
+    release that changes this is noticed."""
+    home = tmp_path / "flwr"
+    home.mkdir()
+    port = _free_port()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLWR_HOME": str(home)}
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "local-deployment"\n\n[superlink.local-deployment]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    procs = []
+
+    def start(args, name):
+        log = open(tmp_path / f"{name}.log", "w")
+        procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+
+    history_path = tmp_path / "history.json"
+    try:
+        start([str(BIN / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+               "--host", "127.0.0.1", "--port", str(port), "--control-api-address", f"127.0.0.1:{_free_port()}",
+               "--health-server-address", f"127.0.0.1:{_free_port()}"], "superlink")
+        for _ in range(600):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.2)
+        for i in range(2):
+            start([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}", "--host",
+                   "127.0.0.1", "--port", str(_free_port())], f"supernode{i}")
+        run = subprocess.run([str(BIN / "flwr"), "run", str(FAILING_APP), "local-deployment", "--stream",
+                              "--run-config", f"history-path='{history_path}'"], env=env, capture_output=True,
+                             text=True, timeout=1200)
+        runs = subprocess.run([str(BIN / "flwr"), "ls", "local-deployment", "--format", "json"], env=env,
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        _stop(procs)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-3000:]                  # Flower's CLI: 0 even for a failed run
+    assert "stopping: no valid training reply in 2 consecutive round(s)" in log, log[-3000:]
+    assert REASON in log and sum("have no query handler" in line for line in log.splitlines()) == 1, log[-3000:]
+    (status,) = json.loads(runs.stdout)["runs"]
+    assert status["status"] == "finished:failed", status
+    assert "ServerApp failed with exception: no valid training reply" in status["status-details"], status
+    assert REASON in status["status-details"], status
+    history = json.loads(history_path.read_text())
+    assert sorted(history) == ["1", "2"] and all(len(history[r]["errors"]) == 2 for r in history), history

@@ -404,5 +404,19 @@ def aggregate(current: Mapping[str, np.ndarray], accepted: list[ValidReply], own
     return new, {j for k in updated if (j := owner(k)) is not None}
 
 
+def failure_message(failed: list[tuple[Any, list[str]]], limit: Optional[int], who: str = "node") -> str:
+    """Why training stopped: the failed rounds (``(round, reasons)``, oldest first) and the most
+    frequent reason the ``who`` (node, site) gave in them."""
+    rounds = [r for r, _ in failed]
+    counts = Counter(reason for _, reasons in failed for reason in reasons)
+    span = f"round {rounds[0]}" if len(rounds) == 1 else f"rounds {rounds[0]} to {rounds[-1]}"
+    head = f"no valid training reply in {len(rounds)} consecutive round(s) ({span}; max_failed_rounds={limit})"
+    if not counts:
+        return f"{head}; no {who} was planned"
+    reason, n = counts.most_common(1)[0]
+    more = f"; {len(counts) - 1} other reason(s) in the log and history" if len(counts) > 1 else ""
+    return f"{head}; the most frequent reason ({n} of {sum(counts.values())} planned {who}-rounds): {reason}{more}"
+
+
 __all__ = ["AggregationConfig", "Reply", "ReplyChecker", "RoundReplies", "ValidReply", "aggregate", "capacity_report",
-           "changed_experts", "check_declaration", "check_evaluation", "finite_number", "held_back"]
+           "changed_experts", "check_declaration", "check_evaluation", "failure_message", "finite_number", "held_back"]

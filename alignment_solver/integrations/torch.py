@@ -64,8 +64,8 @@ each unit it was routed to in any layer.
 ``counts-tokens``    1 when ``num-examples`` counts tokens, 0 when it counts samples
 ``experts``          every assigned unit, ascending
 ``expert-samples``   tokens routed to each unit; an assigned unit that got none reports 0,
-                     ``expert-loss`` = the client's mean loss and ``expert-accuracy`` = 0 (its
-                     arrays go back unchanged, so its average moves by nothing it learnt)
+                     ``expert-loss`` = the client's mean loss and ``expert-accuracy`` = 0, and its
+                     arrays go back as they were received (whatever the optimiser did to them)
 ``expert-loss``      mean loss of those tokens (sequence tasks: weighted by routing mass)
 ``expert-accuracy``  accuracy of those tokens (likewise)
 ``train-seconds``    wall time inside ``training()``
@@ -323,10 +323,23 @@ def _reply(received: Any, kind: str, arrays: dict[str, np.ndarray], metrics: dic
     return FLModel(params_type=ParamsType.FULL, params=arrays, metrics=metrics)
 
 
-def _elementwise(outputs: torch.Tensor, targets: torch.Tensor, loss: Optional[Loss],
+def _logits(outputs: Any) -> torch.Tensor:
+    """The logits of a model's output: a tensor, or a Hugging Face ``ModelOutput``'s ``logits``."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = getattr(outputs, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise TypeError(f"outputs must be a tensor of logits (or a model output with .logits); got "
+                    f"{type(outputs).__name__}")
+
+
+def _elementwise(outputs: Any, targets: torch.Tensor, loss: Optional[Loss],
                  ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss, correctness and validity of each target element (shape ``targets.shape``), detached, on the CPU."""
-    out, y = outputs.detach(), targets.detach()
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a tensor; got {type(targets).__name__}")
+    out, y = _logits(outputs).detach(), targets.detach()
     if y.ndim == 0 or out.shape[:-1] != y.shape:
         raise ValueError(f"outputs {tuple(out.shape)} and targets {tuple(y.shape)} do not match (expected outputs "
                          f"of shape targets + (classes,), targets (batch,) or (batch, tokens)); pass loss= otherwise")
@@ -396,6 +409,7 @@ class AlignedClient:
                              f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
         _load(model, arrays, self.map)
         self.keys = [k for k in self.map.keys if k in got]
+        self._received = {k: v for k, v in arrays.items() if self.map.unit_of(k) is not None}
         self.layers = moe_layers(model, self.map)
         E = self.map.num_units
         mine = torch.zeros(E, dtype=torch.bool)
@@ -488,8 +502,10 @@ class AlignedClient:
                 raw_all |= unit_raw
         return chosen_all, raw_all
 
-    def track(self, outputs: torch.Tensor, targets: torch.Tensor, *, mask: Optional[torch.Tensor] = None) -> None:
+    def track(self, outputs: Any, targets: torch.Tensor, *, mask: Optional[torch.Tensor] = None) -> None:
         """Attribute this batch (the last forward pass) to the units its tokens were routed to.
+
+        ``outputs`` are the logits (or a Hugging Face model output, whose ``logits`` are used).
 
         Token tasks: ``outputs (batch, tokens, classes)``, ``targets (batch, tokens)``; sequence
         tasks: ``outputs (batch, classes)``, ``targets (batch,)`` (see the module docstring).
@@ -560,24 +576,35 @@ class AlignedClient:
         return metrics
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """The arrays that go back: exactly the received transport keys, in the model's dtype."""
+        """The arrays that go back: exactly the received transport keys, in the model's dtype; an
+        assigned unit no token reached goes back as it was received (an optimiser's weight decay
+        may have moved it, but it learnt nothing from this node's data)."""
         state = self.model.state_dict()
         odd = sorted({str(state[self.map.source(k)[0]].dtype) for k in self.keys} & {"torch.bfloat16"})
         if odd:
             raise ValueError(f"the model holds {odd[0]} parameters, which cannot travel as numpy arrays: train in "
                              f"float32 (or float16), or cast the model before AlignedClient")
-        return {k: _target(state, self.map, k).detach().cpu().numpy().copy() for k in self.keys}
+        idle = {u for u in self.assigned if self.samples[u] == 0}
+        out = {}
+        for k in self.keys:
+            tensor = _target(state, self.map, k).detach().cpu()
+            out[k] = np.array(self._received[k], dtype=torch.empty(0, dtype=tensor.dtype).numpy().dtype) \
+                if self.map.unit_of(k) in idle else tensor.numpy().copy()
+        return out
 
     def reply(self, *, max_experts: Optional[int] = None) -> Any:
         """The training reply, of the received message's kind (Flower ``Message`` or ``FLModel``)."""
         return _reply(self.received, self.kind, self.arrays(), self.metrics(max_experts))
 
 
-def evaluate_reply(model: nn.Module, received: Any, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+def evaluate_reply(model: nn.Module, received: Any, batches: Iterable[tuple[Any, torch.Tensor]], *,
                    loss: Optional[Loss] = None, ignore_index: int = IGNORE_INDEX) -> Any:
     """Load the full received model, score it on ``batches`` and build the evaluate reply.
 
-    The received keys must be exactly the model's (ValueError otherwise).  Metrics:
+    Each batch is ``(inputs, targets)``; ``inputs`` is passed to the model as ``model(inputs)``,
+    or as ``model(**inputs)`` when it is a dict (Hugging Face: ``{"input_ids": ids}``); a model
+    output with ``logits`` is scored by them.  The received keys must be exactly the model's
+    (ValueError otherwise).  Metrics:
     ``num-examples``, ``accuracy`` and ``loss``: means over samples, or over the non-ignored
     tokens for token tasks (``counts-tokens`` says which); cross-entropy by default.
     """
@@ -592,9 +619,7 @@ def evaluate_reply(model: nn.Module, received: Any, batches: Iterable[tuple[torc
     n, total, correct, tokens = 0, 0.0, 0.0, False
     with torch.no_grad():
         for x, y in batches:
-            out = model(**x) if isinstance(x, Mapping) else model(x)
-            logits = out if isinstance(out, torch.Tensor) else out.logits
-            per, ok, valid = _elementwise(logits, y, loss, ignore_index)
+            per, ok, valid = _elementwise(model(**x) if isinstance(x, Mapping) else model(x), y, loss, ignore_index)
             tokens = tokens or per.ndim >= 2
             n += int(valid.sum())
             total += float(per.sum())

@@ -123,6 +123,19 @@ def _fused_params(shapes: Mapping[str, Optional[tuple[int, ...]]], expert_axes: 
     return fused
 
 
+def check_expert_axes(value: Any) -> dict[str, int]:
+    """``expert_axes`` as a dict ``{regex: axis >= 0}`` (None: ``{}``); ValueError naming the bad entry."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"expert_axes must be a dict {{regex: axis}}; got {type(value).__name__}")
+    bad = [k for k in value if not isinstance(k, str)]
+    if bad:
+        raise ValueError(f"expert_axes keys must be regular expressions (str); got {bad[0]!r}")
+    _fused_params({}, dict(value), None)
+    return dict(value)
+
+
 class UnitMap:
     """The owner of each transport key of one model: ``unit_of(key)`` is a unit id or None (shared).
 
@@ -178,6 +191,12 @@ class UnitMap:
                     self.labels.append(f"{layer}{j}")
             self._owner = {k: (None if p is None else unit[p]) for k, p in pairs.items()}
             ids = list(range(len(self.groups)))
+        near = next(((k, shape) for k, shape in shapes.items() if shape and num_experts is not None
+                     and k not in self.fused and _FUSED.search(k) and shape[0] != num_experts), None)
+        if not ids and near is not None:
+            raise ValueError(f"no parameter key belongs to an expert: {near[0]!r} looks like a fused expert parameter, "
+                             f"but its first axis has {near[1][0]} entries, not num_experts={num_experts}; pass the "
+                             f"model's experts per layer as num_experts")
         if not ids:
             sample = next((k for k in self.keys if "expert" in k.lower()), self.keys[0] if self.keys else None)
             tried = "expert_of (custom)" if self.custom else \
@@ -260,4 +279,5 @@ class UnitMap:
         return out
 
 
-__all__ = ["EXPERT_PATTERNS", "FUSED_PATTERN", "UNIT_MODES", "Fused", "UnitMap", "Units", "expert_of", "slice_key"]
+__all__ = ["EXPERT_PATTERNS", "FUSED_PATTERN", "UNIT_MODES", "Fused", "UnitMap", "Units", "check_expert_axes",
+           "expert_of", "slice_key"]

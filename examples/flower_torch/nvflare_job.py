@@ -4,6 +4,7 @@
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 from nvflare.job_config.api import FedJob
@@ -37,8 +38,9 @@ def main() -> None:
     ap.add_argument("--units", choices=["expert", "layer"], default="expert")
     ap.add_argument("--log", default="", help="folder for each site's record of the tasks it received")
     args = ap.parse_args()
-    build(args.sites, args.rounds, units=args.units, log=args.log).simulator_run(args.simulate, n_clients=args.sites,
-                                                                                 threads=args.sites)
+    code = build(args.sites, args.rounds, units=args.units, log=args.log).simulator_run(
+        args.simulate, n_clients=args.sites, threads=args.sites)
+    sys.exit(code)                       # the simulator's status: non-zero when the workflow failed
 
 
 if __name__ == "__main__":

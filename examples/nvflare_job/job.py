@@ -5,6 +5,7 @@
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 from nvflare.job_config.api import FedJob
@@ -63,7 +64,7 @@ def main() -> None:
         job.export_job(args.export)
         print(f"job written to {Path(args.export) / job.name}")
     else:
-        job.simulator_run(args.simulate, n_clients=args.sites, threads=args.sites)
+        sys.exit(job.simulator_run(args.simulate, n_clients=args.sites, threads=args.sites))   # non-zero: it failed
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""A Flower app that trains a tiny Hugging Face Mixtral (transformers 5, fused experts) with alignment-solver."""
