@@ -84,6 +84,10 @@ class CoordinatorConfig(BaseModel):
     over_provision: bool = Field(True, description=(
         "plan the floor at ceil(min_group / r), r the clients' mean share of planned experts they finished "
         "(the capacity profiler's completion rate), so the floor still holds after the usual dropouts"))
+    warm_start: bool = Field(True, description=(
+        "solve each round warm from the last round's result (node potentials as prices, plan as candidates): "
+        "the same optimum, sooner; a coordinator restored from a state file starts cold, so at scale it may pick "
+        "another of equally good plans (False: every plan as from a cold start)"))
     unit_groups: Optional[list[int]] = Field(None, description=(
         "(E,) MoE layer of each unit when units are per layer: a client that trains gets at least min_experts "
         "units of each layer and at most its capacity per layer (capacity counts experts per layer)"))
@@ -112,6 +116,8 @@ class AlignmentCoordinator:
         self.held = np.zeros((0, self.E), dtype=bool)
         self.pending: Optional[dict[str, Any]] = None     # the last plan, until observed
         self.generation: Optional[int] = None             # of the state file this coordinator loaded or saved
+        #: the last solve's result: the next round's warm start (not saved; a loaded coordinator starts cold)
+        self.last_result: Optional[AlignmentResult] = None
 
     # ---- clients ------------------------------------------------------------------------------
     def _ensure(self, ids: Sequence[Label]) -> np.ndarray:
@@ -192,6 +198,8 @@ class AlignmentCoordinator:
         problem = self.build_problem(round, rows, deadline)
         if assign is None:
             result = self._solve(problem, round)
+            if result.has_solution:
+                self.last_result = result
             if not result.has_solution and self.config.fallback == "greedy":
                 first = result
                 result = solve(problem, backend="greedy", seed=self.config.seed + round, soft=self.config.soft)
@@ -290,11 +298,14 @@ class AlignmentCoordinator:
         """The configured solve.  With a privacy floor and a soft band, the band is first kept
         hard (the flow's exact search over which experts train); only when that is infeasible
         is the band priced, by CP-SAT.  Whatever CP-SAT solves here runs within ``time_limit``
-        (``FLOOR_SOFT_LIMIT`` seconds when none is set: its proofs stall on tie-broken fitness)."""
+        (``FLOOR_SOFT_LIMIT`` seconds when none is set: its proofs stall on tie-broken fitness).
+        The last round's result is the warm start (``solve(warm_start=...)``: it changes the time,
+        never the plan's optimality)."""
         cfg = self.config
         seed = cfg.seed + round
         if not (cfg.soft and problem.has_min_group):
-            return solve(problem, backend=cfg.backend, time_limit=cfg.time_limit, seed=seed, soft=cfg.soft)
+            return solve(problem, backend=cfg.backend, time_limit=cfg.time_limit, seed=seed, soft=cfg.soft,
+                         warm_start=self.last_result if cfg.warm_start else None)
         exact_flow = problem.is_flow and cfg.backend in ("auto", "flow")
         hard = solve(problem, backend=cfg.backend, seed=seed,
                      time_limit=cfg.time_limit or (None if exact_flow else FLOOR_SOFT_LIMIT))

@@ -82,12 +82,14 @@ def _numeric(name: str, value: Any) -> np.ndarray:
         raise ValueError(f"{name} must be numeric, not booleans; got {describe(value)}")
     if raw.dtype.kind not in "iuf":
         raise ValueError(f"{name} must be numeric; got dtype {raw.dtype} ({describe(value)})")
-    return raw.astype(np.float64)
+    return raw.astype(np.float64, copy=False)        # not a copy: _frozen copies what is kept
 
 
 def _in_range(name: str, arr: np.ndarray, limit: float = MAX_MAGNITUDE,
               why: str = "the range every backend solves to its tolerance") -> np.ndarray:
     """Refuse finite entries beyond ``limit`` in magnitude, naming the first one."""
+    if arr.size and max(-float(arr.min()), float(arr.max())) <= limit:   # two reductions, no (C, E) temporaries
+        return arr
     big = np.isfinite(arr) & (np.abs(arr) > limit)
     if np.any(big):
         idx = tuple(int(i) for i in np.argwhere(big)[0])
@@ -108,10 +110,26 @@ def _integers(name: str, value: Any) -> np.ndarray:
 def _booleans(name: str, value: Any) -> np.ndarray:
     raw = np.asarray(value)
     if raw.dtype.kind == "b":
-        return raw.astype(bool)
+        return raw                                   # _frozen copies it
     if raw.dtype.kind in "iuf" and np.all((raw == 0) | (raw == 1)):
         return raw.astype(bool)
     raise ValueError(f"{name} must be booleans (or 0/1); got {describe(value)}")
+
+
+def _distinct_keys(ids: list) -> bool:
+    """True when the labels are certainly distinct, also as JSON keys (their ``str``), checked
+    in numpy: ints become an int64 array (distinct ints have distinct texts), strings or a mix
+    a unicode array of their texts (numpy writes ints as ``str`` does).  False means "not
+    shown" (a duplicate, or labels numpy cannot hold exactly): the caller's loop decides and
+    names the culprit."""
+    try:
+        arr = np.asarray(ids)
+    except (ValueError, TypeError, OverflowError):
+        return False
+    if arr.ndim != 1 or arr.dtype.kind not in "iuU" or len(arr) != len(ids):
+        return False
+    keys = np.sort(arr)
+    return not bool(np.any(keys[1:] == keys[:-1]))
 
 
 def _frozen(arr: np.ndarray) -> np.ndarray:
@@ -164,10 +182,13 @@ class AlignmentProblem(BaseModel):
         arr = _numeric("fitness", v)
         if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
             raise ValueError(f"fitness must be a 2-D (C, E) array with C >= 1 and E >= 1; got shape {arr.shape}")
-        if not np.all(np.isfinite(arr)):
+        lo, hi = float(arr.min()), float(arr.max())       # two reductions: NaN and inf show here
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             idx = np.argwhere(~np.isfinite(arr))[0]
             raise ValueError(f"fitness must be finite; got {arr[tuple(idx)]} at (client {idx[0]}, expert {idx[1]})")
-        return _frozen(_in_range("fitness", arr))
+        if max(-lo, hi) > MAX_MAGNITUDE:
+            _in_range("fitness", arr)
+        return _frozen(arr)
 
     @field_validator("capacity", "min_experts", "group_capacity", "group_min_experts", "expert_min_group",
                      mode="before")
@@ -294,6 +315,8 @@ class AlignmentProblem(BaseModel):
                 continue
             if len(ids) != n:
                 raise ValueError(f"{name} must have {n} labels; got {len(ids)}")
+            if _distinct_keys(ids):
+                continue
             if len(set(ids)) != n:
                 seen: set[Label] = set()
                 dup = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
@@ -304,6 +327,10 @@ class AlignmentProblem(BaseModel):
                     raise ValueError(f"{name} must stay distinct as JSON keys; {texts[str(i)]!r} and {i!r} "
                                      f"both become {str(i)!r}")
                 texts[str(i)] = i
+        if self.previous is None or self.switch_penalty == 0:
+            return self                      # G is the fitness, checked above
+        if float(self.fitness.min()) - self.switch_penalty >= -MAX_MAGNITUDE:
+            return self                      # fitness - switch_penalty <= G <= fitness: one reduction, no (C, E) temporaries
         G = self.objective_matrix
         if np.any(np.abs(G) > MAX_MAGNITUDE):
             c, e = (int(i) for i in np.argwhere(np.abs(G) > MAX_MAGNITUDE)[0])

@@ -16,6 +16,7 @@ from .errors import InvalidOptionError, UnsupportedProblemError, describe
 from .formulations.flow import penalty_for
 from .problem import AlignmentProblem
 from .result import OPTIMAL_GAP, AlignmentResult, SolveStatus
+from .search.warm import warm_hint
 
 MAX_SEED = 2 ** 31 - 1
 
@@ -38,11 +39,12 @@ def choose_backend(problem: AlignmentProblem, soft: bool = False) -> str:
 
 def solve(problem: AlignmentProblem, *, backend: str = "auto", time_limit: Optional[float] = None, seed: int = 0,
           soft: bool = False, soft_penalty: Optional[float] = None,
-          options: Optional[Mapping[str, Any]] = None) -> AlignmentResult:
+          options: Optional[Mapping[str, Any]] = None, warm_start: Optional[AlignmentResult] = None) -> AlignmentResult:
     """Solve one round's alignment problem.
 
     - ``backend``: ``"auto"``, ``"flow"``, ``"cpsat"``, ``"pulp_cbc"``, ``"pulp_highs"`` or ``"greedy"``.
-    - ``time_limit``: seconds (> 0) or None.  The call returns within ``time_limit`` + 0.5 s,
+    - ``time_limit``: seconds (> 0) or None; a limit of ``1e7`` s or more (``inf`` too) is too
+      large to matter and means no limit (``deadline.NO_LIMIT``).  The call returns within ``time_limit`` + 0.5 s,
       model building included: the backend runs in a worker process (forked, from the fork
       server when threads run, or a fresh interpreter in a daemonic process;
       ``stats["isolation"]``) killed at the limit, and the answer is then the best plan found so
@@ -53,6 +55,10 @@ def solve(problem: AlignmentProblem, *, backend: str = "auto", time_limit: Optio
     - ``soft``: turn the load band into slack priced at ``soft_penalty`` per unit (default:
       violation is minimised first); the result reports ``load_shortfall`` / ``load_excess``.
     - ``options``: backend-specific settings; unknown names are an error listing the valid ones.
+    - ``warm_start``: the previous round's result (same experts; clients matched by label): its
+      node potentials as prices and its plan as candidates for ``flow``'s working set (other
+      backends ignore it).  It changes the time, never the optimum or the status; a result for
+      other experts raises InvalidOptionError (:mod:`alignment_solver.search.warm`).
 
     Infeasible problems and time limits give a status on the result, never an exception.
     Every answer is re-checked against the problem as given before it is returned
@@ -64,10 +70,11 @@ def solve(problem: AlignmentProblem, *, backend: str = "auto", time_limit: Optio
     if not isinstance(problem, AlignmentProblem):
         raise TypeError(f"problem must be an AlignmentProblem (or a dict of its fields); got {type(problem).__name__}")
     if time_limit is not None:
-        if isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) or not (
-                math.isfinite(time_limit) and time_limit > 0):
-            raise InvalidOptionError(f"time_limit must be None or a finite number of seconds > 0; got {describe(time_limit)}")
-        time_limit = float(time_limit)
+        if isinstance(time_limit, bool) or not isinstance(time_limit, (int, float, np.integer, np.floating)) or not (
+                time_limit > 0):
+            raise InvalidOptionError(f"time_limit must be None or a number of seconds > 0 (inf or >= "
+                                     f"{deadline.NO_LIMIT:g}: no limit); got {describe(time_limit)}")
+        time_limit = deadline.effective_limit(time_limit)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
         raise InvalidOptionError(f"seed must be an integer in [0, {MAX_SEED}] (the solvers' seed range); "
                                  f"got {describe(seed)}")
@@ -93,6 +100,9 @@ def solve(problem: AlignmentProblem, *, backend: str = "auto", time_limit: Optio
             checked[key] = impl.check_option(key, value)
         except ValueError as exc:
             raise InvalidOptionError(str(exc)) from None
+    hint = warm_hint(warm_start, problem)
+    if hint is not None and name == "flow":
+        checked["_warm"] = hint
     request = SolveRequest(time_limit=time_limit, seed=int(seed), soft=soft,
                            soft_penalty=float(soft_penalty) if soft_penalty is not None else default_soft_penalty(problem),
                            options=checked)
@@ -100,8 +110,10 @@ def solve(problem: AlignmentProblem, *, backend: str = "auto", time_limit: Optio
     if blockers:
         return AlignmentResult(problem, SolveStatus.INFEASIBLE, name, explanation="; ".join(blockers),
                                solve_seconds=time.perf_counter() - started)
-    isolated = impl.isolation == "always" or (impl.isolation == "time_limit" and time_limit)
-    if isolated and deadline.isolation() != "in-process":
+    mode = deadline.isolation()
+    isolated = impl.isolation == "always" or (time_limit is not None and (
+        impl.isolation == "time_limit" or (impl.isolation == "helper" and mode == "helper")))
+    if isolated and mode != "in-process":
         result = deadline.run(impl, problem, request, time_limit, started=started)
     else:
         if time_limit is not None:
@@ -111,6 +123,9 @@ def solve(problem: AlignmentProblem, *, backend: str = "auto", time_limit: Optio
     result = verified(result, soft)
     if impl.floating_point:
         result = confirmed(result, request)
+    if backend == "auto" and name == "cpsat" and result.stats.get("exact_rows") is False and (
+            not result.has_solution or "rounded_rows_fallback" in result.stats):
+        result = _exact_instead(result, started, time_limit, seed, soft, soft_penalty)
     if result.status is SolveStatus.INFEASIBLE and not result.explanation:
         result.explanation = diagnosis.explain(problem, soft=soft) or (
             "the solver proved that no assignment satisfies every constraint (no single client or expert explains it)")
@@ -118,6 +133,34 @@ def solve(problem: AlignmentProblem, *, backend: str = "auto", time_limit: Optio
         result.explanation = (f"no feasible assignment found within the time limit of {time_limit:g} s"
                               if time_limit is not None else "the backend stopped without a feasible assignment")
     return result
+
+
+#: the exact backend ``auto`` turns to where CP-SAT's integer-rounded model found no plan
+ROUNDED_ROWS_FALLBACK = "pulp_highs"
+
+
+def _exact_instead(result: AlignmentResult, started: float, time_limit: Optional[float], seed: int, soft: bool,
+                   soft_penalty: Optional[float]) -> AlignmentResult:
+    """``auto`` after CP-SAT's integer-rounded model (a restriction) found no plan: the problem as
+    given on ``ROUNDED_ROWS_FALLBACK`` (floating point, no rounding) in the time left, whose
+    answer is returned when it has a plan at least as good; ``stats["auto_fallback"]`` says so."""
+    from .backends import available_backends
+
+    left = None if time_limit is None else time_limit - (time.perf_counter() - started)
+    problem = result.problem
+    if ROUNDED_ROWS_FALLBACK not in available_backends() or (left is not None and left < 0.2):
+        return result
+    if get_backend(ROUNDED_ROWS_FALLBACK).unsupported_reason(problem, soft):
+        return result
+    other = solve(problem, backend=ROUNDED_ROWS_FALLBACK, time_limit=left, seed=seed, soft=soft,
+                  soft_penalty=soft_penalty)
+    if not other.has_solution or (result.has_solution and other.objective < result.objective):
+        return result
+    note = (f"auto: CP-SAT's integer-rounded model (weighted rows without a small common denominator) found no "
+            f"plan, so {ROUNDED_ROWS_FALLBACK} solved the problem as given")
+    other.stats["auto_fallback"] = note
+    other.explanation = note if not other.explanation else f"{note}; {other.explanation}"
+    return other
 
 
 def verified(result: AlignmentResult, soft: bool) -> AlignmentResult:

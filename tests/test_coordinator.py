@@ -186,7 +186,7 @@ def test_a_crash_during_save_keeps_the_previous_file(tmp_path, accuracy, monkeyp
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(StateError, match=r"cannot write state file .*s\.json: disk full"):
         coord.save(path)
     assert path.read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json", "s.json.lock"]   # the lock file stays
@@ -295,3 +295,25 @@ def test_expert_cost_sizes_plans_to_demand():
     assert plan.expert_min_load == [0.0] * E and plan.expert_max_load == [1.0] * E
     greedy = make_assign("greedy", np.random.default_rng(0))(coord.build_problem(1, np.arange(4), None))
     assert greedy.sum(axis=1).tolist() == [2, 1, 1, 1]            # the greedy baseline is demand-sized too
+
+
+def test_each_round_is_warm_started_from_the_last_and_keeps_the_optimum():
+    """The coordinator passes its last result as the warm start (issue 38): the flow backend
+    uses its potentials on the priced working set, and the plan is still proven optimal, with
+    the objective of a cold solve of the same problem."""
+    from alignment_solver import solve
+
+    truth = np.random.default_rng(3).random((2000, 32))
+    clients = list(range(2000))
+    warm = AlignmentCoordinator(32)
+    cold = AlignmentCoordinator(32, config=CoordinatorConfig(warm_start=False))
+    for r in range(3):
+        a, b = warm.plan_round(r, clients), cold.plan_round(r, clients)
+        assert a.status == b.status == "optimal"
+        assert ("warm_start" in a.result.stats) == (r > 0) and "warm_start" not in b.result.stats
+        if r:           # equally good plans may differ at ties, so each coordinator has its own history
+            assert a.result.stats["warm_start"] == {"prices": True, "clients": 2000}
+            assert solve(a.result.problem, soft=True).objective == pytest.approx(a.objective, rel=1e-9)
+        warm.observe_round(r, reports_for(a, truth))
+        cold.observe_round(r, reports_for(b, truth))
+    assert warm.last_result is a.result

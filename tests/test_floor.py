@@ -235,3 +235,43 @@ def test_over_provisioning_holds_back_fewer_updates_in_the_loop():
         cfg = SimConfig(strategies=["aligned"], rounds=6, seed=1000, dropout=0.2, min_group=3, over_provision=over)
         held[over] = sum(r["held_back"] for r in run_strategy(cfg, World(cfg), "aligned"))
     assert held[True] < held[False], held
+
+
+@pytest.mark.parametrize("clients,experts,m,seed", [(60, 8, 9, 0), (60, 8, 9, 1), (200, 16, 14, 2), (300, 12, 40, 3)])
+def test_bounds_that_fix_experts_bound_the_forced_relaxations(clients, experts, m, seed):
+    """The flow's fixing bounds (issue 38) are proven upper bounds: at the root and at a node
+    with one expert off and one on, forcing each undecided expert on (at least m trainers) or off
+    (none), solved exactly, never beats the bound computed from the node's plan."""
+    from alignment_solver.backends.flow import _forced_bounds
+    from alignment_solver.formulations.flow import FlowNetwork
+
+    problem = _skewed(clients, experts, m, seed)
+    rng = np.random.default_rng(seed)
+    floors = problem.min_group_array
+    checked = 0
+    for off, on in ((np.zeros(experts, bool), np.zeros(experts, bool)),
+                    tuple(np.isin(np.arange(experts), rng.choice(experts, 1)) for _ in range(2))):
+        if (off & on).any():
+            continue
+        allowed = ~off[None, :] & np.ones((clients, experts), bool)
+        base = problem.model_copy(update={"expert_min_group": 0, "allowed": allowed,
+                                          "expert_min_load": np.where(on, floors, problem.min_load_array)})
+        node = solve(base, backend="flow")
+        if node.status is not SolveStatus.OPTIMAL:
+            continue
+        net = FlowNetwork.from_problem(base)
+        on_bound, off_bound = _forced_bounds(net, np.asarray(node.assignment), floors, node.bound,
+                                             node.stats["tolerance"])
+        assert on_bound is not None
+        for e in np.flatnonzero(~off & ~on):
+            forced_on = solve(base.model_copy(update={"expert_min_load": np.where(
+                np.arange(experts) == e, floors, base.min_load_array)}), backend="flow")
+            forced_off = solve(base.model_copy(update={"allowed": allowed & (np.arange(experts) != e)[None, :]}),
+                               backend="flow")
+            for forced, bound in ((forced_on, on_bound[e]), (forced_off, off_bound[e])):
+                if forced.has_solution:
+                    assert forced.objective <= bound + 1e-9, (e, forced.objective, bound)
+                    checked += 1
+                else:
+                    assert forced.status is SolveStatus.INFEASIBLE
+    assert checked >= experts

@@ -168,3 +168,40 @@ def test_fitness_minus_switch_penalty_is_range_checked_too():
 def test_labels_that_collide_as_json_keys_are_refused():
     with pytest.raises(ValidationError, match="client_ids must stay distinct as JSON keys; 1 and '1'"):
         AlignmentProblem(fitness=np.zeros((2, 2)), capacity=1, client_ids=[1, "1"])
+
+
+@pytest.mark.parametrize("ids, words", [
+    ([1, 2, 1], "1 appears more than once"), (["a", "b", "a"], "'a' appears more than once"),
+    ([1, "2", "1"], "1 and '1' both become '1'"), ([True, 1, 3], "1 appears more than once"),
+    ([2 ** 70, 5, 2 ** 70], "appears more than once")])
+def test_vectorised_label_checks_refuse_the_same_duplicates(ids, words):
+    with pytest.raises(ValidationError, match=f"client_ids .*{words}"):
+        AlignmentProblem(fitness=np.zeros((3, 2)), capacity=1, client_ids=ids)
+
+
+@pytest.mark.parametrize("ids", [["a", "a\x00", "b"], [2 ** 70, 5, 6], [1, "2", "x"], list(range(3))])
+def test_vectorised_label_checks_accept_distinct_labels(ids):
+    problem = AlignmentProblem(fitness=np.zeros((3, 2)), capacity=1, client_ids=ids)
+    assert problem.client_ids == ids
+
+
+def test_large_problem_validation_still_names_a_bad_value():
+    """The (C, E) checks run as reductions first; a bad value is still found and named."""
+    rng = np.random.default_rng(0)
+    fitness = rng.random((3000, 16))
+    for value, words in ((np.nan, "fitness must be finite; got nan at \\(client 2999, expert 7\\)"),
+                         (-np.inf, "fitness must be finite; got -inf at \\(client 2999, expert 7\\)"),
+                         (2e15, "fitness must lie within \\+-1e\\+15 .*got 2e\\+15 at index \\(2999, 7\\)")):
+        bad = fitness.copy()
+        bad[2999, 7] = value
+        with pytest.raises(ValidationError, match=words):
+            AlignmentProblem(fitness=bad, capacity=1)
+    previous = np.zeros((3000, 16), dtype=bool)
+    low = fitness.copy()
+    low[10, 3] = -9.9e14
+    with pytest.raises(ValidationError, match="fitness - switch_penalty must lie within .*client 10, expert 3"):
+        AlignmentProblem(fitness=low, capacity=1, previous=previous, switch_penalty=2e13)
+    given = fitness.copy()
+    problem = AlignmentProblem(fitness=given, capacity=1, previous=previous, switch_penalty=0.5)
+    given[0, 0] = 7.0                             # the problem keeps its own copy
+    assert problem.fitness[0, 0] == fitness[0, 0] and not problem.fitness.flags.writeable

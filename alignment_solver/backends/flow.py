@@ -14,12 +14,21 @@ Large ones use a priced working set:
    candidate arcs improve under the whole plan's potentials (``bad``) with those closest to
    changing, the rest fixed to the current plan (``_PricedRun``);
 4. when no client is bad, the certificate in :mod:`alignment_solver.formulations.flow` checks
-   the plan against EVERY allowed arc of the full instance: it is proven optimal
-   (``stats["proven"]``), or the arcs it names join the candidates and the rounds go on.  After
-   ``max_rounds`` rounds the whole network is solved on every arc.
+   the plan against EVERY allowed arc of the full instance, and :func:`_band_breaks` the band
+   arcs at the whole plan's loads (potentials of the active clients' network have not seen an
+   expert only fixed clients hold): it is proven optimal (``stats["proven"]``), or the arcs it
+   names join the candidates and the rounds go on.  After ``max_rounds`` rounds the whole
+   network is solved on every arc.
+
+A warm start (``solve(warm_start=...)``, :mod:`alignment_solver.search.warm`) replaces step 1 by
+the previous round's potentials, adds its plan to the candidates and starts from a smaller
+active set (``WARM_ARCS``, ``WARM_SHARE``); steps 3 and 4 are unchanged, so is the proof.  A
+proven working-set answer carries its potentials in ``stats["potentials"]``.
 
 A privacy floor (``expert_min_group``, hard mode) is searched by
-:func:`~alignment_solver.search.floor.branch_and_bound` with one exact flow per node.
+:func:`~alignment_solver.search.floor.branch_and_bound` with one exact flow per node, each
+warm-started from its parent's, and bounds from the node's residual graph
+(:func:`_forced_bounds`) that fix experts on or off without branching.
 
 Problems with per-group rows (``expert_group``) are solved on every allowed arc of the network
 with client-group nodes (:func:`~alignment_solver.formulations.flow.grouped_arcs`): OR-Tools'
@@ -44,6 +53,7 @@ from ..formulations.flow import FlowNetwork, _all, grouped_arcs
 from ..problem import AlignmentProblem
 from ..result import AlignmentResult, SolveStatus
 from ..search.floor import NodeAnswer, branch_and_bound
+from ..search.warm import WarmHint
 from .base import Backend, SolveRequest
 
 FULL_ARCS = 40_000      # up to this many allowed arcs, solve on all of them at once
@@ -55,6 +65,9 @@ SAMPLE_PER_EXPERT = 8   # clients per expert in the smallest price sample
 LEVEL = 4               # each price sample has 1 / LEVEL of the clients of the level above
 MAX_SAMPLE_ROUNDS = 10  # rounds a price sample may take
 MAX_NODES = 1000        # flows of the privacy-floor search (expert_min_group)
+MOVE_ROWS = 50_000      # held pairs whose moves (a row of E each) the floor's bounds price at once
+WARM_ARCS = 10_000      # least candidate arcs of the first round's active clients on a warm start
+WARM_SHARE = 0.1        # ... or this share of the candidate arcs, if more (at most FIRST_ARCS)
 ARGMAX_TOP = 16         # candidate lists up to this long are picked by repeated row maxima
 
 
@@ -98,22 +111,33 @@ class FlowBackend(Backend):
         exact flow per node (experts off: their arcs removed; on: lower load bound raised to the
         floor)."""
         m = problem.min_group_array
-        node_request = replace(request, report=None)
+        node_request = replace(request, report=None, options={k: v for k, v in request.options.items() if k != "_warm"})
+        C, E = net.shape
 
-        def node(off: np.ndarray, on: np.ndarray) -> NodeAnswer:
+        def node(off: np.ndarray, on: np.ndarray, hint: Optional[WarmHint] = None) -> NodeAnswer:
             allowed = net.allowed & ~off[None, :]
             k = np.minimum(net.k, allowed.sum(axis=1))
             if np.any(net.lo > k):
                 return NodeAnswer(None)
             sub = FlowNetwork(G=net.G, allowed=allowed, lo=net.lo, k=k, L=np.where(on, np.maximum(net.L, m), net.L),
                               U=net.U, penalty=net.penalty, max_abs=net.max_abs)
-            r = self._solve_net(problem, sub, node_request, time.perf_counter())
+            sub_request = node_request if hint is None else replace(
+                node_request, options={**node_request.options, "_warm": hint})     # warm from the parent's answer
+            r = self._solve_net(problem, sub, sub_request, time.perf_counter())
             if r.status is SolveStatus.INFEASIBLE:
                 return NodeAnswer(None)
             if not r.has_solution:
                 return NodeAnswer(None, proven=False)
             proven = r.status is SolveStatus.OPTIMAL and r.bound is not None
-            return NodeAnswer(np.asarray(r.assignment), r.objective, r.bound if proven else np.inf, proven)
+            x = np.asarray(r.assignment)
+            pot = r.stats.get("potentials")
+            rows, experts = np.nonzero(x)
+            child = WarmHint(None if pot is None else np.asarray(pot), rows, experts, C)
+            if not proven:
+                return NodeAnswer(x, r.objective, np.inf, False, hint=child)
+            on_bound, off_bound = _forced_bounds(sub, x, m, r.bound, float(r.stats.get("tolerance", 0.0)),
+                                                 todo=~off & ~on & (m > 1))
+            return NodeAnswer(x, r.objective, r.bound, True, hint=child, on_bound=on_bound, off_bound=off_bound)
 
         report = request.report
         found = branch_and_bound(problem, node, deadline=request.deadline,
@@ -146,23 +170,31 @@ class FlowBackend(Backend):
         if not large:
             return self._solve_full(problem, net, request, t0, scale, tol)
         cut = False
+        warm = request.options.get("_warm")
         if C <= _base(E):                        # no sample smaller than the instance: candidates, no prices
             build = time.perf_counter() - t0
-            x, _, proven, rounds, arcs = _on_candidates(net, slack, scale, tol, max_rounds)
+            x, d, proven, rounds, arcs = _on_candidates(net, slack, scale, tol, max_rounds)
             if not proven:
                 return self._solve_full(problem, net, request, t0, scale, tol)
             active = C
         else:
-            prices = _prices(net, np.random.default_rng(request.seed), scale, tol, slack)
+            warm_prices = warm is not None and warm.prices is not None
+            prices = warm.prices if warm_prices else _prices(net, np.random.default_rng(request.seed), scale, tol, slack)
             build = time.perf_counter() - t0
-            run = _PricedRun(net, prices, slack, scale, tol)
+            run = _PricedRun(net, prices, slack, scale, tol, plan=None if warm is None else (warm.rows, warm.experts),
+                             warm=warm_prices)
             x = run.solve(max_rounds, request.deadline, request.report, request.soft)
             if run.gave_up:                      # prices never settled: the whole network, proven by OR-Tools
                 return self._solve_full(problem, net, request, t0, scale, tol)
             proven, cut, rounds, arcs, active = run.proven, run.cut, run.rounds, int(run.cs.on.sum()), int(run.active.sum())
+            d = run.d
         seconds = time.perf_counter() - t0 - build
         stats = {"rounds": rounds, "arcs": arcs, "active_clients": active,
                  "proven": proven, "tolerance": tol, "deterministic": not cut}
+        if warm is not None:
+            stats["warm_start"] = {"prices": C > _base(E) and warm.prices is not None, "clients": warm.matched}
+        if proven and d is not None:             # the certified potentials: the next round's warm prices
+            stats["potentials"] = [float(v) for v in d]
         if x is None:
             return AlignmentResult(problem, SolveStatus.NO_SOLUTION_FOUND, self.name, solve_seconds=seconds,
                                    build_seconds=build, explanation="OR-Tools min-cost flow did not return an optimum",
@@ -238,6 +270,113 @@ class FlowBackend(Backend):
         return self._whole(problem, net, request, x, tol, seconds, build, stats)
 
 
+def _forced_bounds(net: FlowNetwork, x: np.ndarray, m: np.ndarray, bound: float, tol: float,
+                   todo: Optional[np.ndarray] = None) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """Upper bounds on the relaxation ``net`` with each expert forced on (``m_e`` trainers or
+    more) / off (none), from its plan ``x`` (feasible, with upper bound ``bound``), without a flow.
+
+    A plan ``y`` of the forced relaxation differs from ``x`` by a circulation in the residual
+    graph of ``x``.  A conformal decomposition has ``m_e - t_e`` cycles through the band arc
+    ``e -> T`` to force ``e`` on (``t_e`` trainers of ``e`` in ``x``), each entering ``e`` from
+    its own client ``c`` (arc ``c -> e``, capacity 1), or ``t_e`` cycles through ``T -> e`` to
+    force it off, each leaving ``e`` through its own client holding ``e``; ``x`` plus the other
+    cycles is a plan of ``net``, worth at most ``bound``.  So ``y <= bound - sum`` of the
+    cheapest such cycles, one per client: entering ``e`` from ``c`` costs at least
+    ``min(cheapest path T ~> e' + G[c, e'] over e' held by c; T ~> S if c has room) - G[c, e]``,
+    leaving it ``G[c, e] + min(-G[c, e'] + cheapest path e' ~> T over e' free for c; S ~> T if c
+    may drop one)``.  Paths are priced on the E + 2 expert/source/sink nodes (client paths
+    contracted, as in the certificate) over every residual client arc of the full network, band
+    arcs inside the band only (``y`` keeps the band); Bellman-Ford relaxes by more than ``tol``
+    only, so each cycle is taken ``(E + 4) * tol`` cheaper.  (None, None) when it does not settle.
+    ``todo``: the experts whose forced-on bound is wanted (default: every floored one).
+    """
+    C, E = net.shape
+    N, S, T = E + 2, E, E + 1
+    G, allowed = net.G, net.allowed
+    f, load = x.sum(axis=1), x.sum(axis=0)
+    free = allowed & ~x
+    W = np.full((N, N), np.inf)
+    he, hc = np.nonzero(x.T)                             # held pairs, grouped by expert
+    if len(hc):
+        takes = np.where(free, -G, np.inf)               # c -> b for a free b
+        starts = np.flatnonzero(np.r_[True, he[1:] != he[:-1]])
+        ends = np.r_[starts[1:], len(he)]
+        i = 0
+        while i < len(starts):                           # a -> b: a client of a moves to a free b
+            j = max(i + 1, int(np.searchsorted(ends, starts[i] + MOVE_ROWS, side="right")))
+            lo_, hi_ = starts[i], ends[j - 1]            # experts i..j-1, at most MOVE_ROWS held pairs at once
+            moves = G[hc[lo_:hi_], he[lo_:hi_]][:, None] + takes[hc[lo_:hi_]]
+            W[he[starts[i:j]], :E] = np.minimum.reduceat(moves, starts[i:j] - lo_, axis=0)
+            i = j
+        drop = np.where(f[hc] > net.lo[hc], G[hc, he], np.inf)       # a -> S: a client drops a
+        W[he[starts], S] = np.minimum.reduceat(drop, starts)
+    spare = f < net.k
+    if spare.any():                                      # S -> b: a client with room takes b
+        W[S, :E] = np.where(free[spare], -G[spare], np.inf).min(axis=0)
+    W[T, :E] = np.where(load - 1 >= net.L, 0.0, np.inf)  # T -> e: one trainer fewer, inside the band
+    W[:E, T] = np.where(load + 1 <= net.U, 0.0, np.inf)  # e -> T: one more
+    W[S, T] = W[T, S] = 0.0
+    np.fill_diagonal(W, np.inf)
+
+    def shortest(weights: np.ndarray) -> Optional[np.ndarray]:
+        d = np.full(N, np.inf)
+        d[T] = 0.0
+        for _ in range(N + 1):
+            relaxed = (d[:, None] + weights).min(axis=0)
+            better = relaxed < d - tol
+            if not better.any():
+                return d
+            d = np.where(better, relaxed, d)
+        return None
+
+    from_T, to_T = shortest(W), shortest(W.T)
+    if from_T is None or to_T is None:
+        return None, None
+    slack = (N + 2) * tol
+    # entering e from client c: A[c] - G[c, e], A[c] the cheapest way to free one unit at c
+    reach = np.where(x, G + from_T[None, :E], np.inf).min(axis=1)
+    A = np.minimum(reach, np.where(spare, from_T[S], np.inf)) - slack
+    # leaving e through client c: G[c, e] + B[c], B[c] the cheapest way to place that unit
+    place = np.where(free, to_T[None, :E] - G, np.inf).min(axis=1)
+    B = np.minimum(place, np.where(f > net.lo, to_T[S], np.inf)) - slack
+    on_bound = np.full(E, bound)
+    off_bound = np.full(E, bound)
+    todo = (m > 1) if todo is None else todo
+    for e in np.flatnonzero(todo & (load < m)):
+        need = int(m[e] - load[e])
+        if load[e] + need > net.U[e] or not np.isfinite(from_T[e]):
+            on_bound[e] = -np.inf                        # no plan reaches the floor
+            continue
+        enter = np.where(free[:, e], A - G[:, e], np.inf)
+        if np.count_nonzero(np.isfinite(enter)) < need:
+            on_bound[e] = -np.inf
+        else:
+            on_bound[e] = bound - float(np.partition(enter, need - 1)[:need].sum())
+    if len(hc):                                          # every client of e leaves it
+        leave = G[hc, he] + B[hc]
+        finite = np.isfinite(leave)
+        total = np.bincount(he, weights=np.where(finite, leave, 0.0), minlength=E)
+        stuck = np.bincount(he, weights=(~finite).astype(float), minlength=E) > 0
+        stuck |= (net.L > 0) | ~np.isfinite(to_T[:E])   # off would break the band, or nothing leaves e
+        off_bound = np.where(load > 0, np.where(stuck, -np.inf, bound - total), bound)
+    return on_bound, off_bound
+
+
+def _band_breaks(net: FlowNetwork, load: np.ndarray, d: np.ndarray, tol: float) -> np.ndarray:
+    """Experts whose band arcs (``e -> T`` one more trainer, ``T -> e`` one fewer, at the full
+    plan's ``load``) or the ``S <-> T`` arcs have a reduced cost below ``-2 tol`` under ``d``
+    (all experts when an ``S <-> T`` arc does).  :meth:`FlowNetwork.check` tests the client arcs
+    only, which is enough for potentials of the whole plan; potentials of the active clients'
+    network (``base_load`` fixed) have not seen ``T -> e`` where only fixed clients hold ``e``."""
+    E = net.shape[1]
+    dS, dT, de = d[E], d[E + 1], d[:E]
+    up = net.marginal(load + 1) + de - dT < -2 * tol
+    down = (load > 0) & (-net.marginal(load) + dT - de < -2 * tol)
+    if dT - dS < -2 * tol or (load.sum() > 0 and dS - dT < -2 * tol):
+        return np.ones(E, dtype=bool)
+    return up | down
+
+
 def _misses(net: FlowNetwork, x: np.ndarray) -> bool:
     """Whether ``x`` misses the integer (hard) load band."""
     load = x.sum(axis=0)
@@ -272,13 +411,14 @@ def _assignment(shape: tuple[int, int], pairs: tuple[np.ndarray, np.ndarray], on
     return x
 
 
-def _top(score: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+def _top(score: np.ndarray, count: int, scratch: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Each row's ``count`` best columns, best first: ``(columns, values)``.  Up to
     ``ARGMAX_TOP`` columns by repeated row maxima (three times faster than a partition and
-    sort at 100,000 x 128), else by ``argpartition``."""
+    sort at 100,000 x 128), else by ``argpartition``.  ``scratch``: ``score`` may be overwritten
+    (saves a C x E copy, whose fresh pages cost 0.2-0.5 s at 100,000 x 128 on a loaded machine)."""
     C, E = score.shape
     if count <= ARGMAX_TOP and count < E:
-        work = score.copy()
+        work = score if scratch else score.copy()
         rows = np.arange(C)
         top = np.empty((C, count), dtype=np.int64)
         vals = np.empty((C, count))
@@ -376,10 +516,14 @@ class _PricedRun:
     every allowed arc: it is proven, or the arcs it names join the candidates.
     """
 
-    def __init__(self, net: FlowNetwork, prices: np.ndarray, slack: int, scale: float, tol: float) -> None:
+    def __init__(self, net: FlowNetwork, prices: np.ndarray, slack: int, scale: float, tol: float,
+                 plan: Optional[tuple[np.ndarray, np.ndarray]] = None, warm: bool = False) -> None:
         self.net, self.scale, self.tol = net, scale, tol
         self.cs = _Candidates(net, prices, slack)
-        self.active, self.hold = self.cs.first_active()
+        first = min(FIRST_ARCS, max(WARM_ARCS, int(WARM_SHARE * self.cs.on.sum()))) if warm else FIRST_ARCS
+        self.active, self.hold = self.cs.first_active(first)
+        if plan is not None and len(plan[0]):    # a warm start's plan joins the candidates
+            self.hold = self.cs.widen(self.cs.missing(*plan), self.hold)
         self.rounds, self.proven, self.cut, self.gave_up = 0, False, False, False
         self.d: Optional[np.ndarray] = None
 
@@ -414,10 +558,14 @@ class _PricedRun:
             self.d = d
             bad, values = cs.bad(hold, d, tol)
             if not bad.any():                    # optimal on the candidates: certify on the full instance
-                improving, bad = net.check(cs.assignment(hold), d, tol)
-                if not bad.any():
+                x = cs.assignment(hold)
+                improving, bad = net.check(x, d, tol)
+                wrong = _band_breaks(net, x.sum(axis=0), d, tol)
+                if not bad.any() and not wrong.any():
                     self.proven = True
                     break
+                if wrong.any():                  # d came from the active clients' network: a fixed client
+                    bad = bad | (hold & wrong[cs.top]).any(axis=1)     # on a mispriced expert must move
                 self.hold = hold = cs.widen(improving, hold)
                 values = cs._values(hold, d)
             if report is not None:
@@ -448,16 +596,16 @@ class _Candidates:
         else:
             score[~net.allowed] = -np.inf
             count = np.minimum(net.k + slack, net.allowed.sum(axis=1))
-        self.top, self.vals = _top(score, int(count.max(initial=0)))
+        self.top, self.vals = _top(score, int(count.max(initial=0)), scratch=True)
         M = self.top.shape[1]
         self.on = (np.arange(M)[None, :] < count[:, None]) & np.isfinite(self.vals)
         self.g = net.G[np.arange(C)[:, None], self.top]
         self.prices = prices
 
-    def first_active(self) -> tuple[np.ndarray, np.ndarray]:
+    def first_active(self, limit: int = FIRST_ARCS) -> tuple[np.ndarray, np.ndarray]:
         """Active clients and the plan of the fixed ones: a client whose ``capacity``-th best
         expert beats the next one and the source price by a clear margin takes its top
-        ``capacity``; the least clear-cut clients, up to ``FIRST_ARCS`` candidate arcs, are active."""
+        ``capacity``; the least clear-cut clients, up to ``limit`` candidate arcs, are active."""
         net, M = self.net, self.top.shape[1]
         C, E = net.shape
         k, idx = net.k, np.arange(C)
@@ -465,7 +613,7 @@ class _Candidates:
         kth = self.vals[idx, np.maximum(k - 1, 0)]
         margin = np.minimum(kth - self.vals[idx, np.minimum(k, M - 1)], kth - self.prices[E])
         eligible = (k >= 1) & (k < M) & np.isfinite(margin) & self.on[idx, np.minimum(k, M - 1)]
-        share = FIRST_ARCS / max(int(self.on.sum()), 1)
+        share = limit / max(int(self.on.sum()), 1)
         if share >= 1 or not eligible.any():
             return np.ones(C, dtype=bool), hold
         cut = max(float(np.quantile(margin[eligible], share)), 0.0)
@@ -532,6 +680,16 @@ class _Candidates:
         active = np.zeros(C, dtype=bool)
         active[np.argpartition(margin, n - 1)[:n]] = True
         return active
+
+    def missing(self, rows: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        """Mask of the allowed pairs ``(rows, experts)`` that are not candidates yet."""
+        net = self.net
+        C, M = self.top.shape
+        mask = np.zeros(net.shape, dtype=bool)
+        mask[rows, experts] = True
+        mask &= net.allowed
+        mask[np.repeat(np.arange(C), M)[self.on.ravel()], self.top[self.on]] = False
+        return mask
 
     def widen(self, improving: np.ndarray, hold: np.ndarray) -> np.ndarray:
         """Append each client's improving arcs (found by the full certificate) to its candidates;
