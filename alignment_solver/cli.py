@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from importlib import resources
 from pathlib import Path
@@ -20,6 +19,7 @@ from pydantic import ValidationError
 
 from .backends import REGISTRY, available_backends
 from .errors import AlignmentError, describe, read_text
+from .paths import regular_target, replace_regular
 from .problem import AlignmentProblem
 from .solve import solve
 
@@ -67,33 +67,23 @@ def _load_problem(path: str) -> AlignmentProblem:
 
 
 def _check_output(output: Optional[str]) -> None:
-    """Refuse an output path that cannot be written, before anything is solved or changed."""
+    """Refuse an output path that is not a regular file (or one to create in an existing, writable
+    folder), before anything is solved or changed.  A symbolic link is followed: its target is
+    written."""
     if not output:
         return
-    path = Path(output)
-    if path.is_dir():
-        raise InputError(f"output {output} is a directory; give a file path")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"output {output}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    target = regular_target(output, "output", InputError)
+    if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
         raise InputError(f"output {output} is not writable")
 
 
 def _write_output(text: str, output: Optional[str]) -> None:
-    """Write ``text`` to ``output`` atomically (a reader never sees half a file), or print it."""
+    """Write ``text`` to the regular file ``output`` (through a link: its target) atomically, or
+    print it; InputError when that cannot be done (nothing is replaced then)."""
     if not output:
         print(text)
         return
-    path = Path(output)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    replace_regular(output, text, "output", InputError)
 
 
 def _print_loads(result) -> None:
@@ -123,8 +113,8 @@ def _solve_cmd(args: argparse.Namespace) -> int:
     if args.output:
         try:
             _write_output(result.model_dump_json(indent=2), args.output)
-        except OSError as exc:
-            return _fail(f"cannot write {args.output}: {exc.strerror}")
+        except InputError as exc:
+            return _fail(str(exc))
     if not result.has_solution:
         print(f"alignment-solver: {result.status.value}: {result.explanation}", file=sys.stderr)
         return 1
@@ -160,9 +150,9 @@ def _backends_cmd(args: argparse.Namespace) -> int:
 def _init_cmd(args: argparse.Namespace) -> int:
     from .coordinator import AlignmentCoordinator, CoordinatorConfig
 
-    if Path(args.state).exists() and not args.force:
-        return _fail(f"state file {args.state} exists; pass --force to overwrite it")
     try:
+        if regular_target(args.state, "state file", InputError).exists() and not args.force:
+            return _fail(f"state file {args.state} exists; pass --force to overwrite it")
         config = CoordinatorConfig.model_validate(_read_json(args.config, "config")) if args.config \
             else CoordinatorConfig()
         AlignmentCoordinator(args.experts, config=config).save(args.state)
@@ -180,10 +170,9 @@ def _coordinator_cmd(args: argparse.Namespace) -> int:
     key = "clients" if args.command == "plan" else "reports"
     try:
         _check_output(args.output)
-        if not Path(args.state).is_file():
+        if not regular_target(args.state, "state file", InputError).exists():
             raise InputError(f"state file {args.state} does not exist (create it with: alignment-solver init "
-                             f"--state {args.state} --experts E)" if not Path(args.state).exists()
-                             else f"state file {args.state} is not a file")
+                             f"--state {args.state} --experts E)")
         payload = _read_json(args.input, key)
         if isinstance(payload, dict):
             if set(payload) != {key}:
@@ -200,15 +189,21 @@ def _coordinator_cmd(args: argparse.Namespace) -> int:
             else:
                 rnd = args.round if args.round is not None else (coord.pending or {}).get("round", -1)
                 out = coord.observe_round(rnd, payload)
-            _write_output(out.model_dump_json(indent=2), args.output)   # before the save: no state without output
+            if args.output:                       # before the save: no state without output
+                try:
+                    _write_output(out.model_dump_json(indent=2), args.output)
+                except InputError as exc:
+                    raise InputError(f"{exc}; the state file is unchanged") from None
     except InputError as exc:
         return _fail(str(exc))
     except OSError as exc:
-        return _fail(f"cannot write {args.output}: {exc.strerror}; the state file is unchanged")
+        return _fail(f"cannot write {exc.filename or args.state}: {exc.strerror}; the state file is unchanged")
     except RecursionError:
         return _fail(f"{key} input nests too deeply")
     except (AlignmentError, ValidationError, ValueError) as exc:
         return _fail(_one_line(exc, key))
+    if not args.output:                           # after the save: no plan printed that was not saved
+        _write_output(out.model_dump_json(indent=2), None)
     return 0
 
 
@@ -272,13 +267,24 @@ def _simulate_cmd(args: argparse.Namespace) -> int:
 
 
 def _seconds(text: str) -> float:
-    """A finite number of seconds >= 0 (argparse type)."""
+    """A number of seconds >= 0; ``inf`` or a wait too long to matter means no limit (argparse type)."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0; got {text!r}") from None
-    if not (value >= 0 and value < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0; got {text!r}")
+        value = float("nan")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0 (inf: no limit); got {text!r}")
+    return value
+
+
+def _limit(text: str) -> float:
+    """A number of seconds > 0; ``inf`` or a limit too large to matter means no limit (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0 (inf: no limit); got {text!r}")
     return value
 
 
@@ -291,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", help="write the result as JSON to this path")
     s.add_argument("--backend", default="auto", choices=["auto", *REGISTRY],
                    help="solver backend (default: auto = flow when the structure allows it, else cpsat)")
-    s.add_argument("--time-limit", type=float, default=None, metavar="S", help="time limit in seconds")
+    s.add_argument("--time-limit", type=_limit, default=None, metavar="S",
+                   help="time limit in seconds > 0 (default none; inf or 1e7 and more: none)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--soft", action="store_true", help="turn the expert load band into penalised slack")
     s.add_argument("--soft-penalty", type=float, default=None, metavar="P",
@@ -392,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--replan", action="store_true",
                              help="replace the plan of a round that is planned and not yet observed")
         cmd.add_argument("--lock-timeout", dest="lock_timeout", type=_seconds, default=60.0, metavar="S",
-                         help="wait at most S seconds for another process holding the state file (default 60)")
+                         help="wait at most S seconds for another process holding the state file (default 60; inf: "
+                              "no limit)")
         cmd.add_argument("-o", "--output", help=f"write the {output} JSON here (default: stdout)")
         cmd.set_defaults(func=_coordinator_cmd)
     return parser

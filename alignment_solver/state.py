@@ -17,7 +17,6 @@ import fcntl
 import glob
 import os
 import re
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from .errors import StateError, describe
+from .paths import regular_target, replace_regular
 from .problem import MAX_COUNT, MAX_ROUND
 
 STATE_VERSION = 1
@@ -196,6 +196,7 @@ def _check_rows(table: Any, field: str, n: int, E: int) -> None:
 
 
 # ---- lock and atomic write -------------------------------------------------------------------
+NO_WAIT_LIMIT = 1e7              # seconds (about 116 days): a longer lock timeout means no limit
 _guard = threading.Lock()
 _locks: dict[str, list] = {}       # real path -> [RLock, fd, depth]
 
@@ -209,8 +210,12 @@ def _lock_path(path: Path) -> str:
 def locked(path: str | os.PathLike, *, timeout: Optional[float] = 60.0) -> Iterator[None]:
     """Hold the exclusive lock of the state file ``path`` (wait up to ``timeout`` seconds).
 
-    Raises StateError when another process still holds it after ``timeout`` (None: wait forever).
+    Raises StateError when another process still holds it after ``timeout`` (None, inf or
+    ``NO_WAIT_LIMIT`` seconds and more: wait forever).
     """
+    if timeout is not None and not timeout < NO_WAIT_LIMIT:
+        timeout = None
+    regular_target(path, "state file", StateError)
     key = _lock_path(Path(path))
     with _guard:
         entry = _locks.setdefault(key, [threading.RLock(), None, 0])
@@ -219,7 +224,10 @@ def locked(path: str | os.PathLike, *, timeout: Optional[float] = 60.0) -> Itera
         raise StateError(f"state file {path} is locked by another thread (waited {timeout:g} s)")
     try:
         if entry[2] == 0:
-            fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise StateError(f"state file {path}: cannot open its lock file {key}: {exc.strerror}") from None
             start = time.monotonic()
             while True:
                 try:
@@ -249,30 +257,21 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
     """Replace ``path`` by ``text`` so that a reader sees the old or the new file, never a part.
 
     Runs under :func:`locked`; temporaries of writers of this very file killed mid-save are
-    removed first.  A symbolic link stays a link: its target is written.
+    removed first.  Regular files only (:func:`~alignment_solver.paths.regular_target`): a
+    symbolic link stays a link and its target is written; a directory, FIFO, device or socket is
+    refused.  Raises StateError naming the file when it cannot be written (it is unchanged then).
     """
-    path = Path(os.path.realpath(path))
-    folder = path.parent
+    target = regular_target(path, "state file", StateError)
     with locked(path):
-        own = re.compile(rf"{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")      # mkstemp's names for this file only
-        for stale in folder.glob(f"{glob.escape(path.name)}.*.tmp"):
-            if own.fullmatch(stale.name):
-                stale.unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=folder)
+        own = re.compile(rf"{re.escape(target.name)}\.[a-z0-9_]{{8}}\.tmp")      # mkstemp's names for this file only
         try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            for stale in target.parent.glob(f"{glob.escape(target.name)}.*.tmp"):
+                if own.fullmatch(stale.name):
+                    stale.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StateError(f"cannot write state file {path}: cannot remove a stale temporary in {target.parent}: "
+                             f"{exc.strerror}") from None
+        replace_regular(path, text, "state file", StateError, fsync=True)
 
 
 _GENERATION = re.compile(rb'\s*\{\s*"generation"\s*:\s*(\d{1,16})\s*[,}]')

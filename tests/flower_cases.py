@@ -591,3 +591,27 @@ def test_a_run_whose_nodes_all_fail_raises_out_of_start(tmp_path, caplog):
         s.start(grid=RunGrid(NODES, fail=True), initial_arrays=to_record(model()), num_rounds=10)
     assert max(s.history) == 3
     assert sum("no query handler" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_evaluate_replies_from_nodes_not_asked_or_sent_twice_are_rejected_and_claims_capped(tmp_path):
+    """Five copies of one reply claiming 10^6 examples at accuracy 1.0, and a node never asked, do not
+    move the round's accuracy off the honest 0.5 (issue 36)."""
+    s = strategy(tmp_path, evaluate_every=1)
+    msgs = list(s.configure_evaluate(3, to_record(model()), ConfigRecord({}), Grid(NODES)))
+    assert {m.metadata.dst_node_id for m in msgs} == set(NODES)
+
+    def answer(m, n, acc):
+        return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": n, "accuracy": acc,
+                                                                     "loss": 1.0})}), reply_to=m)
+
+    honest_replies = [answer(m, 100, 0.5) for m in msgs[1:]]
+    liar = [answer(msgs[0], 10 ** 6, 1.0) for _ in range(5)]
+    out = s.aggregate_evaluate(3, honest_replies + liar)
+    assert out["accuracy"] == pytest.approx(0.5)
+    assert "replied 5 times" in s.history[3]["eval_rejected"][str(NODES[0])]
+    (tmp_path / "b").mkdir()
+    s2 = strategy(tmp_path / "b", evaluate_every=1)
+    msgs2 = list(s2.configure_evaluate(3, to_record(model()), ConfigRecord({}), Grid(NODES[:2])))
+    out2 = s2.aggregate_evaluate(3, [answer(m, 100, 0.5) for m in msgs2] + [answer(msgs[2], 10 ** 6, 1.0)])
+    assert out2["accuracy"] == pytest.approx(0.5)
+    assert "was not asked" in s2.history[3]["eval_rejected"][str(NODES[2])]

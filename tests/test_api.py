@@ -127,3 +127,19 @@ def test_the_pulp_backends_use_no_deprecated_pulp_api():
             warnings.simplefilter("error", DeprecationWarning)
             result = get_backend(name).solve(problem, SolveRequest(time_limit=None, seed=0, soft=False, soft_penalty=1.0))
         assert result.status.value == "optimal", name
+
+
+@pytest.mark.parametrize("limit", [1e10, 1e308, float("inf"), 10 ** 400, np.float64(1e300), 9.99e6, 1e7])
+@pytest.mark.parametrize("backend", ["auto", "cpsat"])
+def test_a_time_limit_too_large_to_matter_means_no_limit(limit, backend):
+    """Beside 9.99e6 s (a real limit, waited for in slices), every one of these used to overflow."""
+    r = solve(AlignmentProblem(fitness=[[1.0]], capacity=1), backend=backend, time_limit=limit)
+    assert r.status is SolveStatus.OPTIMAL
+    if limit >= 1e7:
+        assert r.stats["isolation"] == "in-process" and r.stats["deterministic"] is True
+
+
+@pytest.mark.parametrize("limit", [-1, -float("inf"), float("nan"), True])
+def test_a_time_limit_must_be_positive(limit):
+    with pytest.raises(InvalidOptionError, match=r"time_limit must be None or a number of seconds > 0.*got"):
+        solve(AlignmentProblem(fitness=[[1.0]], capacity=1), time_limit=limit)

@@ -199,3 +199,27 @@ def test_every_simulate_option_has_a_flag():
     sub = next(a for a in parser._actions if a.dest == "command").choices["simulate"]
     dests = {a.dest for a in sub._actions}
     assert set(SimConfig.model_fields) <= dests, set(SimConfig.model_fields) - dests
+
+
+@pytest.mark.parametrize("limit", ["1e308", "inf", "1e10"])
+def test_a_time_limit_too_large_to_matter_solves_without_a_limit(problem_file, limit):
+    proc = run("solve", str(problem_file), "--time-limit", limit)      # flow: cpsat takes a minute unlimited
+    assert proc.returncode == 0 and "status=optimal" in proc.stdout, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "nan", "soon"])
+def test_a_time_limit_must_be_a_positive_number(problem_file, limit):
+    proc = run("solve", str(problem_file), "--time-limit", limit)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    error = proc.stderr.strip().splitlines()[-1]        # argparse prints the usage line first
+    assert "--time-limit" in error and "seconds > 0" in error and f"got '{limit}'" in error, error
+
+
+def test_a_lock_timeout_too_large_to_matter_waits_without_a_limit(tmp_path):
+    state = tmp_path / "s.json"
+    assert run("init", "--state", str(state), "--experts", "2").returncode == 0
+    for timeout in ("1e308", "inf"):
+        proc = run("plan", "--state", str(state), "--clients", "-", "--lock-timeout", timeout, "--replan",
+                   stdin='["a"]')
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr

@@ -127,9 +127,15 @@ _CALLER = textwrap.dedent("""
         solve(problem, backend="{backend}"{limit})
         print("done", flush=True)
 
+    def spin():
+        while True:
+            pass
+
     if __name__ == "__main__":
         if "{where}" == "thread":                       # a thread alive, as in a Flower server
             threading.Thread(target=threading.Event().wait, daemon=True).start()
+        if "{where}" == "busy":                         # one spinning in pure Python
+            threading.Thread(target=spin, daemon=True).start()
         if "{where}" == "pool":
             with mp.get_context("fork").Pool(1) as pool:
                 pool.apply(run)
@@ -177,7 +183,7 @@ def test_the_limit_holds_with_a_thread_alive_and_inside_a_pool_worker(tmp_path, 
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    assert r["isolation"] == ("forkserver" if where == "thread" else "subprocess")
+    assert r["isolation"] == ("helper" if where == "thread" else "fork")       # os.fork: a Pool worker may
     assert r["ok"] and r["status"] in ("feasible", "optimal")
     assert r["wall"] < limit + 5.0, r     # generous on a busy machine; the benchmark holds the 0.5 s margin
 
@@ -186,7 +192,9 @@ KILLS = [("main", "pulp_cbc", signal.SIGTERM, True), ("main", "pulp_cbc", signal
          ("main", "pulp_cbc", signal.SIGKILL, True), ("main", "cpsat", signal.SIGTERM, False),
          ("main", "cpsat", signal.SIGTERM, True)] + [
     (where, "pulp_cbc", how, True) for where in ("thread", "pool")
-    for how in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL)]
+    for how in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL)] + [
+    (where, "cpsat", how, cbc) for where in ("thread", "busy") for how in (signal.SIGTERM, signal.SIGKILL)
+    for cbc in (False, True)]
 
 
 @pytest.mark.slow
@@ -228,10 +236,10 @@ def test_killing_the_caller_leaves_no_solver_process_and_no_temporary_files(tmp_
     while time.monotonic() < deadline and any(_alive(p) for p in seen):
         time.sleep(0.1)
     assert not [p for p in seen if _alive(p)], "solver processes survived the caller"
-    left = [p.name for p in scratch.iterdir()]
-    if where == "thread" and how != signal.SIGINT:  # multiprocessing's own socket folder of the fork server,
-        left = [n for n in left if not n.startswith("pymp-")]   # removed by the caller at exit, not when killed
-    assert left == [], "temporary files were left behind"
+    deadline = time.monotonic() + 10                # the helper removes them as it sees the caller go
+    while time.monotonic() < deadline and any(scratch.iterdir()):
+        time.sleep(0.1)
+    assert [p.name for p in scratch.iterdir()] == [], "temporary files were left behind"
 
 
 def _cmdline(pid: int) -> str:
@@ -260,5 +268,112 @@ def test_a_large_task_reaches_a_subprocess_worker_while_the_caller_computes_its_
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    assert r["isolation"] == "subprocess" and r["ok"]
+    assert r["isolation"] == "fork" and r["ok"]
     assert "ended without an answer" not in r["explanation"], r
+
+
+# ---- inside real scripts and servers: no re-run of __main__, busy threads, kills (issue 36) ----
+_UNGUARDED = textwrap.dedent("""
+    import json, os, sys, threading, time
+    print("top-level", os.getpid(), flush=True)      # a script without a main guard: run once, never again
+    if "{thread}" == "tqdm":
+        from tqdm import tqdm
+        for _ in tqdm(range(3)):
+            pass
+    elif "{thread}" == "busy":
+        def spin():
+            while True:
+                pass
+        threading.Thread(target=spin, daemon=True).start()
+    else:
+        threading.Thread(target=threading.Event().wait, daemon=True).start()
+    from alignment_solver import solve
+    from alignment_solver.instances import random_problem
+    problem = random_problem(2000, 32, seed=1, budget={budget})
+    for limit in (1.0, 1.0):
+        started = time.perf_counter()
+        r = solve(problem, backend="{backend}", time_limit=limit)
+        print(json.dumps({{"wall": time.perf_counter() - started, "status": r.status.value,
+                          "isolation": r.stats["isolation"], "ok": r.has_solution and r.violations() == []}}),
+              flush=True)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("thread, backend", [("tqdm", "auto"), ("daemon", "cpsat"), ("busy", "cpsat"),
+                                             ("daemon", "pulp_highs"), ("daemon", "pulp_cbc")])
+def test_an_unguarded_script_with_a_thread_runs_its_top_level_once(tmp_path, thread, backend):
+    """Issue 36: with a thread alive, the fork server re-ran the script's top level in the worker,
+    which failed ('bootstrapping phase'), and solve raised BrokenPipeError."""
+    if backend not in ("auto", *EXACT):
+        pytest.skip(f"{backend} not installed")
+    script = tmp_path / "unguarded.py"
+    budget = backend == "auto"                    # the issue's case; the greedy fallback finds no budgeted plan
+    script.write_text(_UNGUARDED.format(thread=thread, backend=backend, budget=budget))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert sum(line.startswith("top-level") for line in lines) == 1, out.stdout
+    first, second = (json.loads(line) for line in lines[-2:])
+    assert first["isolation"] == second["isolation"] == "helper"
+    assert second["ok"] or budget, second        # the helper is warm: the backend's own answer or its fallback
+    assert first["wall"] < 1.0 + 5.0 and second["wall"] < 1.0 + 5.0      # generous; the benchmark holds 0.5 s
+
+
+_BUSY = textwrap.dedent("""
+    import json, threading, time
+    from alignment_solver import solve
+    from alignment_solver.deadline import warm_up
+    from alignment_solver.instances import random_problem
+
+    def spin():                                       # a server's event loop under load: pure Python
+        while True:
+            pass
+
+    if __name__ == "__main__":
+        threading.Thread(target=spin, daemon=True).start()
+        warm_up()
+        problem = random_problem({C}, {E}, seed=0, budget={budget})
+        time.sleep({settle})
+        for limit in {limits}:
+            started = time.perf_counter()
+            r = solve(problem, backend="{backend}", time_limit=limit)
+            print(json.dumps({{"limit": limit, "wall": time.perf_counter() - started, "status": r.status.value,
+                              "ok": r.has_solution and r.violations() == [], "isolation": r.stats["isolation"]}}),
+                  flush=True)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["auto", "greedy", "cpsat"])
+def test_limits_hold_beside_a_busy_thread(tmp_path, backend):
+    """Issue 36: beside a spinning thread, 0.5 s limits on 100,000 x 128 took 1.9 s (greedy, auto)
+    and 3.4 s (cpsat, first solve): the caller computed the fallback with half the GIL.  Count
+    loads, so that the greedy fallback always has a plan."""
+    script = tmp_path / "busy.py"
+    script.write_text(_BUSY.format(C=20_000, E=64, backend=backend, limits=[0.5, 0.5, 1.0], settle=2.0, budget=False))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    for r in rows:
+        assert r["isolation"] == "helper", r              # greedy too: in-process it ran at half speed
+        assert r["wall"] < r["limit"] + 1.0, rows       # generous beside two CPU hogs; the benchmark: 0.5 s
+    assert rows[-1]["ok"], rows                         # at 1 s a plan comes back even on a loaded machine
+
+
+def test_a_temporary_folder_of_a_dead_process_is_reaped_by_the_next_run(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    code = textwrap.dedent(f"""
+        import os, tempfile
+        stale = os.path.join(tempfile.gettempdir(), "alignment-solver-{dead}-abcd1234")
+        os.makedirs(os.path.join(stale, "cbc"))
+        mine = tempfile.mkdtemp(prefix=f"alignment-solver-{{os.getpid()}}-")
+        from alignment_solver import solve
+        from alignment_solver.instances import random_problem
+        solve(random_problem(200, 8, seed=0, budget=True), backend="cpsat", time_limit=5)
+        assert not os.path.exists(stale) and os.path.exists(mine)     # a live process keeps its own
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-3000:]

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from alignment_solver.integrations.replies import AggregationConfig, Reply, ReplyChecker, aggregate
+from alignment_solver.integrations.replies import (AggregationConfig, Reply, ReplyChecker, aggregate,
+                                                   check_evaluations, evaluation_mean, held_back)
 from alignment_solver.training.model import expert_of
 
 E = 3
@@ -147,12 +148,12 @@ F32 = {"gate.W": np.zeros((4, E), np.float32), "steps": np.zeros(1, np.int64),
                                           (3.5e38, "infinite values in the model's dtype float32")])
 def test_values_that_overflow_the_model_dtype_are_rejected(value, words):
     c = ReplyChecker(F32, E, owner=expert_of)
-    r = Reply(1, arrays={"gate.W": np.full((4, E), value), "expert0.W": np.zeros((4, 2))},
+    r = Reply(1, arrays={"gate.W": np.full((4, E), value), "expert0.W": np.zeros((4, 2)), "steps": np.zeros(1, int)},
               metrics=reply().metrics)
     out = c.check_round([r], PLAN)
     assert words in out.rejected["1"]
-    ok = Reply(1, arrays={"gate.W": np.full((4, E), 3.0e38), "expert0.W": np.zeros((4, 2), np.float64)},
-               metrics=reply().metrics)
+    ok = Reply(1, arrays={"gate.W": np.full((4, E), 3.0e38), "expert0.W": np.zeros((4, 2), np.float64),
+                          "steps": np.zeros(1, int)}, metrics=reply().metrics)
     checked = c.check(ok, [0])
     assert checked.arrays["gate.W"].dtype == np.float32 and np.isfinite(checked.arrays["gate.W"]).all()
 
@@ -164,10 +165,11 @@ def test_integer_arrays_must_fit_and_difference_replies_are_added():
     assert "outside the range" in c.check_round([big], PLAN).rejected["1"]
     current = {**F32, "gate.W": np.ones((4, E), np.float32)}
     c = ReplyChecker(current, E, owner=expert_of)
-    diff = Reply(1, arrays={"gate.W": np.full((4, E), 0.5), "expert0.W": np.full((4, 2), 0.25)},
-                 metrics=reply().metrics, diff=True)
+    diff = Reply(1, arrays={"gate.W": np.full((4, E), 0.5), "expert0.W": np.full((4, 2), 0.25),
+                            "steps": np.ones(1, int)}, metrics=reply().metrics, diff=True)
     checked = c.check(diff, [0])
     assert np.allclose(checked.arrays["gate.W"], 1.5) and np.allclose(checked.arrays["expert0.W"], 0.25)
+    assert checked.arrays["steps"].tolist() == [1]
 
 
 def test_one_huge_update_cannot_move_the_mean_far():
@@ -185,8 +187,10 @@ def test_one_huge_update_cannot_move_the_mean_far():
 def test_a_claim_of_max_examples_cannot_take_the_whole_mean():
     plan = {str(n): [] for n in range(1, 5)}
     base = {"experts": [], "expert-samples": [], "expert-loss": [], "expert-accuracy": []}
-    replies = [Reply(n, arrays={"gate.b": np.full(E, 0.1)}, metrics={**base, "num-examples": 100}) for n in (1, 2, 3)]
-    replies.append(Reply(4, arrays={"gate.b": np.full(E, 1.0)}, metrics={**base, "num-examples": 10 ** 6}))
+    gate = {"gate.W": MODEL["gate.W"]}
+    replies = [Reply(n, arrays={**gate, "gate.b": np.full(E, 0.1)}, metrics={**base, "num-examples": 100})
+               for n in (1, 2, 3)]
+    replies.append(Reply(4, arrays={**gate, "gate.b": np.full(E, 1.0)}, metrics={**base, "num-examples": 10 ** 6}))
     out = checker().check_round(replies, {**plan, **{k: [0] for k in plan}})
     new, _ = aggregate(MODEL, out.accepted, expert_of)
     assert new["gate.b"][0] == pytest.approx((3 * 100 * 0.1 + 500 * 1.0) / 800)   # capped at 5 x the median claim
@@ -201,3 +205,87 @@ def test_robust_methods_with_too_few_trainers_follow_the_few_rule(method):
     assert mean["expert1.b"][0] == pytest.approx(2.0) and 1 in trained
     kept, trained = aggregate(MODEL, accepted, expert_of, AggregationConfig(method=method, few="keep"))
     assert np.array_equal(kept["expert1.b"], MODEL["expert1.b"]) and 1 not in trained
+
+
+# ---- every array sent comes back; the floor counts contributors per array --------------------
+def test_a_reply_without_a_shared_array_it_was_sent_is_rejected_and_cannot_pass_the_floor():
+    """Issue 36: A sends gate.W = 777, B and C omit it; all three were accepted and gate.W became
+    exactly A's value under a floor of 3."""
+    plan = {"1": [0], "2": [0], "3": [0]}
+    a = reply(1, (0,), 1.0)
+    a.arrays["gate.W"] = np.full((4, E), 777.0)
+    b, c = reply(2, (0,), 1.0), reply(3, (0,), 1.0)
+    del b.arrays["gate.W"], c.arrays["gate.W"]
+    cfg = dict(min_group=3, relative_clip=None)
+    out = checker(**cfg).check_round([a, b, c], plan)
+    assert [r.client_id for r in out.accepted] == [1]
+    assert out.rejected == {k: "does not send the shared array 'gate.W' it was sent (1 of 2 shared arrays missing)"
+                            for k in ("2", "3")}
+    new, trained = aggregate(MODEL, out.accepted, expert_of, AggregationConfig(**cfg))
+    assert np.array_equal(new["gate.W"], MODEL["gate.W"]) and trained == set()
+    assert held_back(out.accepted, AggregationConfig(**cfg)) == {"min_group": 3, "experts": {0: 1}, "shared": 1}
+
+
+def test_the_floor_counts_the_contributors_of_each_array():
+    """Replies that got past the checker short of an array (built by hand here) still cannot
+    publish that array from fewer than min_group contributors."""
+    plan = {"1": [0], "2": [0], "3": [0]}
+    accepted = checker().check_round([reply(n, (0,), float(n)) for n in (1, 2, 3)], plan).accepted
+    for r in accepted[1:]:
+        del r.arrays["gate.W"], r.arrays["expert0.b"]
+    cfg = AggregationConfig(min_group=3, relative_clip=None)
+    new, trained = aggregate(MODEL, accepted, expert_of, cfg)
+    assert np.array_equal(new["gate.W"], MODEL["gate.W"]) and np.array_equal(new["expert0.b"], MODEL["expert0.b"])
+    assert np.allclose(new["gate.b"], 2.0) and np.allclose(new["expert0.W"], 2.0) and trained == {0}
+
+
+def test_an_expert_reported_with_zero_samples_must_come_back_unchanged():
+    plan = {"1": [0, 1], "2": [0, 1], "3": [0, 1]}
+    zero = {"expert-samples": [10, 0]}
+    moved = reply(1, (0, 1), 5.0, **zero)
+    out = checker().check_round([moved], plan)
+    assert out.rejected == {"1": "reports 0 samples for expert 1 but changed its array 'expert1.W' "
+                                 "(an expert without samples must come back unchanged)"}
+    same = [reply(n, (0, 1), float(n), **zero) for n in (1, 2)] + [reply(3, (0, 1), 3.0)]
+    for r in same[:2]:
+        r.arrays.update({"expert1.W": MODEL["expert1.W"], "expert1.b": MODEL["expert1.b"]})
+    cfg = AggregationConfig(min_group=2, relative_clip=None)
+    out = checker().check_round(same, plan)
+    assert not out.rejected and [r.expert_weights for r in out.accepted] == [{0: 10.0}, {0: 10.0}, {0: 10.0, 1: 10.0}]
+    new, trained = aggregate(MODEL, out.accepted, expert_of, cfg)
+    assert held_back(out.accepted, cfg) == {"min_group": 2, "experts": {1: 1}}     # one trainer, not three
+    assert np.array_equal(new["expert1.W"], MODEL["expert1.W"]) and trained == {0}
+    alone, _ = aggregate(MODEL, out.accepted, expert_of, AggregationConfig(relative_clip=None))
+    assert np.allclose(alone["expert1.W"], 3.0)              # not averaged with the unchanged copies
+
+
+# ---- evaluation replies ----------------------------------------------------------------------
+def evaluation(node, n=100, accuracy=0.5, loss=1.0, error=None):
+    return Reply(node, metrics={"num-examples": n, "accuracy": accuracy, "loss": loss}, error=error)
+
+
+def test_evaluation_replies_are_checked_like_train_replies():
+    """Issue 36: five copies of one reply claiming 10**6 examples at accuracy 1.0 made the
+    round's accuracy 0.99999 against an honest 0.5; a node never asked was counted too."""
+    honest = [evaluation(n) for n in (1, 2, 3)]
+    copies = [evaluation(4, n=10 ** 6, accuracy=1.0) for _ in range(5)]
+    stranger = evaluation(9, accuracy=1.0)
+    accepted, rejected = check_evaluations(honest + copies + [stranger], asked=[1, 2, 3, 4], max_examples=10 ** 12)
+    assert [e.client_id for e in accepted] == [1, 2, 3]
+    assert rejected == {"4": "replied 5 times in one round", "9": "was not asked to evaluate in this round"}
+    assert evaluation_mean(accepted) == {"accuracy": 0.5, "loss": 1.0, "num-examples": 300.0}
+
+
+def test_evaluation_examples_are_capped_like_train_weights():
+    replies = [evaluation(n) for n in (1, 2, 3)] + [evaluation(4, n=10 ** 6, accuracy=1.0)]
+    accepted, rejected = check_evaluations(replies, ["1", "2", "3", "4"], 10 ** 12)
+    assert not rejected and accepted[-1].weight == 500.0                 # 5 x the median claim
+    assert evaluation_mean(accepted)["accuracy"] == pytest.approx((3 * 100 * 0.5 + 500) / 800)
+    accepted, _ = check_evaluations(replies, [1, 2, 3, 4], 10 ** 12, weight_caps={"4": 100.0})
+    assert evaluation_mean(accepted)["accuracy"] == pytest.approx(0.625)
+    accepted, rejected = check_evaluations([evaluation(1, n=11), evaluation(2, error="boom"), evaluation(3, n=10)],
+                                           [1, 2, 3], 10)
+    assert rejected == {"1": "metric 'num-examples' must be an integer in [1, 10]; got 11",
+                        "2": "replied with an error: boom"}
+    assert evaluation_mean(accepted) == {"accuracy": 0.5, "loss": 1.0, "num-examples": 10.0}
+    assert evaluation_mean([]) is None

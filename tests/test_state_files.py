@@ -1,7 +1,11 @@
 """State files and the CLI as operators script them: races, links, temporaries, limits, bad paths."""
 
+import contextlib
 import json
 import os
+import shutil
+import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -171,3 +175,137 @@ def test_cli_checks_the_output_path_before_anything_changes(tmp_path, where):
     out = cli("plan", "--state", state, "--clients", "-", stdin='["a"]')       # the next plan still works
     assert out.returncode == 0, out.stderr
     assert os.path.exists(state)
+
+
+# ---- regular files only: FIFOs, devices, sockets, directories and links ---------------------
+def _special(tmp_path, kind):
+    """A real node of ``kind`` in ``tmp_path`` (the character device has /dev/null's numbers but
+    lives here: nothing points at the machine's own /dev/null)."""
+    path = tmp_path / kind
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "chardev":
+        if os.geteuid() != 0:
+            pytest.skip("mknod of a character device needs root")
+        os.mknod(path, stat.S_IFCHR | 0o644, os.makedev(1, 3))
+    elif kind == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(path))
+        sock.close()
+    else:
+        path.mkdir()
+    return path
+
+
+KINDS = {"fifo": ("FIFO", stat.S_ISFIFO), "chardev": ("character device", stat.S_ISCHR),
+         "socket": ("socket", stat.S_ISSOCK), "dir": ("directory", stat.S_ISDIR)}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_cli_output_refuses_what_is_not_a_regular_file_before_anything_changes(tmp_path, kind):
+    node = _special(tmp_path, kind)
+    words, test = KINDS[kind]
+    state = fresh(tmp_path / "s.json")
+    before = state.read_text()
+    problem = tmp_path / "p.json"
+    problem.write_text(json.dumps({"fitness": [[1.0, 0.5]], "capacity": 1}))
+    for args in (("solve", problem, "-o", node), ("plan", "--state", state, "--clients", "-", "-o", node),
+                 ("observe", "--state", state, "--reports", "-", "-o", node)):
+        out = cli(*args, stdin='["a"]' if "plan" in args else "[]")
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+        assert f"output {node} is a" in out.stderr and words in out.stderr and out.stdout == ""
+        assert test(os.lstat(node).st_mode), "the node was replaced"
+    assert state.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([kind, "p.json", "s.json", "s.json.lock"])
+
+
+def test_cli_output_through_a_link_writes_its_target_and_keeps_its_mode(tmp_path):
+    target = tmp_path / "real.json"
+    target.write_text("old")
+    target.chmod(0o640)
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    problem = tmp_path / "p.json"
+    problem.write_text(json.dumps({"fitness": [[1.0, 0.5]], "capacity": 1}))
+    out = cli("solve", problem, "-o", link)
+    assert out.returncode == 0, out.stderr
+    assert link.is_symlink() and json.loads(target.read_text())["status"] == "optimal"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    fifo_link = tmp_path / "fifo-link"
+    fifo_link.symlink_to(_special(tmp_path, "fifo"))
+    out = cli("solve", problem, "-o", fifo_link)
+    assert out.returncode == 2 and "a symbolic link to" in out.stderr and "FIFO" in out.stderr, out.stderr
+    assert stat.S_ISFIFO(os.stat(fifo_link).st_mode) and fifo_link.is_symlink()
+    dangling = tmp_path / "dangling.json"
+    dangling.symlink_to(tmp_path / "nowhere" / "x.json")
+    out = cli("solve", problem, "-o", dangling)
+    assert out.returncode == 2 and "dangling symbolic link" in out.stderr and "nowhere" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_state_paths_refuse_what_is_not_a_regular_file(tmp_path, kind):
+    node = _special(tmp_path, kind)
+    words, test = KINDS[kind]
+    coord = AlignmentCoordinator(2)
+    with pytest.raises(StateError, match=f"state file {node} is a {words}"):
+        coord.save(node)
+    with pytest.raises(StateError, match=f"state file {node} is a {words}"):
+        with AlignmentCoordinator.session(node, num_experts=2):
+            pass
+    with pytest.raises(StateError, match=f"state file {node} is a {words}"):
+        write_atomic(node, "{}")
+    assert test(os.lstat(node).st_mode)
+    out = cli("plan", "--state", node, "--clients", "-", stdin='["a"]')
+    assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr, out.stderr
+    out = cli("init", "--state", node, "--experts", "2", "--force")
+    assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert test(os.lstat(node).st_mode), "the node was replaced"
+
+
+def test_a_dangling_state_link_is_a_state_error_naming_it(tmp_path):
+    link = tmp_path / "x.json"
+    link.symlink_to(tmp_path / "nowhere" / "x.json")
+    for attempt in (lambda: AlignmentCoordinator(2).save(link),
+                    lambda: AlignmentCoordinator.session(link, num_experts=2).__enter__()):
+        with pytest.raises(StateError, match=f"state file {link} is a dangling symbolic link: folder "
+                                             f"{tmp_path / 'nowhere'} does not exist"):
+            attempt()
+    for args in (("init", "--state", link, "--experts", "2"), ("plan", "--state", link, "--clients", "-")):
+        out = cli(*args, stdin='["a"]')
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and "dangling symbolic link" in out.stderr, \
+            out.stderr
+    assert not (tmp_path / "nowhere").exists()
+
+
+@contextlib.contextmanager
+def _read_only(folder):
+    """``folder`` made read-only for this process: immutable as root (permissions do not stop root)."""
+    if os.geteuid() == 0:
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)]).returncode:
+            pytest.skip("cannot make a folder read-only for root here (chattr +i)")
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+    else:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+
+
+def test_a_read_only_state_folder_is_a_state_error_naming_the_file(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    state = fresh(folder / "s.json")
+    before = state.read_text()
+    with _read_only(folder):
+        out = cli("plan", "--state", state, "--clients", "-", stdin='["a"]')
+        with pytest.raises(StateError, match=f"cannot write state file {state}"):
+            with AlignmentCoordinator.session(state) as coord:
+                coord.plan_round(0, ["a"])
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert f"state file {state}" in out.stderr and "None" not in out.stderr
+    assert out.stdout == ""                                  # no plan printed that was not saved
+    assert state.read_text() == before

@@ -18,8 +18,10 @@ class Backend:
     found.  ``unsupported_reason`` says in words why the backend cannot express a problem, or
     returns None.  ``requires`` lists the modules probed (without importing) for availability.
     ``isolation``: when :func:`~alignment_solver.solve` runs the backend in a killable worker
-    (:mod:`alignment_solver.deadline`): ``"time_limit"`` (when a limit is set), ``"always"`` or
-    ``"never"``; ``child_processes`` says whether it starts solver processes of its own.
+    (:mod:`alignment_solver.deadline`): ``"time_limit"`` (when a limit is set), ``"always"``,
+    ``"helper"`` (when a limit is set and the worker would come from the helper process: the
+    caller's threads would take the backend's share of the GIL) or ``"never"``;
+    ``child_processes`` says whether it starts solver processes of its own.
     """
 
     name: str = ""

@@ -2,9 +2,12 @@
 
 CP-SAT needs integers.  A row whose numbers share a common denominator ``q <= 10**6`` (1/3,
 0.1, 2.5, ...) is multiplied by ``q``: the same 0-1 solutions, so OPTIMAL and INFEASIBLE stay
-proofs (``stats["exact_rows"]``).  Otherwise the row is rounded against its bound (a
-restriction): answers still satisfy the original row, but the status is at best FEASIBLE, never
-INFEASIBLE, and no bound is claimed.  The objective is rounded at a power-of-two scale; the
+proofs (``stats["exact_rows"]``).  Otherwise the row is rounded against its bounds, widened
+first by half the slack every answer is checked with (``ROW_SLACK`` of the row's magnitude, so
+a plan exactly at a bound survives the rounding): answers still satisfy the original row within
+that check, but the status is at best FEASIBLE, never INFEASIBLE, and no bound is claimed.
+When such a model has no answer, the greedy plan is tried on the problem as given and returned
+(FEASIBLE) if it holds (``stats["rounded_rows_fallback"]``).  The objective is rounded at a power-of-two scale; the
 reported ``bound`` adds the worst-case rounding error (``stats["objective_tolerance"]``), and
 OPTIMAL means a relative gap <= ``OPTIMAL_GAP``.  Soft-mode slack is integer in scaled row
 units.  Workers: 1 by default (deterministic without a time limit, or when optimality is
@@ -21,14 +24,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import numpy as np
 
 from ..formulations.milp import LinearModel
 from ..numeric import common_denominator
-from ..problem import AlignmentProblem
+from ..problem import ROW_RTOL, AlignmentProblem
 from ..result import OPTIMAL_GAP, AlignmentResult, SolveStatus
 from ..search import pipeline
 from .base import Backend, SolveRequest
@@ -36,6 +39,9 @@ from .base import Backend, SolveRequest
 MAX_ACTIVITY = 2.0 ** 50    # largest integer row activity handed to CP-SAT
 MAX_OBJECTIVE = 2.0 ** 56   # largest integer objective activity handed to CP-SAT
 LIMITED_WORKERS = 4     # CP-SAT workers under a time limit (measured best of 1-16 on OR-Library d20100)
+#: a rounded row's bounds are widened by this share of its magnitude (half the slack every answer
+#: is checked with, ``problem.ROW_RTOL``): a plan exactly at a bound survives the rounding
+ROW_SLACK = ROW_RTOL / 2
 
 
 class CpSatBackend(Backend):
@@ -77,9 +83,13 @@ class CpSatBackend(Backend):
         kind = pipeline.warm_kind(problem, request, limit is not None)
         if kind is None:
             lm = LinearModel.from_problem(problem, request.soft_penalty if request.soft else None)
-            return self._run(problem, lm, request, t0, request.options.get("hint"), request.time_limit)
-        solvers = pipeline.Solvers(model=self._run, flow=_flow_solve, mip=_cbc_solve)
-        return pipeline.search(problem, request, kind, solvers, t0=t0, limit=limit, name=self.name)
+            result = self._run(problem, lm, request, t0, request.options.get("hint"), request.time_limit)
+        else:
+            solvers = pipeline.Solvers(model=self._run, flow=_flow_solve, mip=_cbc_solve)
+            result = pipeline.search(problem, request, kind, solvers, t0=t0, limit=limit, name=self.name)
+        if result.status is SolveStatus.NO_SOLUTION_FOUND and result.stats.get("exact_rows") is False:
+            return _greedy_instead(result, request)
+        return result
 
     def _run(self, problem: AlignmentProblem, lm: LinearModel, request: SolveRequest, t0: float,
              hint: Optional[np.ndarray], time_limit: Optional[float]) -> AlignmentResult:
@@ -207,10 +217,11 @@ def integer_row(coef: np.ndarray, lo: float, hi: float) -> IntegerRow:
                           int(round(hi * q)) if np.isfinite(hi) else None, float(q), True)
     scale = _pow2_scale(MAX_ACTIVITY, activity)
     scaled = coef * scale
+    slack = ROW_SLACK * max(float(np.abs(coef).max(initial=0.0)), float(np.abs(bounds).max(initial=0.0)))
     return IntegerRow(np.floor(scaled).astype(np.int64) if np.isfinite(lo) else None,
                       np.ceil(scaled).astype(np.int64) if np.isfinite(hi) else None,
-                      int(math.ceil(lo * scale)) if np.isfinite(lo) else None,
-                      int(math.floor(hi * scale)) if np.isfinite(hi) else None, scale, False)
+                      int(math.ceil((lo - slack) * scale)) if np.isfinite(lo) else None,
+                      int(math.floor((hi + slack) * scale)) if np.isfinite(hi) else None, scale, False)
 
 
 class IntegerObjective:
@@ -235,6 +246,24 @@ class IntegerObjective:
 
     def to_original(self, value: float) -> float:
         return float(value) / self.scale
+
+
+def _greedy_instead(result: AlignmentResult, request: SolveRequest) -> AlignmentResult:
+    """The greedy plan when it satisfies the problem as given, where the integer-rounded model
+    (a restriction) found none; else ``result``."""
+    from .greedy import GreedyBackend
+
+    problem = result.problem
+    greedy = GreedyBackend().solve(problem, replace(request, report=None))
+    if not greedy.has_solution or greedy.violations(band=not request.soft):
+        return result
+    why = ("CP-SAT found no assignment of its integer-rounded model (rows without a small common denominator "
+           "are rounded, a restriction of the problem), but the greedy plan satisfies the problem as given")
+    return AlignmentResult(problem, SolveStatus.FEASIBLE, result.backend, assignment=greedy.assignment,
+                           solve_seconds=result.solve_seconds + greedy.solve_seconds, build_seconds=result.build_seconds,
+                           soft=request.soft, soft_penalty=request.soft_penalty if request.soft else None,
+                           explanation=f"{why}; it is returned without a bound",
+                           stats={**result.stats, "rounded_rows_fallback": "greedy"})
 
 
 def _flow_solve(problem: AlignmentProblem, request: SolveRequest) -> AlignmentResult:

@@ -19,7 +19,8 @@ from .base import Backend, SolveRequest
 
 class GreedyBackend(Backend):
     name = "greedy"
-    isolation = "never"          # it is the fallback itself, and stops its passes at the deadline
+    isolation = "helper"         # it is the fallback itself and stops its passes at the deadline: isolated
+                                 # only where threads in the caller would slow it down
 
     def solve(self, problem: AlignmentProblem, request: SolveRequest) -> AlignmentResult:
         t0 = time.perf_counter()

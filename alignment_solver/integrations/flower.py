@@ -72,7 +72,7 @@ from ..load_monitor import cv
 from ..state import write_atomic
 from .local import evaluate_arrays, train_arrays
 from .replies import (AggregationConfig, Reply, ReplyChecker, aggregate, capacity_report, changed_experts,
-                      check_declaration, check_evaluation, failure_message, held_back)
+                      check_declaration, check_evaluations, evaluation_mean, failure_message, held_back)
 from .units import UnitMap, check_expert_axes
 
 
@@ -226,6 +226,7 @@ class AlignedStrategy(Strategy):
         self.current: dict[str, np.ndarray] = {}            # transport arrays (fused parameters split)
         self.history: dict[int, dict[str, Any]] = {}
         self.sent: dict[int, dict[int, Message]] = {}       # round -> node -> the TRAIN message it was sent
+        self.eval_asked: dict[int, list[int]] = {}          # round -> nodes sent an EVALUATE message
         self.aggregated: set[int] = set()
         self.failed: list[tuple[int, list[str]]] = []      # current run of failed rounds: (round, reasons)
         self.offset = 0
@@ -531,32 +532,36 @@ class AlignedStrategy(Strategy):
         messages = [Message(content=RecordDict({"arrays": arrays, "config": cfg}), message_type=MessageType.EVALUATE,
                             dst_node_id=n) for n in nodes]
         entry["eval_bytes_down"] = array_bytes(messages)
+        self.eval_asked = {r: n for r, n in self.eval_asked.items() if r >= server_round - 1}
+        self.eval_asked[server_round] = nodes
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
-        """Accuracy and loss averaged by ``num-examples`` over valid replies; invalid ones are logged."""
+        """Accuracy and loss over the valid replies (:func:`~.replies.check_evaluations`: a node asked
+        this round, one reply each, ``num-examples`` capped like training weights), averaged by
+        those capped weights; every rejected reply is logged with its reason."""
         replies = list(replies)
         entry = self.history.setdefault(server_round, {})
         entry["eval_bytes_up"] = array_bytes(replies)
-        total, acc, loss = 0.0, 0.0, 0.0
+        checked = []
         for msg in replies:
+            node = int(msg.metadata.src_node_id)
             if msg.has_error():
-                log(WARNING, "aggregate_evaluate: round %d: node %s replied with an error: %s", server_round,
-                    msg.metadata.src_node_id, error_text(msg.error.reason))
+                checked.append(Reply(node, error=error_text(msg.error.reason)))
                 continue
             m = msg.content.get("metrics") if "metrics" in msg.content else None
-            try:
-                n, a, lo = check_evaluation(m if isinstance(m, MetricRecord) else None, self.aggregation.max_examples)
-            except ReplyError as exc:
-                log(WARNING, "aggregate_evaluate: round %d: rejected the reply of node %s: %s", server_round,
-                    msg.metadata.src_node_id, exc)
-                continue
-            total += n
-            acc += n * a
-            loss += n * lo
-        out = None
-        if total:
-            out = {"accuracy": acc / total, "loss": loss / total}
+            checked.append(Reply(node, metrics=m if isinstance(m, MetricRecord) else None))
+        accepted, rejected = check_evaluations(checked, self.eval_asked.get(server_round, []),
+                                               self.aggregation.max_examples,
+                                               weight_factor=self.aggregation.weight_factor,
+                                               weight_caps=self.weight_caps)
+        for node, reason in rejected.items():
+            log(WARNING, "aggregate_evaluate: round %d: rejected the reply of node %s: %s", server_round, node, reason)
+        if rejected:
+            entry["eval_rejected"] = rejected
+        mean = evaluation_mean(accepted)
+        out = None if mean is None else {"accuracy": mean["accuracy"], "loss": mean["loss"]}
+        if out is not None:
             entry["evaluate"] = out
         if self.history_path:
             self.write_history(self.history_path)

@@ -31,7 +31,8 @@ def train_arrays(params: Mapping[str, np.ndarray], experts: list[int], x: np.nda
     """Train the gate and ``experts`` on ``(x, y)``; return (trained arrays, reply metrics).
 
     The random stream depends only on ``seed`` and ``server_round``, so a replayed round trains
-    the same way.
+    the same way.  The arrays are every shared array received and those of ``experts``; an expert
+    routed no sample after training (``expert-samples`` 0) goes back unchanged.
     """
     from ..training.client import local_train, routing_histogram
     from ..training.config import SimConfig
@@ -44,6 +45,12 @@ def train_arrays(params: Mapping[str, np.ndarray], experts: list[int], x: np.nda
     started = time.perf_counter()
     local, rep = local_train(model, params, x, y, experts, cfg, rng)
     seconds = time.perf_counter() - started
+    idle = {int(j) for j, e in zip(experts, rep["experts"]) if e["samples"] == 0}
+    for k, v in params.items():            # every array sent goes back (replies.ReplyChecker):
+        if expert_of(k) is None and k not in local:
+            local[k] = v.copy()            # shared ones this client did not train, unchanged,
+        elif expert_of(k) in idle:
+            local[k] = v.copy()            # and those of an expert reported with 0 samples
     metrics: dict[str, Any] = {
         "num-examples": int(len(y)), "experts": [int(e) for e in experts],
         "expert-samples": [e["samples"] for e in rep["experts"]],

@@ -51,7 +51,7 @@ from ..load_monitor import cv
 from ..state import write_atomic
 from .local import evaluate_arrays, received_experts, train_arrays
 from .replies import (AggregationConfig, Reply, ReplyChecker, aggregate, capacity_report, changed_experts,
-                      check_declaration, check_evaluation, failure_message, held_back)
+                      check_declaration, check_evaluations, evaluation_mean, failure_message, held_back)
 from .units import UnitMap, check_expert_axes
 
 TRAIN_TASK = "train"
@@ -472,19 +472,19 @@ class AlignedController(ModelController):
                                            timeout=self._evaluate_timeout)
         self.history[r]["eval_bytes_down"] = payload_bytes(full) * len(sites)
         self.history[r]["eval_bytes_up"] = sum(payload_bytes(res.params) for res in results)
-        total, acc, loss = 0.0, 0.0, 0.0
-        for res in results:
-            error = (res.meta or {}).get("error")
-            try:
-                if error:
-                    raise ReplyError(f"replied with an error: {str(error)[:MAX_REASON]}")
-                n, a, lo = check_evaluation(res.metrics, self.aggregation.max_examples)
-            except ReplyError as exc:
-                self.warning(f"round {r}: rejected the evaluation of site {res.meta.get('client_name')}: {exc}")
-                continue
-            total, acc, loss = total + n, acc + n * a, loss + n * lo
-        if total:
-            self.history[r]["evaluate"] = {"accuracy": acc / total, "loss": loss / total, "sites": len(results)}
+        replies = [Reply(str((res.meta or {}).get("client_name", "?")), metrics=res.metrics,
+                         error=(str((res.meta or {})["error"])[:MAX_REASON] if (res.meta or {}).get("error") else None))
+                   for res in results]
+        accepted, rejected = check_evaluations(replies, sites, self.aggregation.max_examples,
+                                               weight_factor=self.aggregation.weight_factor,
+                                               weight_caps=self.weight_caps)
+        for site, reason in rejected.items():
+            self.warning(f"round {r}: rejected the evaluation of site {site}: {reason}")
+        if rejected:
+            self.history[r]["eval_rejected"] = rejected
+        mean = evaluation_mean(accepted)
+        if mean is not None:
+            self.history[r]["evaluate"] = {"accuracy": mean["accuracy"], "loss": mean["loss"], "sites": len(accepted)}
             self.info(f"round {r}: federated evaluation {self.history[r]['evaluate']}")
 
 

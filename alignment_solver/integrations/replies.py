@@ -9,14 +9,17 @@ calls the same two functions:
   has the model's shape and dtype kind (float for float arrays, integers that fit for integer
   ones) and finite values once cast to the model's dtype (1e300 is infinite in float32); a
   difference reply (``Reply.diff``, NVFlare's ``ParamsType.DIFF``) is added to the current arrays
-  first; the experts it lists were assigned to it, and each one comes with all of its arrays; counts are integers with
+  first; it carries every shared array it was sent (the schema's arrays no expert owns); the
+  experts it lists were assigned to it, each one comes with all of its arrays, and an expert
+  reported with 0 ``expert-samples`` comes back unchanged; counts are integers with
   ``1 <= num-examples <= max_examples`` (samples, or tokens when ``counts-tokens`` is 1; the
   default cap, 10**12, fits an LLM client's tokens) and ``expert-samples <= num-examples``; losses, seconds
   and routing are finite and non-negative, accuracies lie in [0, 1]; ``max-experts`` is an
   integer in [0, 10**6].  A failed reply is rejected with the reason (it counts as a failed
   client); the others go on.
 - :func:`aggregate` averages each key over the accepted replies that sent it: shared keys by
-  ``num-examples``, an expert's keys by the samples routed to it (at least 1), each weight capped
+  ``num-examples``, an expert's keys by the samples routed to it (an expert reported with 0
+  samples is left out: its arrays are unchanged), each weight capped
   by the client's ``weight_cap`` and, with 3 or more accepted replies, at ``weight_factor`` times
   their median ``num-examples``; or, robustly, the coordinate-wise ``median`` or
   ``trimmed_mean`` (unweighted, ``trim`` of the values cut at each end).  Each reply's update (its
@@ -26,11 +29,14 @@ calls the same two functions:
   A key with too few contributions for the robust method to drop any (``median``: fewer than 3;
   ``trimmed_mean``: fewer than ``1 / trim``) follows ``few``: the weighted mean of the clipped
   updates, or ``"keep"`` its current value.  Keys nobody sent keep their current value.
-- A privacy floor (``min_group``, :func:`held_back`): an expert's arrays are updated only from at
-  least ``min_group`` accepted replies that sent them, and the shared arrays only when at least
-  ``min_group`` replies were accepted; below that they keep their current values this round (a
-  lone client's update is never published in the clear).  The adapters log and record what was
+- A privacy floor (``min_group``, :func:`held_back`), counted per array: no array, shared or
+  expert, is updated from fewer than ``min_group`` accepted replies that contributed to it (an
+  expert's contributors are the replies that trained it, with samples > 0; every accepted reply
+  carries every shared array); below that it keeps its current value this round (a lone
+  client's update is never published in the clear).  The adapters log and record what was
   held back; the coordinator still observes every accepted reply.
+- :func:`check_evaluations` checks evaluation replies the same way (a node asked this round,
+  one reply, ``num-examples`` capped like train weights); :func:`evaluation_mean` averages them.
 
 Reply metrics use the keys of the Flower integration: ``num-examples``, ``experts``,
 ``expert-samples``, ``expert-loss``, ``expert-accuracy``, ``train-seconds``,
@@ -100,7 +106,7 @@ class ValidReply:
     arrays: dict[str, np.ndarray]
     num_examples: int
     weight: float
-    expert_weights: dict[int, float]
+    expert_weights: dict[int, float]        # the experts it trained (samples > 0) -> capped weight
     report: ClientReport
     max_experts: Optional[int] = None
     routing: Optional[list[float]] = None
@@ -160,10 +166,13 @@ class ReplyChecker:
         self.owner = owner
         self.config = config
         self.expert_keys: dict[int, set[str]] = {}
+        self.shared_keys: set[str] = set()
         for k in self.schema:
             j = owner(k)
             if j is not None:
                 self.expert_keys.setdefault(j, set()).add(k)
+            else:
+                self.shared_keys.add(k)
 
     def check(self, reply: Reply, planned: Optional[list[int]], weight_cap: Optional[float] = None) -> ValidReply:
         """The checked reply, or ReplyError naming the first problem."""
@@ -205,10 +214,19 @@ class ReplyChecker:
                 raise ReplyError(f"array {key!r} belongs to expert {j}, which the reply does not list "
                                  f"(experts: {experts})")
             checked[key] = self._array(key, value, reply.diff)
-        for j in experts:
+        missing = sorted(self.shared_keys - set(checked))
+        if missing:
+            raise ReplyError(f"does not send the shared array {missing[0]!r} it was sent ({len(missing)} of "
+                             f"{len(self.shared_keys)} shared arrays missing)")
+        for j, s in zip(experts, samples):
             missing = sorted(self.expert_keys.get(j, set()) - set(checked))
             if missing:
                 raise ReplyError(f"lists expert {j} but does not send its array {missing[0]!r}")
+            moved = next((k for k in sorted(self.expert_keys.get(j, set()))
+                          if s == 0 and not np.array_equal(checked[k], self.schema[k])), None)
+            if moved is not None:
+                raise ReplyError(f"reports 0 samples for expert {j} but changed its array {moved!r} "
+                                 f"(an expert without samples must come back unchanged)")
         try:
             report = ClientReport(
                 client_id=reply.client_id, train_seconds=train, download_seconds=download,
@@ -220,7 +238,7 @@ class ReplyChecker:
             raise ReplyError(f"report field {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
         cap = float(n if weight_cap is None else min(n, max(weight_cap, 1.0)))
         return ValidReply(client_id=reply.client_id, arrays=checked, num_examples=n, weight=cap,
-                          expert_weights={e: min(max(s, 1.0), cap) for e, s in zip(experts, samples)},
+                          expert_weights={e: min(s, cap) for e, s in zip(experts, samples) if s > 0},
                           report=report, max_experts=max_experts, routing=routing)
 
     def _array(self, key: str, value: Any, diff: bool) -> np.ndarray:
@@ -333,6 +351,73 @@ def check_evaluation(metrics: Any, max_examples: int) -> tuple[int, float, float
     return n, float(metrics["accuracy"]), float(metrics["loss"])
 
 
+@dataclass
+class ValidEvaluation:
+    """An evaluation reply that passed :func:`check_evaluations`; ``weight`` is its capped
+    ``num-examples``, the weight of its accuracy and loss in :func:`evaluation_mean`."""
+
+    client_id: Label
+    num_examples: int
+    weight: float
+    accuracy: float
+    loss: float
+
+
+def check_evaluations(replies: Iterable[Reply], asked: Iterable[Label], max_examples: int, *,
+                      weight_factor: Optional[float] = AggregationConfig().weight_factor,
+                      weight_caps: Optional[Mapping[str, float]] = None
+                      ) -> tuple[list[ValidEvaluation], dict[str, str]]:
+    """Check a round's evaluation replies like training replies: ``(accepted, rejected)``.
+
+    A reply passes only if its node is one of ``asked`` (the nodes sent an evaluation this round,
+    compared as ``str``), that node replied once (a node that replied more than once has every
+    reply rejected), it carries no error, and its metrics pass :func:`check_evaluation`
+    (``1 <= num-examples <= max_examples``).  Each weight is ``num-examples`` capped by the node's
+    ``weight_caps`` entry (str(node) -> examples, e.g. the adapters' train caps) and, with 3 or
+    more accepted replies, at ``weight_factor`` times their median ``num-examples`` (None: off).
+    ``rejected`` maps str(node) to the reason; only ``metrics`` and ``error`` of a :class:`Reply`
+    are read.
+    """
+    replies = list(replies)
+    asked_ids = {str(a) for a in asked}
+    counts = Counter(str(r.client_id) for r in replies)
+    caps = weight_caps or {}
+    accepted: list[ValidEvaluation] = []
+    rejected: dict[str, str] = {}
+    for reply in replies:
+        key = str(reply.client_id)
+        try:
+            if key not in asked_ids:
+                raise ReplyError("was not asked to evaluate in this round")
+            if counts[key] > 1:
+                raise ReplyError(f"replied {counts[key]} times in one round")
+            if reply.error is not None:
+                raise ReplyError(f"replied with an error: {reply.error}")
+            n, accuracy, loss = check_evaluation(reply.metrics, max_examples)
+        except ReplyError as exc:
+            rejected[key] = str(exc)
+            continue
+        cap = caps.get(key)
+        weight = float(n if cap is None else min(n, max(cap, 1.0)))
+        accepted.append(ValidEvaluation(reply.client_id, n, weight, accuracy, loss))
+    if weight_factor is not None and len(accepted) >= 3:
+        cap = weight_factor * float(np.median([e.num_examples for e in accepted]))
+        for e in accepted:
+            e.weight = min(e.weight, cap)
+    return accepted, rejected
+
+
+def evaluation_mean(accepted: list[ValidEvaluation]) -> Optional[dict[str, float]]:
+    """``{"accuracy", "loss", "num-examples"}``: accuracy and loss averaged by the capped weights of
+    the accepted evaluations, and their examples in all; None when nothing was accepted."""
+    total = sum(e.weight for e in accepted)
+    if not accepted or total <= 0:
+        return None
+    return {"accuracy": sum(e.weight * e.accuracy for e in accepted) / total,
+            "loss": sum(e.weight * e.loss for e in accepted) / total,
+            "num-examples": float(sum(e.num_examples for e in accepted))}
+
+
 def _update_norm(current: Mapping[str, np.ndarray], reply: ValidReply) -> float:
     return math.sqrt(sum(float(np.sum((v.astype(np.float64) - current[k]) ** 2)) for k, v in reply.arrays.items()))
 
@@ -362,7 +447,8 @@ def held_back(accepted: list[ValidReply], config: AggregationConfig) -> dict[str
 def aggregate(current: Mapping[str, np.ndarray], accepted: list[ValidReply], owner: Callable[[str], Optional[int]],
               config: AggregationConfig = AggregationConfig()) -> tuple[dict[str, np.ndarray], set[int]]:
     """New parameters from the accepted replies, and the experts whose arrays were updated.
-    Under a privacy floor the arrays :func:`held_back` names keep their current values."""
+    Under a privacy floor the arrays :func:`held_back` names keep their current values, and so
+    does every array fewer than ``min_group`` accepted replies contributed to."""
     held = held_back(accepted, config)
     kept_experts, keep_shared = set(held.get("experts", {})), "shared" in held
     relative = config.relative_clip is not None and len(accepted) >= 3
@@ -378,14 +464,16 @@ def aggregate(current: Mapping[str, np.ndarray], accepted: list[ValidReply], own
     for reply, norm, limit in zip(accepted, norms, limits):
         for k, v in _scaled(current, reply, norm, limit).items():
             j = owner(k)
+            if j is not None and j not in reply.expert_weights:
+                continue                  # an expert reported with 0 samples: sent back unchanged
             w = reply.weight if j is None else reply.expert_weights[j]
             contributions.setdefault(k, []).append((v, w))
     new = {k: np.array(v, copy=True) for k, v in current.items()}
     updated = set()
     for k, items in contributions.items():
         j = owner(k)
-        if (j is None and keep_shared) or j in kept_experts:
-            continue
+        if (j is None and keep_shared) or j in kept_experts or len(items) < config.min_group:
+            continue                      # the privacy floor, counted per array
         stack = np.stack([np.asarray(v, dtype=np.float64) for v, _ in items])
         m = len(items)
         cut = min(int(math.floor(config.trim * m)), (m - 1) // 2)
@@ -404,6 +492,7 @@ def aggregate(current: Mapping[str, np.ndarray], accepted: list[ValidReply], own
     return new, {j for k in updated if (j := owner(k)) is not None}
 
 
+
 def failure_message(failed: list[tuple[Any, list[str]]], limit: Optional[int], who: str = "node") -> str:
     """Why training stopped: the failed rounds (``(round, reasons)``, oldest first) and the most
     frequent reason the ``who`` (node, site) gave in them."""
@@ -417,6 +506,6 @@ def failure_message(failed: list[tuple[Any, list[str]]], limit: Optional[int], w
     more = f"; {len(counts) - 1} other reason(s) in the log and history" if len(counts) > 1 else ""
     return f"{head}; the most frequent reason ({n} of {sum(counts.values())} planned {who}-rounds): {reason}{more}"
 
-
-__all__ = ["AggregationConfig", "Reply", "ReplyChecker", "RoundReplies", "ValidReply", "aggregate", "capacity_report",
-           "changed_experts", "check_declaration", "check_evaluation", "failure_message", "finite_number", "held_back"]
+__all__ = ["AggregationConfig", "Reply", "ReplyChecker", "RoundReplies", "ValidEvaluation", "ValidReply", "aggregate",
+           "capacity_report", "changed_experts", "check_declaration", "check_evaluation", "check_evaluations",
+           "evaluation_mean", "finite_number", "held_back"]
