@@ -118,13 +118,23 @@ needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reas
 @needs_flower
 @needs_torch
 def test_flower_torch_readme_compares_aligned_with_fedavg(workdir):
-    """Both strategies run; every node gets the shared arrays and exactly its experts in both blocks."""
+    """Both strategies run through `flwr run` on the SuperLink run.py starts (and stops: nothing is left
+    on its control port); every node gets the shared arrays and exactly its experts in both blocks."""
     blocks = bash_blocks(ROOT / "examples" / "flower_torch" / "README.md")
     assert len(blocks) == 2
-    proc = run_block(blocks[0], workdir, flower_env())
+    env = flower_env()
+    proc = run_block(blocks[0], workdir, env)
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert "| round | aligned accuracy | fedavg accuracy |" in proc.stdout
     out = workdir / "runs" / "flower_torch"
+    assert (out / ".flwr" / "config.toml").exists() and "flower-superlink" in proc.stdout
+    for _ in range(60):                               # run.py's SuperLink runs in its own session: gone by now
+        leftovers = subprocess.run(["pgrep", "-af", f"127.0.0.1:{env['FLWR_LOCAL_CONTROL_API_PORT']}"],
+                                   capture_output=True, text=True).stdout
+        if not leftovers:
+            break
+        time.sleep(0.5)
+    assert not leftovers, leftovers
     aligned = json.loads((out / "aligned.json").read_text())["history"]
     fedavg = json.loads((out / "fedavg.json").read_text())["history"]
     assert (out / "accuracy.png").stat().st_size > 0

@@ -22,7 +22,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sites", type=int, required=True)
     ap.add_argument("--log", default="")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per site (the simulator runs all sites "
+                    "on this machine: more threads than cores make every site crawl)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     flare.init()
     site = flare.get_site_name()
     index = int(site.rpartition("-")[2]) - 1                  # site-1 -> partition 0

@@ -1,54 +1,59 @@
-"""Run the example twice in Flower's simulation, aligned and Flower's FedAvg on the full model, and
-compare them: accuracy per round and MB moved, as a markdown table (and a plot).
+"""Run the example twice with ``flwr run`` (Flower's local simulation), aligned and Flower's FedAvg on
+the full model, and compare them: accuracy per round and MB moved for training, as a markdown table
+(``results.md``) and a plot (``accuracy.png``) in ``--out``.
 
     python examples/flower_torch/run.py --rounds 10 --nodes 8 --out runs/flower_torch
 
-Each strategy runs in its own process (Ray is started once per simulation); both see the same
-nodes, data, seed and local training.
+The script writes a Flower configuration (``$FLWR_HOME/config.toml``, in ``--out``) with one
+connection, ``flower-torch``, to a local simulation SuperLink, starts ``flower-superlink`` itself on
+free ports and submits the app twice with ``flwr run ... --federation-config "num-supernodes=N"``;
+both runs see the same nodes, data, seed and local training.  Everything it starts is stopped by
+its process id (and that process's group) when it returns, also on Ctrl-C or an error.
 """
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))          # examples/: the helpers shared by the examples' run.py
+from flwr_local import Tail, flower_env, flwr_run, start_superlink, stop, stop_all, stop_on_sigterm  # noqa: E402
+
+CONNECTION = "flower-torch"
 
 
-def simulate(strategy: str, rounds: int, nodes: int, out: Path, units: str) -> dict:
-    result = out / f"{strategy}.json"
-    config = {"strategy": strategy, "units": units, "num-server-rounds": rounds, "local-epochs": 2, "lr": 0.1,
-              "tolerance": 0.2, "seed": 0, "out": str(result)}
-    script = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(HERE)!r})
-        from flwr.simulation import run_simulation
-        from flower_torch.client_app import app as client
-        from flower_torch.server_app import app as server
-        run_simulation(server_app=server, client_app=client, num_supernodes={nodes},
-                       backend_config={{"client_resources": {{"num_cpus": 1, "num_gpus": 0.0}}}})
-    """)
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "FLOWER_TORCH_CONFIG": json.dumps(config)}
-    started = time.time()
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
-    if proc.returncode != 0 or not result.exists():
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
-        raise SystemExit(f"the {strategy} simulation failed (exit {proc.returncode})")
-    for line in proc.stdout.splitlines() + proc.stderr.splitlines():
-        if line.startswith(f"[{strategy}]"):
-            print(line, flush=True)
-    data = json.loads(result.read_text())
-    data["wall_seconds"] = time.time() - started
-    return data
+def run_flower(args, out: Path, env: dict) -> dict[str, dict]:
+    superlink = start_superlink(env, out / "superlink.log")
+    runs = {}
+    try:
+        for strategy in ("aligned", "fedavg"):
+            result = out / f"{strategy}.json"
+            result.unlink(missing_ok=True)
+            config = {"strategy": strategy, "units": args.units, "num-server-rounds": args.rounds,
+                      "num-nodes": args.nodes, "local-epochs": 2, "lr": 0.1, "tolerance": 0.2, "seed": 0,
+                      "out": str(result)}
+            print(f"flwr run {strategy}: {args.nodes} nodes, {args.rounds} rounds, units={args.units}", flush=True)
+            started = time.time()
+            log = out / f"flwr-{strategy}.log"
+            code = flwr_run(HERE, CONNECTION, args.nodes, config, env, log, Tail(log, f"[{strategy}]"), args.timeout)
+            if code != 0 or not result.exists():          # the ServerApp writes it when the last round is done
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+                raise SystemExit(f"the {strategy} run failed (flwr exit {code}, no {result}):\n{tail}")
+            data = json.loads(result.read_text())
+            data["wall_seconds"] = time.time() - started
+            runs[strategy] = data
+            print(f"flwr run {strategy}: done in {data['wall_seconds']:.0f} s", flush=True)
+    finally:
+        stop(superlink)
+        print(f"flower-superlink (pid {superlink.pid}) stopped", flush=True)
+    return runs
 
 
 def table(runs: dict[str, dict], rounds: int) -> str:
     lines = ["| round | " + " | ".join(f"{s} accuracy" for s in runs) + " | "
-             + " | ".join(f"{s} MB (cumulative)" for s in runs) + " |",
+             + " | ".join(f"{s} train MB (cumulative)" for s in runs) + " |",
              "|---|" + "---|" * (2 * len(runs))]
     totals = {s: 0.0 for s in runs}
     for r in range(1, rounds + 1):
@@ -82,45 +87,58 @@ def equal_bytes(runs: dict[str, dict], rounds: int) -> str:
             f"{rounds} rounds with {fedavg[-1][1]:.2f} MB ({fedavg[-1][1] / budget:.1f}x aligned's bytes).")
 
 
+def plot(runs: dict[str, dict], rounds: int, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
+    for s, data in runs.items():
+        rs = list(range(1, rounds + 1))
+        acc = [data["history"][str(r)]["central_accuracy"] for r in rs]
+        mb, total = [], 0.0
+        for r in rs:
+            total += (data["history"][str(r)]["bytes_down"] + data["history"][str(r)]["bytes_up"]) / 1e6
+            mb.append(total)
+        ax.plot(rs, acc, marker="o", label=s)
+        bx.plot(mb, acc, marker="o", label=s)
+    ax.set_xlabel("round")
+    ax.set_ylabel("central test accuracy")
+    bx.set_xlabel("MB moved for training (cumulative)")
+    ax.legend()
+    bx.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--nodes", type=int, default=8)
     ap.add_argument("--units", choices=["expert", "layer"], default="expert")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per run before it is stopped")
     ap.add_argument("--out", default="runs/flower_torch")
     args = ap.parse_args()
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    runs = {s: simulate(s, args.rounds, args.nodes, out, args.units) for s in ("aligned", "fedavg")}
+    env = flower_env(out, CONNECTION)
+    stop_on_sigterm()
+    try:
+        runs = run_flower(args, out, env)
+    finally:
+        stop_all()
     text = (f"{args.nodes} nodes (one shifted-digits domain each), {args.rounds} rounds, two MoE blocks (top-2 of 8 "
             f"experts), units={args.units}; central accuracy on the held-out test set after each round; MB = "
-            f"array bytes sent to and received from the nodes.\n\n{table(runs, args.rounds)}\n\n"
-            f"{equal_bytes(runs, args.rounds)}\n")
+            f"array bytes sent to and received from the nodes for training (federated evaluation is off: the "
+            f"server scores the global model itself).\n\n{table(runs, args.rounds)}\n\n"
+            f"{equal_bytes(runs, args.rounds)}\n\nWall time: "
+            + ", ".join(f"{s} {d['wall_seconds']:.0f} s" for s, d in runs.items()) + "\n")
     (out / "results.md").write_text(text)
-    print(text)
+    print("\n" + text, flush=True)
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
-        for s, data in runs.items():
-            rs = list(range(1, args.rounds + 1))
-            acc = [data["history"][str(r)]["central_accuracy"] for r in rs]
-            mb, total = [], 0.0
-            for r in rs:
-                total += (data["history"][str(r)]["bytes_down"] + data["history"][str(r)]["bytes_up"]) / 1e6
-                mb.append(total)
-            ax.plot(rs, acc, marker="o", label=s)
-            bx.plot(mb, acc, marker="o", label=s)
-        ax.set_xlabel("round")
-        ax.set_ylabel("central test accuracy")
-        bx.set_xlabel("MB moved (cumulative)")
-        ax.legend()
-        bx.legend()
-        fig.tight_layout()
-        fig.savefig(out / "accuracy.png", dpi=110)
+        plot(runs, args.rounds, out / "accuracy.png")
     except ImportError:
-        pass
+        print("matplotlib is not installed: no plot", flush=True)
 
 
 if __name__ == "__main__":

@@ -16,112 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STARTED: list[subprocess.Popen] = []          # every process this script started, stopped at the end
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
-    """Start ``cmd`` in its own process group (so stopping it stops its children), output to ``log``."""
-    fh = open(log, "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    fh.close()
-    STARTED.append(proc)
-    return proc
-
-
-def stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
-    """SIGTERM to the process and its group (by id), SIGKILL after ``grace`` seconds."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if proc.poll() is not None:
-            break
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            continue
-    try:                                      # children left behind in the group (Ray workers and the like)
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-class Tail:
-    """Echoes the new progress lines of a log: those containing ``marker``, from ``start`` (default:
-    ``marker``) on, after ``label``."""
-
-    def __init__(self, log: Path, marker: str, label: str = "", start: str = "") -> None:
-        self.log, self.marker, self.label, self.start, self.seen = log, marker, label, start or marker, 0
-
-    def echo(self) -> None:
-        if not self.log.exists():
-            return
-        lines = self.log.read_text(errors="replace").splitlines()
-        for line in lines[self.seen:]:
-            if self.marker in line:
-                cut = line.find(self.start)
-                print("  " + self.label + line[max(cut, 0):], flush=True)
-        self.seen = len(lines)
-
-
-def follow(proc: subprocess.Popen, tail: Tail, timeout: float, others: tuple[Tail, ...] = ()) -> int:
-    """Wait for ``proc`` (stopped after ``timeout`` seconds), echoing its progress and that of ``others``."""
-    deadline = time.time() + timeout
-    while True:
-        done = proc.poll() is not None
-        for t in (tail, *others):
-            t.echo()
-        if done:
-            return proc.returncode
-        if time.time() > deadline:
-            stop(proc)
-            raise SystemExit(f"{proc.args[:3]} did not finish within {timeout:.0f} s; see {tail.log}")
-        time.sleep(1.0)
-
-
-def flower_config(home: Path) -> None:
-    """Flower's own configuration: one connection, ``hf-moe``, to the local simulation SuperLink.
-    (Flower 1.42 keeps connections here, not in the app's pyproject.toml: ``flwr run`` moves a
-    ``[tool.flwr.federations]`` table it finds there and comments it out in the file.)"""
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text('[superlink]\ndefault = "hf-moe"\n\n[superlink.hf-moe]\naddress = ":local:"\n')
+sys.path.insert(0, str(HERE.parent))          # examples/: the helpers shared by the examples' run.py
+from flwr_local import Tail, flower_env, follow, start, start_superlink, stop, stop_all, stop_on_sigterm  # noqa: E402
 
 
 def run_flower(args, out: Path, env: dict, others: tuple[Tail, ...] = ()) -> dict[str, dict]:
-    port = env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
-    superlink = start(["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
-                       "--host", "127.0.0.1", "--port", port,
-                       "--control-api-address", f"127.0.0.1:{env['FLWR_LOCAL_CONTROL_API_PORT']}"],
-                      env, out / "superlink.log")
-    print(f"flower-superlink started (pid {superlink.pid}), waiting for it on 127.0.0.1:{port}", flush=True)
-    for _ in range(240):                      # flwr would start a SuperLink of its own if ours were not up
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-            break
-        except OSError:
-            if superlink.poll() is not None:
-                raise SystemExit(f"flower-superlink exited ({superlink.returncode}); see {out / 'superlink.log'}") from None
-            time.sleep(0.5)
-    else:
-        stop(superlink)
-        raise SystemExit(f"flower-superlink did not answer on 127.0.0.1:{port} within 120 s")
+    superlink = start_superlink(env, out / "superlink.log")
     runs = {}
     try:
         for strategy in args.strategies.split(","):
@@ -305,17 +211,9 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(out / ".flwr"),
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_DEDUP_LOGS": "0",
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": os.environ.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", str(free_port())),
-           "FLWR_LOCAL_CONTROL_API_PORT": os.environ.get("FLWR_LOCAL_CONTROL_API_PORT", str(free_port())),
-           "PYTHONPATH": os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)}
-    flower_config(out / ".flwr")
+    env = flower_env(out, "hf-moe", pythonpath=(HERE,))
 
-    def interrupted(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, interrupted)
+    stop_on_sigterm()
     try:
         nvflare = None
         if args.no_nvflare:
@@ -328,8 +226,7 @@ def main() -> None:
             runs = run_flower(args, out, env, others=(tail,))
             nvflare = finish_nvflare(args, out, proc, tail, started)
     finally:
-        for proc in STARTED:
-            stop(proc)
+        stop_all()
     text = report(args, runs, nvflare)
     (out / "results.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(curves(runs, nvflare, args.rounds), indent=1))

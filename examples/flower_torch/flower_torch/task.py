@@ -5,8 +5,6 @@ bundled digits under four domains (input transform + label permutation per domai
 per node.  Nothing is downloaded.
 """
 
-import json
-import os
 from functools import lru_cache
 
 import numpy as np
@@ -95,14 +93,14 @@ def accuracy(arrays: dict[str, np.ndarray], nodes: int, seed: int = 0) -> float:
         return float((model(x).argmax(dim=1) == y).float().mean())
 
 
-DEFAULTS = {"strategy": "aligned", "units": "expert", "num-server-rounds": 10, "local-epochs": 2, "lr": 0.1,
-            "tolerance": 0.2, "seed": 0, "out": ""}
+DEFAULTS = {"strategy": "aligned", "units": "expert", "num-server-rounds": 10, "num-nodes": 8, "local-epochs": 2,
+            "lr": 0.1, "tolerance": 0.2, "seed": 0, "out": ""}
 
 
 def settings(context) -> dict:
-    """The run config over :data:`DEFAULTS`; ``run_simulation`` passes none, so ``run.py`` hands
-    its settings over in the environment variable ``FLOWER_TORCH_CONFIG`` (JSON)."""
-    return {**DEFAULTS, **json.loads(os.environ.get("FLOWER_TORCH_CONFIG", "{}")), **dict(context.run_config)}
+    """The run config (``pyproject.toml``'s ``[tool.flwr.app.config]``, with ``flwr run --run-config``
+    on top) over :data:`DEFAULTS`."""
+    return {**DEFAULTS, **dict(context.run_config)}
 
 
 def initial_model(num_experts: int = EXPERTS) -> dict[str, np.ndarray]:
