@@ -250,17 +250,20 @@ def _cmdline(pid: int) -> str:
 
 
 @pytest.mark.slow
-def test_a_large_task_reaches_a_subprocess_worker_while_the_caller_computes_its_fallback(tmp_path):
-    """100,000 x 128 in a Pool worker: the task is pickled before the caller's greedy fills the
-    problem's caches (pickling it meanwhile raised 'dictionary changed size', the worker got nothing)."""
+def test_a_large_task_reaches_a_forked_worker_from_a_pool_worker_and_its_answer_comes_back(tmp_path):
+    """100,000 x 128 in a Pool worker: the task reaches the forked worker and its answer comes back
+    (pickling it while the fallback filled the problem's caches once raised 'dictionary changed
+    size': the worker got nothing).  The limit leaves room for a loaded machine: what must hold is
+    that the worker answers, not how fast."""
     script = tmp_path / "big.py"
     script.write_text(textwrap.dedent("""
         import json, multiprocessing as mp
         def run():
             from alignment_solver import solve
             from alignment_solver.instances import random_problem
-            r = solve(random_problem(100_000, 128, seed=0), backend="flow", time_limit=2)
-            return {"explanation": r.explanation or "", "isolation": r.stats["isolation"], "ok": r.has_solution}
+            r = solve(random_problem(100_000, 128, seed=0), backend="flow", time_limit=60)
+            return {"explanation": r.explanation or "", "isolation": r.stats["isolation"], "ok": r.has_solution,
+                    "status": r.status.name}
         if __name__ == "__main__":
             with mp.get_context("fork").Pool(1) as pool:
                 print(json.dumps(pool.apply(run)))
@@ -268,7 +271,7 @@ def test_a_large_task_reaches_a_subprocess_worker_while_the_caller_computes_its_
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    assert r["isolation"] == "fork" and r["ok"]
+    assert r["isolation"] == "fork" and r["ok"] and r["status"] == "OPTIMAL", r
     assert "ended without an answer" not in r["explanation"], r
 
 
