@@ -65,6 +65,18 @@ def penalty_for(experts: int, max_abs: float) -> float:
     return 2.0 * (experts + 2) * max_abs + 1.0
 
 
+def relax(weights: np.ndarray, d: np.ndarray, tol: float) -> Optional[np.ndarray]:
+    """Bellman-Ford on a dense arc-weight matrix (``weights[a, b]``: arc a -> b, ``inf``: none) from
+    the distances ``d``: the shortest distances, or None when a negative cycle (beyond ``tol``) exists."""
+    for _ in range(len(d) + 1):
+        relaxed = (d[:, None] + weights).min(axis=0)
+        better = relaxed < d - tol
+        if not better.any():
+            return d
+        d = np.where(better, relaxed, d)
+    return None
+
+
 @dataclass
 class FlowNetwork:
     """The circulation for one problem (or for a subset of its clients); index space arrays."""
@@ -217,14 +229,7 @@ class FlowNetwork:
         if load.sum() > 0:
             W[iS, iT] = 0.0
         np.fill_diagonal(W, np.inf)
-        d = np.zeros(N)
-        for _ in range(N + 1):
-            relaxed = (d[:, None] + W).min(axis=0)
-            better = relaxed < d - tol
-            if not better.any():
-                return d
-            d = np.where(better, relaxed, d)
-        return None
+        return relax(W, np.zeros(N), tol)
 
     def check(self, x: np.ndarray, d: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
         """Test the potentials ``d`` against every residual arc of the full instance at ``x``.

@@ -120,12 +120,8 @@ def _startup_seconds(env) -> float:
     return time.time() - started
 
 
-def test_local_deployment_survives_a_lost_supernode_and_a_forging_one(tmp_path):
-    """SuperLink + 4 SuperNodes on 127.0.0.1: node 2 is killed in round 2, node 3 forges every reply.
-
-    The round timeout is derived from the start-up time measured on this machine now, so a busy
-    machine makes the run slower, not wrong; the assertions are about what must hold.
-    """
+def _local_deployment(tmp_path):
+    """A Flower home with one connection, ``local-deployment``, to a SuperLink on a free port: (home, port, env)."""
     home = tmp_path / "flwr"
     home.mkdir()
     port = _free_port()
@@ -133,6 +129,16 @@ def test_local_deployment_survives_a_lost_supernode_and_a_forging_one(tmp_path):
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "local-deployment"\n\n[superlink.local-deployment]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    return home, port, env
+
+
+def test_local_deployment_survives_a_lost_supernode_and_a_forging_one(tmp_path):
+    """SuperLink + 4 SuperNodes on 127.0.0.1: node 2 is killed in round 2, node 3 forges every reply.
+
+    The round timeout is derived from the start-up time measured on this machine now, so a busy
+    machine makes the run slower, not wrong; the assertions are about what must hold.
+    """
+    home, port, env = _local_deployment(tmp_path)
     delay = 2.0
     round_timeout = max(30.0, 3 * (_startup_seconds(env) + delay) + 10)
     procs = []
@@ -212,13 +218,7 @@ def test_local_deployment_whose_nodes_all_fail_stops_with_their_reason(tmp_path)
     streamed log says why, and a missing query handler costs one warning line.  Flower's CLI
     exits 0 whatever the run's status (flwr 1.42 does not pass it on); asserted, so a Flower
     release that changes this is noticed."""
-    home = tmp_path / "flwr"
-    home.mkdir()
-    port = _free_port()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLWR_HOME": str(home)}
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "local-deployment"\n\n[superlink.local-deployment]\n'
-        f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    home, port, env = _local_deployment(tmp_path)
     procs = []
 
     def start(args, name):

@@ -49,7 +49,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..formulations.flow import FlowNetwork, _all, grouped_arcs
+from ..formulations.flow import FlowNetwork, _all, grouped_arcs, relax
 from ..problem import AlignmentProblem
 from ..result import AlignmentResult, SolveStatus
 from ..search.floor import NodeAnswer, branch_and_bound
@@ -321,13 +321,7 @@ def _forced_bounds(net: FlowNetwork, x: np.ndarray, m: np.ndarray, bound: float,
     def shortest(weights: np.ndarray) -> Optional[np.ndarray]:
         d = np.full(N, np.inf)
         d[T] = 0.0
-        for _ in range(N + 1):
-            relaxed = (d[:, None] + weights).min(axis=0)
-            better = relaxed < d - tol
-            if not better.any():
-                return d
-            d = np.where(better, relaxed, d)
-        return None
+        return relax(weights, d, tol)
 
     from_T, to_T = shortest(W), shortest(W.T)
     if from_T is None or to_T is None:
