@@ -6,7 +6,7 @@ import numpy as np
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from alignment_solver.integrations.flower import evaluate_reply, to_numpy, to_record, train_reply
+from alignment_solver.integrations.flower import capacity_reply, evaluate_reply, to_numpy, to_record, train_reply
 from flower_app.task import node_data, settings
 
 app = ClientApp()
@@ -59,3 +59,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     pid, parts = _ids(context)
     _, _, xv, yv = node_data(pid, parts, int(settings(context)["seed"]))
     return evaluate_reply(msg, xv, yv, num_experts=int(settings(context)["num-experts"]))
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The capacity query before a node's first round: what its node config declares."""
+    pid, _ = _ids(context)
+    return capacity_reply(msg, context, max_experts=int(context.node_config.get("max-experts", 1 + pid % 3)))
