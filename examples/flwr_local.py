@@ -15,6 +15,7 @@ A ``run.py`` puts this folder (``examples/``) on ``sys.path`` and imports from h
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 STARTED: list[subprocess.Popen] = []          # every process started here, stopped by stop_all()
@@ -163,3 +165,33 @@ def flwr_run(app: Path, connection: str, nodes: int, config: dict, env: dict, lo
     proc = start(["flwr", "run", str(app), connection, "--stream", "--run-config", run_config(config),
                   "--federation-config", f"num-supernodes={nodes} client-resources-num-cpus=1"], env, log)
     return follow(proc, tail, timeout, others)
+
+
+def run_strategies(app: Path, connection: str, strategies: list[str], config: Callable[[str, Path], dict], out: Path,
+                   env: dict, nodes: int, timeout: float, done: Callable[[dict], bool] = bool,
+                   others: tuple[Tail, ...] = ()) -> dict[str, dict]:
+    """Start a SuperLink, ``flwr run`` the app once per strategy (``config(strategy, result_file)`` is
+    its run config; the ServerApp writes ``result_file``), stop the SuperLink.  Returns each
+    strategy's result with its ``wall_seconds``; SystemExit with the log's tail when a run wrote
+    no result ``done`` accepts (flwr exits 0 even when the run failed)."""
+    superlink = start_superlink(env, out / "superlink.log")
+    runs = {}
+    try:
+        for strategy in strategies:
+            result = out / f"{strategy}.json"
+            result.unlink(missing_ok=True)
+            started = time.time()
+            log = out / f"flwr-{strategy}.log"
+            code = flwr_run(app, connection, nodes, config(strategy, result), env, log, Tail(log, f"[{strategy}]"),
+                            timeout, others)
+            data = json.loads(result.read_text()) if result.exists() else {}
+            if code != 0 or not done(data):
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+                raise SystemExit(f"the {strategy} run failed (flwr exit {code}, no result in {result}):\n{tail}")
+            data["wall_seconds"] = time.time() - started
+            runs[strategy] = data
+            print(f"flwr run {strategy}: done in {data['wall_seconds']:.0f} s", flush=True)
+    finally:
+        stop(superlink)
+        print(f"flower-superlink (pid {superlink.pid}) stopped", flush=True)
+    return runs

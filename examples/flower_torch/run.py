@@ -12,43 +12,23 @@ its process id (and that process's group) when it returns, also on Ctrl-C or an 
 """
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))          # examples/: the helpers shared by the examples' run.py
-from flwr_local import Tail, flower_env, flwr_run, start_superlink, stop, stop_all, stop_on_sigterm  # noqa: E402
+from flwr_local import flower_env, run_strategies, stop_all, stop_on_sigterm  # noqa: E402
 
 CONNECTION = "flower-torch"
 
 
 def run_flower(args, out: Path, env: dict) -> dict[str, dict]:
-    superlink = start_superlink(env, out / "superlink.log")
-    runs = {}
-    try:
-        for strategy in ("aligned", "fedavg"):
-            result = out / f"{strategy}.json"
-            result.unlink(missing_ok=True)
-            config = {"strategy": strategy, "units": args.units, "num-server-rounds": args.rounds,
-                      "num-nodes": args.nodes, "local-epochs": 2, "lr": 0.1, "tolerance": 0.2, "seed": 0,
-                      "out": str(result)}
-            print(f"flwr run {strategy}: {args.nodes} nodes, {args.rounds} rounds, units={args.units}", flush=True)
-            started = time.time()
-            log = out / f"flwr-{strategy}.log"
-            code = flwr_run(HERE, CONNECTION, args.nodes, config, env, log, Tail(log, f"[{strategy}]"), args.timeout)
-            if code != 0 or not result.exists():          # the ServerApp writes it when the last round is done
-                tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
-                raise SystemExit(f"the {strategy} run failed (flwr exit {code}, no {result}):\n{tail}")
-            data = json.loads(result.read_text())
-            data["wall_seconds"] = time.time() - started
-            runs[strategy] = data
-            print(f"flwr run {strategy}: done in {data['wall_seconds']:.0f} s", flush=True)
-    finally:
-        stop(superlink)
-        print(f"flower-superlink (pid {superlink.pid}) stopped", flush=True)
-    return runs
+    def config(strategy: str, result: Path) -> dict:
+        print(f"flwr run {strategy}: {args.nodes} nodes, {args.rounds} rounds, units={args.units}", flush=True)
+        return {"strategy": strategy, "units": args.units, "num-server-rounds": args.rounds, "num-nodes": args.nodes,
+                "local-epochs": 2, "lr": 0.1, "tolerance": 0.2, "seed": 0, "out": str(result)}
+
+    return run_strategies(HERE, CONNECTION, ["aligned", "fedavg"], config, out, env, args.nodes, args.timeout)
 
 
 def table(runs: dict[str, dict], rounds: int) -> str:

@@ -23,36 +23,18 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))          # examples/: the helpers shared by the examples' run.py
-from flwr_local import Tail, flower_env, follow, start, start_superlink, stop, stop_all, stop_on_sigterm  # noqa: E402
+from flwr_local import Tail, flower_env, follow, run_strategies, start, stop_all, stop_on_sigterm  # noqa: E402
 
 
 def run_flower(args, out: Path, env: dict, others: tuple[Tail, ...] = ()) -> dict[str, dict]:
-    superlink = start_superlink(env, out / "superlink.log")
-    runs = {}
-    try:
-        for strategy in args.strategies.split(","):
-            result = out / f"{strategy}.json"
-            result.unlink(missing_ok=True)
-            config = (f"strategy='{strategy}' num-server-rounds={args.rounds} num-nodes={args.nodes} "
-                      f"local-epochs={args.local_epochs} lr={args.lr} sequences={args.sequences} "
-                      f"fraction-evaluate={args.fraction_evaluate} seed={args.seed} out='{result.resolve()}'")
-            print(f"flwr run {strategy}: {args.nodes} nodes, {args.rounds} rounds", flush=True)
-            started = time.time()
-            log = out / f"flwr-{strategy}.log"
-            proc = start(["flwr", "run", str(HERE), "hf-moe", "--stream", "--run-config", config, "--federation-config",
-                          f"num-supernodes={args.nodes} client-resources-num-cpus=1"], env, log)
-            code = follow(proc, Tail(log, f"[{strategy}]"), args.timeout, others)
-            data = json.loads(result.read_text()) if result.exists() else {}
-            if code != 0 or "final_model" not in data:
-                tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
-                raise SystemExit(f"the {strategy} run failed (flwr exit {code}, no final model in {result}):\n{tail}")
-            data["wall_seconds"] = time.time() - started
-            runs[strategy] = data
-            print(f"flwr run {strategy}: done in {data['wall_seconds']:.0f} s", flush=True)
-    finally:
-        stop(superlink)
-        print(f"flower-superlink (pid {superlink.pid}) stopped", flush=True)
-    return runs
+    def config(strategy: str, result: Path) -> dict:
+        print(f"flwr run {strategy}: {args.nodes} nodes, {args.rounds} rounds", flush=True)
+        return {"strategy": strategy, "num-server-rounds": args.rounds, "num-nodes": args.nodes,
+                "local-epochs": args.local_epochs, "lr": args.lr, "sequences": args.sequences,
+                "fraction-evaluate": args.fraction_evaluate, "seed": args.seed, "out": str(result.resolve())}
+
+    return run_strategies(HERE, "hf-moe", args.strategies.split(","), config, out, env, args.nodes, args.timeout,
+                          done=lambda data: "final_model" in data, others=others)
 
 
 def start_nvflare(args, out: Path, env: dict) -> tuple[subprocess.Popen, Tail, float]:
