@@ -395,7 +395,7 @@ class AlignedClient:
             expert_axes = _declared_axes(config["expert-axes"])
         state = model.state_dict()
         self.map = UnitMap(state, units=units, expert_of=expert_of, expert_axes=expert_axes,
-                           num_experts=num_experts if units == "expert" or declared is None else None)
+                           num_experts=num_experts)
         self.assigned = sorted({int(e) for e in config["experts"]})
         bad = [e for e in self.assigned if not 0 <= e < self.map.num_units]
         if bad:
